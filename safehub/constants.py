@@ -1,0 +1,66 @@
+"""Every environment variable safehub reads and every default, in one place.
+
+Environment-backed names are computed on each access (module ``__getattr__``), so a test that
+sets a variable with ``monkeypatch.setenv`` takes effect at once and nothing is cached at import.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# torch.hub's names and files, kept so caches and trust decisions are shared.
+MODULE_HUBCONF = "hubconf.py"
+VAR_DEPENDENCY = "dependencies"
+TRUSTED_LIST_NAME = "trusted_list"
+# torch.hub trusts these owners without asking; see SECURITY.md for why safehub keeps them.
+TRUSTED_REPO_OWNERS = ("facebookresearch", "facebookincubator", "pytorch", "fairinternal")
+
+# Defaults.
+DEFAULT_GITHUB_URL = "https://github.com"
+DEFAULT_GITHUB_API_URL = "https://api.github.com"
+HTTP_TIMEOUT_S = 30.0
+READ_CHUNK = 1024 * 1024
+USER_AGENT = "safehub"
+
+# Caps on a repository archive (an archive past them is refused, not truncated).
+MAX_ARCHIVE_BYTES = 2 * 1024**3
+MAX_EXTRACTED_BYTES = 4 * 1024**3
+MAX_ARCHIVE_MEMBERS = 100_000
+
+# Pagination: GitHub's own maximum page size, and a ceiling on pages we follow.
+API_PAGE_SIZE = 100
+API_MAX_PAGES = 100
+# How many branches a commit is compared against before it is called a fork commit.
+MAX_BRANCHES_COMPARED = 20
+
+# safehub's own state inside the hub dir: metadata and locks, hidden from torch.hub.
+STATE_DIR_NAME = ".safehub"
+LOCK_LOG_EVERY_S = 5.0
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_COMPUTED = {
+    "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
+    "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
+    "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),
+    "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
+    "TORCH_HOME": lambda: os.path.expanduser(
+        _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        return _COMPUTED[name]()
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -1,0 +1,167 @@
+"""The exceptions safehub raises, and nothing else.
+
+Every error is a :class:`SafeHubError`. Where a torch.hub caller already catches a builtin
+(torch.hub raises ``ValueError`` and ``RuntimeError``), the safehub error subclasses that builtin
+too, so code written for torch.hub keeps working. Facts are attributes, never parsed from the
+message.
+
+    SafeHubError
+    ├── InvalidRefError (ValueError)          owner/repo[:ref] is not a valid GitHub name
+    ├── InvalidArgumentError (ValueError)     any other bad argument (source, returns, ...)
+    ├── GitHubError (RuntimeError)            the GitHub API or archive host failed
+    │   ├── RateLimitError                    403/429 with the rate limit spent
+    │   ├── AuthenticationError               401: a bad or expired GITHUB_TOKEN
+    │   ├── RepoNotFoundError                 404 on the repository
+    │   ├── RefNotFoundError (ValueError)     no such branch, tag or commit
+    │   ├── ForkCommitError (ValueError)      a commit no branch or tag of the repository holds
+    │   └── NetworkError                      the host could not be reached
+    ├── OfflineError (RuntimeError)           SAFEHUB_OFFLINE=1 and the cache lacks something
+    ├── DownloadError (RuntimeError)          a download failed
+    │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
+    │   └── HashMismatchError                 the sha256 does not match
+    ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
+    ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
+    ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
+    │   ├── MissingDependenciesError          `dependencies` names modules that are not installed
+    │   └── EntrypointNotFoundError           no callable of that name
+    ├── WorkerError (RuntimeError)            the isolated worker failed
+    │   ├── RemoteError                       the repository's code raised; remote_traceback
+    │   ├── WorkerCrashedError                the worker died; exit_code, signal_name
+    │   ├── WorkerTimeoutError (TimeoutError) the worker ran past Sandbox.timeout
+    │   └── ProtocolError                     the worker sent bytes that break the protocol
+    │       └── ResultDecodeError             a result that fails validation (weights, pickle)
+    └── SandboxError (RuntimeError)           a Sandbox setting is invalid or unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SafeHubError(Exception):
+    """Root of every error safehub raises.
+
+    Keyword arguments become attributes, and the error pickles with them, so an error raised in
+    a worker or a pool process arrives whole.
+    """
+
+    def __init__(self, message: str = "", **facts: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self._facts = facts
+        for name, value in facts.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self._facts))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[SafeHubError], message: str, facts: dict[str, Any]) -> SafeHubError:
+    return cls(message, **facts)
+
+
+class InvalidRefError(SafeHubError, ValueError):
+    """The ``owner/repo[:ref]`` string breaks GitHub's naming rules. Attribute: ``value``."""
+
+
+class InvalidArgumentError(SafeHubError, ValueError):
+    """An argument other than the repository string is invalid."""
+
+
+class GitHubError(SafeHubError, RuntimeError):
+    """GitHub (or the configured mirror) failed. Attributes: ``url``, ``status``."""
+
+
+class RateLimitError(GitHubError):
+    """The API rate limit is spent. Attribute: ``reset_at`` (epoch seconds or None)."""
+
+
+class AuthenticationError(GitHubError):
+    """The API refused the credentials in ``GITHUB_TOKEN``."""
+
+
+class RepoNotFoundError(GitHubError):
+    """The repository does not exist, or is private and no token grants access."""
+
+
+class RefNotFoundError(GitHubError, ValueError):
+    """No branch, tag or commit of that name. Attributes: ``repo``, ``ref``."""
+
+
+class ForkCommitError(GitHubError, ValueError):
+    """The commit exists only in a fork. Attributes: ``repo``, ``ref``."""
+
+
+class NetworkError(GitHubError):
+    """The host could not be reached (DNS, refused, timed out, cut off)."""
+
+
+class OfflineError(SafeHubError, RuntimeError):
+    """Offline mode is on and the cache cannot answer."""
+
+
+class DownloadError(SafeHubError, RuntimeError):
+    """A download failed. Attribute: ``url``."""
+
+
+class IncompleteDownloadError(DownloadError):
+    """The body ended before Content-Length. Attributes: ``expected``, ``received``."""
+
+
+class HashMismatchError(DownloadError):
+    """The file's sha256 does not match. Attributes: ``expected``, ``actual``."""
+
+
+class ArchiveError(SafeHubError, ValueError):
+    """A zip archive is corrupt, too large, or tries to escape its folder."""
+
+
+class UntrustedRepoError(SafeHubError, RuntimeError):
+    """The repository's code would run outside a sandbox and it is not trusted. Attribute: ``repo``."""
+
+
+class HubconfError(SafeHubError, RuntimeError):
+    """``hubconf.py`` is missing or fails."""
+
+
+class MissingDependenciesError(HubconfError):
+    """Modules named in ``dependencies`` are not installed. Attribute: ``missing``."""
+
+
+class EntrypointNotFoundError(HubconfError):
+    """No callable entrypoint of that name. Attribute: ``model``."""
+
+
+class WorkerError(SafeHubError, RuntimeError):
+    """The isolated worker failed."""
+
+
+class RemoteError(WorkerError):
+    """The repository's code raised. Attributes: ``remote_type``, ``remote_traceback``."""
+
+    def __str__(self) -> str:
+        tb = getattr(self, "remote_traceback", "")
+        return f"{self.message}\n\nRemote traceback (from the worker):\n{tb}" if tb else self.message
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker died before answering. Attributes: ``exit_code``, ``signal_name``."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """The worker ran past its time limit. Attribute: ``timeout``."""
+
+
+class ProtocolError(WorkerError):
+    """The worker's reply breaks the protocol; nothing of it was executed."""
+
+
+class ResultDecodeError(ProtocolError):
+    """The result failed validation (weights header, dtype, offsets, sizes)."""
+
+
+class SandboxError(SafeHubError, RuntimeError):
+    """A sandbox setting is invalid, or a required layer is unavailable. Attribute: ``layer``."""
