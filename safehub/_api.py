@@ -1,0 +1,340 @@
+"""The torch.hub-compatible functions: orchestration of parse → trust → resolve → fetch → run.
+
+Each step lives in its own module; this one only decides which steps a call needs and in what
+order. Trust is checked before any network request, so an untrusted repository in CI fails at
+once and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import _cache, _extract, _github, _refs, _trust, constants
+from ._refs import RepoRef
+from ._worker import hubconf as _hubconf
+from .errors import (
+    EntrypointNotFoundError,
+    HubconfError,
+    InvalidArgumentError,
+    MissingDependenciesError,
+    OfflineError,
+)
+
+_RETURNS = ("object", "weights")
+
+_TRUST_ARG_DOC = """trust_repo (bool or str): ``"check"``, ``True`` or ``False``. Asked only when the
+            repository's code would run outside a sandbox (``isolate=False``, or
+            ``returns="object"``).
+
+            - If ``False``, a prompt will ask the user whether the repo should be trusted.
+            - If ``True``, the repo will be added to the trusted list and loaded without
+              requiring explicit confirmation.
+            - If ``"check"``, the repo will be checked against the list of trusted repos in the
+              cache. If it is not present in that list, the behaviour will fall back onto the
+              ``trust_repo=False`` option.
+
+            With no terminal on standard input, a prompt is replaced by
+            :class:`~safehub.errors.UntrustedRepoError`. Default is ``"check"``."""
+
+
+def _sandbox_of(isolate: object) -> Any:
+    """None for an in-process call, else the Sandbox to run in."""
+    if isolate is False or isolate is None:
+        return None
+    from ._sandbox import Sandbox
+
+    if isolate is True:
+        return Sandbox()
+    if isinstance(isolate, Sandbox):
+        return isolate
+    raise InvalidArgumentError(f"isolate must be True, False or a safehub.Sandbox, not {isolate!r}.")
+
+
+def _check_source(source: object) -> str:
+    value = source.lower() if isinstance(source, str) else source
+    if value not in ("github", "local"):
+        raise InvalidArgumentError(f'Unknown source: "{source}". Allowed values: "github" | "local".')
+    return value
+
+
+def _local_dir(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"With source='local', pass a folder path, not {path!r}.")
+    repo_dir = Path(path)
+    if not (repo_dir / constants.MODULE_HUBCONF).is_file():
+        raise HubconfError(f"{repo_dir} has no {constants.MODULE_HUBCONF}; pass the folder that holds it.")
+    return repo_dir
+
+
+def _fetch(
+    repo_ref: RepoRef,
+    *,
+    force_reload: bool,
+    verbose: bool,
+    skip_validation: bool,
+) -> Path:
+    """The repository's folder in the cache, downloading it if needed."""
+    if not force_reload:
+        entry = _cache.lookup(repo_ref)
+        if entry is not None:
+            if verbose:
+                sys.stderr.write(f"Using cache found in {entry.repo_dir}\n")
+            return entry.repo_dir
+    if constants.SAFEHUB_OFFLINE:
+        raise OfflineError(
+            f"Offline mode (SAFEHUB_OFFLINE=1) is on and {repo_ref} is not in the cache "
+            f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
+        )
+    resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
+
+    def fetch(out: Any) -> tuple[int, str]:
+        url = _github.archive_url(resolved.owner, resolved.repo, resolved.commit_sha)
+        sys.stderr.write(f'Downloading: "{url}" to {_cache.get_dir()}\n')
+        return _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out)
+
+    entry = _cache.install(
+        resolved,
+        fetch,
+        lambda zip_path, dest_dir: _extract.extract_zip(zip_path, dest_dir),
+        force=force_reload,
+        already_there=lambda: _cache.lookup(repo_ref),
+    )
+    return entry.repo_dir
+
+
+def _repo_dir(
+    repo_or_dir: object,
+    source: str,
+    *,
+    trust_repo: object,
+    trust_needed: bool,
+    force_reload: bool,
+    verbose: bool,
+    skip_validation: bool,
+) -> Path:
+    if source == "local":
+        # torch.hub never asks trust for a local folder: the caller already has its code.
+        _trust.validate(trust_repo)
+        return _local_dir(repo_or_dir)
+    repo_ref = _refs.parse(repo_or_dir)
+    _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
+    return _fetch(repo_ref, force_reload=force_reload, verbose=verbose, skip_validation=skip_validation)
+
+
+def _import_in_process(repo_dir: Path) -> Any:
+    try:
+        return _hubconf.import_hubconf(str(repo_dir))
+    except _hubconf.HubconfMissing as exc:
+        raise HubconfError(str(exc)) from None
+
+
+def _entry_in_process(module: Any, model: object) -> Any:
+    try:
+        return _hubconf.get_entrypoint(module, model)
+    except TypeError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    except _hubconf.MissingDependencies as exc:
+        raise MissingDependenciesError(str(exc), missing=exc.missing) from None
+    except _hubconf.EntrypointNotFound as exc:
+        raise EntrypointNotFoundError(str(exc), model=exc.model) from None
+
+
+def list(  # noqa: A001 - torch.hub's name
+    github: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: bool | str = "check",
+    verbose: bool = True,
+    *,
+    source: str = "github",
+    isolate: Any = False,
+) -> list[str]:
+    r"""List all callable entrypoints available in the repo specified by ``github``.
+
+    Args:
+        github (str): a string with format "repo_owner/repo_name[:ref]" with an optional
+            ref (tag, branch or commit SHA). If ``ref`` is not specified, the repository's default
+            branch is used (asked from GitHub's API, not guessed). Example: 'pytorch/vision:0.10'.
+            With ``source="local"``, a folder holding a ``hubconf.py``.
+        force_reload (bool, optional): whether to discard the existing cache and force a fresh
+            download. Default is ``False``.
+        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
+            the repository itself and not to a fork. This makes requests to the GitHub API; set
+            ``GITHUB_TOKEN`` for a higher rate limit. Default is ``False``.
+        {trust}
+        verbose (bool, optional): If ``False``, mute messages about hitting local caches.
+            Default is ``True``.
+        source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
+        isolate (bool or Sandbox, optional): run ``hubconf.py`` in a sandboxed worker instead of
+            this process; then no trust is needed. Default is ``False``.
+
+    Returns:
+        list: The available callables entrypoint
+
+    Raises:
+        InvalidRefError: ``github`` is not a valid ``owner/repo[:ref]``.
+        UntrustedRepoError: trust was needed and not given.
+        GitHubError: GitHub could not be reached or refused (rate limit, auth, not found).
+
+    Example:
+        >>> entrypoints = safehub.list("pytorch/vision", isolate=True)  # doctest: +SKIP
+    """
+    source = _check_source(source)
+    sandbox = _sandbox_of(isolate)
+    repo_dir = _repo_dir(
+        github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
+        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation,
+    )
+    if sandbox is not None:
+        from ._isolation import run_isolated
+
+        return run_isolated(repo_dir, "list", sandbox=sandbox)
+    with _hubconf.prepended_sys_path(str(repo_dir)):
+        module = _import_in_process(repo_dir)
+    return _hubconf.list_entrypoints(module)
+
+
+def help(  # noqa: A001 - torch.hub's name
+    github: str,
+    model: str,
+    force_reload: bool = False,
+    skip_validation: bool = False,
+    trust_repo: bool | str = "check",
+    *,
+    source: str = "github",
+    isolate: Any = False,
+) -> str | None:
+    r"""Show the docstring of entrypoint ``model``.
+
+    Args:
+        github (str): a string with format <repo_owner/repo_name[:ref]> with an optional
+            ref (a tag, a branch or a commit SHA). Example: 'pytorch/vision:0.10'.
+        model (str): a string of entrypoint name defined in repo's ``hubconf.py``
+        force_reload (bool, optional): whether to discard the existing cache and force a fresh
+            download. Default is ``False``.
+        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
+            the repository itself and not to a fork. Default is ``False``.
+        {trust}
+        source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
+        isolate (bool or Sandbox, optional): read the docstring in a sandboxed worker; then no
+            trust is needed. Default is ``False``.
+
+    Returns:
+        str or None: the entrypoint's docstring.
+
+    Raises:
+        EntrypointNotFoundError: ``hubconf.py`` has no callable ``model``.
+        MissingDependenciesError: modules named in ``dependencies`` are not installed.
+
+    Example:
+        >>> print(safehub.help("pytorch/vision", "resnet18", isolate=True))  # doctest: +SKIP
+    """
+    source = _check_source(source)
+    sandbox = _sandbox_of(isolate)
+    repo_dir = _repo_dir(
+        github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
+        force_reload=force_reload, verbose=True, skip_validation=skip_validation,
+    )
+    if sandbox is not None:
+        from ._isolation import run_isolated
+
+        return run_isolated(repo_dir, "help", model=model, sandbox=sandbox)
+    with _hubconf.prepended_sys_path(str(repo_dir)):
+        module = _import_in_process(repo_dir)
+    return _entry_in_process(module, model).__doc__
+
+
+def load(
+    repo_or_dir: str,
+    model: str,
+    *args: Any,
+    source: str = "github",
+    trust_repo: bool | str = "check",
+    force_reload: bool = False,
+    verbose: bool = True,
+    skip_validation: bool = False,
+    isolate: Any = False,
+    returns: str = "object",
+    **kwargs: Any,
+) -> Any:
+    r"""Load a model from a github repo or a local directory.
+
+    Note: Loading a model is the typical use case, but this can also be used to for loading
+    other objects such as tokenizers, loss functions, etc.
+
+    If ``source`` is 'github', ``repo_or_dir`` is expected to be of the form
+    ``repo_owner/repo_name[:ref]`` with an optional ref (a tag, a branch or a commit SHA).
+
+    If ``source`` is 'local', ``repo_or_dir`` is expected to be a path to a local directory.
+
+    Args:
+        repo_or_dir (str): If ``source`` is 'github', this should correspond to a github repo
+            with format ``repo_owner/repo_name[:ref]``, for example 'pytorch/vision:0.10'. If
+            ``ref`` is not specified, the repository's default branch is used. If ``source`` is
+            'local' then it should be a path to a local directory.
+        model (str): the name of a callable (entrypoint) defined in the repo/dir's
+            ``hubconf.py``.
+        *args (optional): the corresponding args for callable ``model``.
+        source (str, optional): 'github' or 'local'. Default is 'github'.
+        {trust}
+        force_reload (bool, optional): whether to force a fresh download of the github repo
+            unconditionally. Does not have any effect if ``source = 'local'``. Default is ``False``.
+        verbose (bool, optional): If ``False``, mute messages about hitting local caches.
+            Default is ``True``.
+        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
+            the repository itself and not to a fork. Default is ``False``.
+        isolate (bool or Sandbox, optional): ``False`` runs ``hubconf.py`` in this process, as
+            torch.hub does. ``True`` (or a :class:`Sandbox`) runs it in a sandboxed worker
+            process and brings back only the result. Default is ``False``.
+        returns (str, optional): with isolation, ``"object"`` brings the entrypoint's return
+            value back whole (the repository's classes pickled by value, so its code then runs
+            here: trust is needed), ``"weights"`` brings back only tensors, as a
+            ``dict[str, Tensor]`` parsed as data (no trust needed). Default is ``"object"``.
+        **kwargs (optional): the corresponding kwargs for callable ``model``.
+
+    Returns:
+        The output of the ``model`` callable when called with the given ``*args`` and
+        ``**kwargs``; with ``returns="weights"``, its tensors by name.
+
+    Raises:
+        InvalidRefError: ``repo_or_dir`` is not a valid ``owner/repo[:ref]``.
+        UntrustedRepoError: trust was needed and not given.
+        EntrypointNotFoundError, MissingDependenciesError: ``hubconf.py`` cannot serve ``model``.
+        RemoteError: the repository's code raised in the worker (``remote_traceback`` holds it).
+
+    Example:
+        >>> model = safehub.load("pytorch/vision", "resnet50", weights=None)  # doctest: +SKIP
+        >>> weights = safehub.load("someone/repo", "net", isolate=True, returns="weights")  # doctest: +SKIP
+    """
+    source = _check_source(source)
+    sandbox = _sandbox_of(isolate)
+    if returns not in _RETURNS:
+        raise InvalidArgumentError(f"returns must be 'object' or 'weights', not {returns!r}.")
+    if sandbox is None and returns != "object":
+        raise InvalidArgumentError(
+            "returns='weights' needs isolate=True: in-process, the repository's code runs here "
+            "anyway. Call model.state_dict() yourself, or pass isolate=True."
+        )
+    trust_needed = sandbox is None or returns == "object"
+    repo_dir = _repo_dir(
+        repo_or_dir, source, trust_repo=trust_repo, trust_needed=trust_needed,
+        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation,
+    )
+    if sandbox is not None:
+        from ._isolation import run_isolated
+
+        return run_isolated(
+            repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox
+        )
+    with _hubconf.prepended_sys_path(str(repo_dir)):
+        module = _import_in_process(repo_dir)
+        entry = _entry_in_process(module, model)
+        return entry(*args, **kwargs)
+
+
+for _function in (list, help, load):
+    _function.__doc__ = (_function.__doc__ or "").replace("{trust}", _TRUST_ARG_DOC)
+del _function

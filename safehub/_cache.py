@@ -1,0 +1,283 @@
+"""The hub dir: torch.hub's layout, plus locks, metadata and atomic installs.
+
+Repository trees live where torch.hub puts them (``<hub_dir>/<owner>_<repo>_<ref>``), so both
+tools share one cache. safehub's own state lives in ``<hub_dir>/.safehub/``:
+
+- ``repos/<folder>.json``: what the tree is (owner, repo, ref, commit SHA, archive sha256). A tree
+  without its record is never served: it may be half written, torch.hub's, or another ref's.
+- ``locks/<folder>.lock``: one lock per cache folder, so parallel jobs download once.
+- ``tmp/``: downloads and extractions in progress, renamed into place when whole.
+
+An install writes the tree first and the record last, and removes the record before touching an
+old tree, so a crash at any point leaves either a served tree with a true record, or no record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import filelock
+
+from . import constants
+from ._refs import RepoRef, ResolvedRef
+from .errors import SafeHubError
+
+logger = logging.getLogger("safehub")
+
+_hub_dir: str | None = None
+
+
+def get_dir() -> str:
+    r"""Get the Torch Hub cache directory used for storing downloaded models & weights.
+
+    If :func:`set_dir` is not called, default path is ``$TORCH_HOME/hub`` where environment
+    variable ``$TORCH_HOME`` defaults to ``$XDG_CACHE_HOME/torch``. ``$XDG_CACHE_HOME`` follows
+    the X Design Group specification of the Linux filesystem layout, with a default value
+    ``~/.cache`` if the environment variable is not set. This is torch.hub's folder: the two
+    share one cache.
+
+    Returns:
+        str: the hub directory.
+
+    Example:
+        >>> safehub.get_dir()  # doctest: +SKIP
+        '/home/me/.cache/torch/hub'
+    """
+    if os.getenv("TORCH_HUB"):
+        warnings.warn("TORCH_HUB is deprecated, please use env TORCH_HOME instead", stacklevel=2)
+    if _hub_dir is not None:
+        return _hub_dir
+    return os.path.join(constants.TORCH_HOME, "hub")
+
+
+def set_dir(d: str | os.PathLike[str]) -> None:
+    r"""Optionally set the Torch Hub directory used to save downloaded models & weights.
+
+    Args:
+        d (str): path to a local folder to save downloaded models & weights.
+
+    Example:
+        >>> safehub.set_dir("/tmp/hub")  # doctest: +SKIP
+    """
+    global _hub_dir
+    _hub_dir = os.path.expanduser(os.fspath(d))
+
+
+def hub_path() -> Path:
+    return Path(get_dir())
+
+
+def folder_name(owner: str, repo: str, ref: str) -> str:
+    """torch.hub's folder name: ``a/b`` and ``a_b`` share one, which the record tells apart."""
+    return "_".join([owner, repo, ref.replace("/", "_")])
+
+
+def _inside(root: Path, name: str) -> Path:
+    # Refuse any computed path outside its root, whatever a name holds.
+    path = (root / name).resolve()
+    if path.parent != root.resolve():
+        raise SafeHubError(f"Refusing a cache path outside {root}: {name!r}")
+    return path
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    owner: str
+    repo: str
+    ref: str
+    commit_sha: str
+    kind: str
+    is_default_branch: bool
+    archive_sha256: str
+    fetched_at: float
+    folder: str
+
+    @property
+    def repo_dir(self) -> Path:
+        return _inside(hub_path(), self.folder)
+
+    def matches(self, repo_ref: RepoRef) -> bool:
+        # GitHub names are case-insensitive; refs are not.
+        if (self.owner.lower(), self.repo.lower()) != (repo_ref.owner.lower(), repo_ref.repo.lower()):
+            return False
+        if repo_ref.ref is None:
+            return self.is_default_branch
+        return self.ref == repo_ref.ref
+
+
+def _state_dir(kind: str) -> Path:
+    path = hub_path() / constants.STATE_DIR_NAME / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _record_path(folder: str) -> Path:
+    return _inside(_state_dir("repos"), folder + ".json")
+
+
+def read_record(folder: str) -> CacheEntry | None:
+    """The record of a cache folder, or None if there is none or it does not hold together."""
+    try:
+        data = json.loads(_record_path(folder).read_text())
+        entry = CacheEntry(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    if entry.folder != folder or not entry.repo_dir.is_dir():
+        return None
+    return entry
+
+
+def iter_records() -> Iterator[CacheEntry]:
+    """Every cache folder that has a valid record."""
+    for path in sorted(_state_dir("repos").glob("*.json")):
+        entry = read_record(path.name[: -len(".json")])
+        if entry is not None:
+            yield entry
+
+
+def lookup(repo_ref: RepoRef) -> CacheEntry | None:
+    """The cached tree for what the user asked, with no network: None on a miss."""
+    if repo_ref.ref is not None:
+        entry = read_record(folder_name(repo_ref.owner, repo_ref.repo, repo_ref.ref))
+        return entry if entry is not None and entry.matches(repo_ref) else None
+    # The default branch can change; the newest record that was fetched as the default wins.
+    entries = [entry for entry in iter_records() if entry.matches(repo_ref)]
+    return max(entries, key=lambda entry: entry.fetched_at, default=None)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Hold the file lock ``name``, saying so in the log every few seconds while waiting."""
+    lock = filelock.FileLock(str(_inside(_state_dir("locks"), name + ".lock")))
+    started = time.monotonic()
+    while True:
+        try:
+            lock.acquire(timeout=constants.LOCK_LOG_EVERY_S)
+            break
+        except filelock.Timeout:
+            logger.info("Still waiting for the lock on %s (%.0f s); another process is downloading it.",
+                        name, time.monotonic() - started)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_record(entry: CacheEntry) -> None:
+    path = _record_path(entry.folder)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(asdict(entry), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_record(folder: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _record_path(folder).unlink()
+        _fsync_dir(_state_dir("repos"))
+
+
+def _sweep_tmp(tmp_root: Path) -> None:
+    # Leftovers of crashed installs: their names start with the pid that made them.
+    for child in tmp_root.iterdir():
+        pid = child.name.split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+Fetcher = Callable[[BinaryIO], tuple[int, str]]
+Extractor = Callable[[Path, Path], Path]
+
+
+def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force: bool = False,
+            already_there: Callable[[], CacheEntry | None] | None = None) -> CacheEntry:
+    """Download and extract ``resolved`` into its cache folder, atomically, under its lock.
+
+    ``fetch(out)`` writes the archive and returns (bytes, sha256); ``extract(zip_path, dest_dir)``
+    returns the extracted top folder. ``already_there()`` is asked again once the lock is held,
+    so of many processes asking at once only the first downloads.
+    """
+    folder = folder_name(resolved.owner, resolved.repo, resolved.ref)
+    target = _inside(hub_path(), folder)
+    with locked(folder):
+        if not force and already_there is not None:
+            entry = already_there()
+            if entry is not None:
+                return entry
+        tmp_root = _state_dir("tmp")
+        _sweep_tmp(tmp_root)
+        work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{folder}.", dir=tmp_root))
+        try:
+            archive_path = work / "archive.zip"
+            with open(archive_path, "wb") as out:
+                _, archive_sha256 = fetch(out)
+                out.flush()
+                os.fsync(out.fileno())
+            extract_dir = work / "extract"
+            extract_dir.mkdir()
+            tree = extract(archive_path, extract_dir)
+            # The old record goes first: from here until the new one is written nothing is served.
+            _remove_record(folder)
+            if target.exists() or target.is_symlink():
+                os.rename(target, work / "old")
+            os.rename(tree, target)
+            _fsync_dir(target.parent)
+            entry = CacheEntry(
+                owner=resolved.owner,
+                repo=resolved.repo,
+                ref=resolved.ref,
+                commit_sha=resolved.commit_sha,
+                kind=resolved.kind,
+                is_default_branch=resolved.is_default_branch,
+                archive_sha256=archive_sha256,
+                fetched_at=time.time(),
+                folder=folder,
+            )
+            _write_record(entry)
+            return entry
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def remove(entry: CacheEntry) -> None:
+    """Delete a cached tree and its record, under its lock."""
+    with locked(entry.folder):
+        _remove_record(entry.folder)
+        shutil.rmtree(entry.repo_dir, ignore_errors=True)
+
+
+def entry_as_dict(entry: CacheEntry) -> dict[str, Any]:
+    return {**asdict(entry), "path": str(entry.repo_dir)}

@@ -1,0 +1,216 @@
+"""The only module that speaks HTTP to GitHub: the REST API and the archive host.
+
+``GITHUB_TOKEN`` goes to the API host only. Archives are fetched without it, and the opener in
+``_http`` drops it on any redirect that leaves the API host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+from . import _http, constants
+from .errors import (
+    AuthenticationError,
+    GitHubError,
+    OfflineError,
+    RateLimitError,
+    RefNotFoundError,
+    RepoNotFoundError,
+)
+
+
+def _quote(part: str) -> str:
+    # Branch names may hold '/': GitHub's API takes them unescaped in /commits/{ref} and compare.
+    return urllib.parse.quote(part, safe="/")
+
+
+def _api_headers() -> dict[str, str]:
+    headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
+    token = constants.GITHUB_TOKEN
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _check_online(url: str) -> None:
+    if constants.SAFEHUB_OFFLINE:
+        raise OfflineError(
+            f"Offline mode (SAFEHUB_OFFLINE=1) is on and {url} is not in the cache. "
+            "Run once online to fill the cache, or unset SAFEHUB_OFFLINE.",
+            url=url,
+        )
+
+
+def api_get(path: str, *, repo: str | None = None) -> Any:
+    """GET ``{SAFEHUB_GITHUB_API_URL}{path}`` and decode the JSON answer."""
+    url = constants.SAFEHUB_GITHUB_API_URL + path
+    _check_online(url)
+    try:
+        with _http.open_url(url, _api_headers()) as response:
+            body = response.read(64 * 1024 * 1024)
+    except _http.HTTPStatus as exc:
+        raise _translate(exc, repo) from None
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise GitHubError(
+            f"GitHub answered {url} with something that is not JSON. Is SAFEHUB_GITHUB_API_URL "
+            "pointing at a GitHub API?",
+            url=url,
+            status=None,
+        ) from exc
+
+
+def _translate(exc: _http.HTTPStatus, repo: str | None) -> GitHubError:
+    headers = {k.lower(): v for k, v in exc.headers.items()}
+    message = _message(exc.body)
+    where = f" for {repo}" if repo else ""
+    has_token = bool(constants.GITHUB_TOKEN)
+    if exc.status == 429 or (exc.status == 403 and headers.get("x-ratelimit-remaining") == "0"):
+        reset = headers.get("x-ratelimit-reset")
+        reset_at = int(reset) if reset and reset.isdigit() else None
+        when = (
+            f" It resets at {time.strftime('%H:%M:%S', time.localtime(reset_at))}."
+            if reset_at
+            else ""
+        )
+        hint = (
+            "Your GITHUB_TOKEN's quota is spent; wait, or use another token."
+            if has_token
+            else "Set GITHUB_TOKEN to a GitHub token to get a much higher limit."
+        )
+        return RateLimitError(
+            f"GitHub's API rate limit is exhausted.{when} {hint}",
+            url=exc.url,
+            status=exc.status,
+            reset_at=reset_at,
+        )
+    if exc.status == 401:
+        return AuthenticationError(
+            f"GitHub refused the credentials in GITHUB_TOKEN ({message or 'Bad credentials'}). "
+            "Renew the token, or unset GITHUB_TOKEN for public repositories.",
+            url=exc.url,
+            status=401,
+        )
+    if exc.status == 404:
+        hint = "" if has_token else " If it is private, set GITHUB_TOKEN to a token that can read it."
+        return RepoNotFoundError(
+            f"GitHub has no repository {repo or exc.url}.{hint} Check the owner and name.",
+            url=exc.url,
+            status=404,
+        )
+    if exc.status == 403:
+        return AuthenticationError(
+            f"GitHub refused access{where} (403: {message or 'Forbidden'}). Check GITHUB_TOKEN's permissions.",
+            url=exc.url,
+            status=403,
+        )
+    return GitHubError(
+        f"GitHub answered {exc.status}{where} ({message or 'no message'}). Try again later.",
+        url=exc.url,
+        status=exc.status,
+    )
+
+
+def _message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    return str(data.get("message", ""))[:200] if isinstance(data, dict) else ""
+
+
+def get_repo(owner: str, repo: str) -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}: the repository, with its real ``default_branch``."""
+    data = api_get(f"/repos/{_quote(owner)}/{_quote(repo)}", repo=f"{owner}/{repo}")
+    if not isinstance(data, dict) or not isinstance(data.get("default_branch"), str):
+        raise GitHubError(f"GitHub's answer for {owner}/{repo} has no default branch.", url=None, status=None)
+    return data
+
+
+def _paginate(path: str, repo: str) -> Iterator[dict[str, Any]]:
+    for page in range(1, constants.API_MAX_PAGES + 1):
+        items = api_get(f"{path}?per_page={constants.API_PAGE_SIZE}&page={page}", repo=repo)
+        if not isinstance(items, list):
+            raise GitHubError(f"GitHub's answer for {path} is not a list.", url=None, status=None)
+        yield from items
+        if len(items) < constants.API_PAGE_SIZE:
+            return
+
+
+def iter_branches(owner: str, repo: str) -> Iterator[dict[str, Any]]:
+    """Every branch, following pagination: [{"name", "commit": {"sha"}}]."""
+    return _paginate(f"/repos/{_quote(owner)}/{_quote(repo)}/branches", f"{owner}/{repo}")
+
+
+def iter_tags(owner: str, repo: str) -> Iterator[dict[str, Any]]:
+    """Every tag, following pagination: [{"name", "commit": {"sha"}}]."""
+    return _paginate(f"/repos/{_quote(owner)}/{_quote(repo)}/tags", f"{owner}/{repo}")
+
+
+def get_commit(owner: str, repo: str, ref: str) -> dict[str, Any]:
+    """GET /repos/{o}/{r}/commits/{ref}: the commit a branch, tag or (short) SHA names."""
+    try:
+        data = api_get(f"/repos/{_quote(owner)}/{_quote(repo)}/commits/{_quote(ref)}", repo=f"{owner}/{repo}")
+    except GitHubError as exc:
+        if getattr(exc, "status", None) in (404, 422):
+            raise RefNotFoundError(
+                f"{owner}/{repo} has no branch, tag or commit {ref!r}.",
+                repo=f"{owner}/{repo}",
+                ref=ref,
+                url=exc.url,
+                status=exc.status,
+            ) from None
+        raise
+    if not isinstance(data, dict) or not isinstance(data.get("sha"), str):
+        raise GitHubError(f"GitHub's answer for commit {ref} has no SHA.", url=None, status=None)
+    return data
+
+
+def compare_status(owner: str, repo: str, base: str, head: str) -> str:
+    """GitHub's compare status of ``head`` against ``base``: identical, ahead, behind, diverged."""
+    try:
+        data = api_get(
+            f"/repos/{_quote(owner)}/{_quote(repo)}/compare/{_quote(base)}...{_quote(head)}",
+            repo=f"{owner}/{repo}",
+        )
+    except RepoNotFoundError:
+        return "unknown"
+    return str(data.get("status", "unknown")) if isinstance(data, dict) else "unknown"
+
+
+def archive_url(owner: str, repo: str, commit_sha: str) -> str:
+    return f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/zipball/{commit_sha}"
+
+
+def download_archive(
+    owner: str,
+    repo: str,
+    commit_sha: str,
+    out: BinaryIO,
+    *,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[int, str]:
+    """Stream the zipball of ``commit_sha`` into ``out``; return (bytes, sha256). No token is sent."""
+    url = archive_url(owner, repo, commit_sha)
+    _check_online(url)
+    try:
+        with _http.open_url(url) as response:
+            return _http.stream_to_file(
+                response, out, max_bytes=constants.MAX_ARCHIVE_BYTES, on_chunk=on_chunk
+            )
+    except _http.HTTPStatus as exc:
+        if exc.status == 404:
+            raise RefNotFoundError(
+                f"GitHub has no archive of {owner}/{repo} at {commit_sha[:12]}. If the repository "
+                "is private, the archive host needs credentials safehub does not send.",
+                repo=f"{owner}/{repo}",
+                ref=commit_sha,
+                url=exc.url,
+                status=404,
+            ) from None
+        raise _translate(exc, f"{owner}/{repo}") from None
