@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _extract, _github, _refs, _trust, constants
+from . import _cache, _extract, _github, _lockfile, _refs, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
     EntrypointNotFoundError,
+    HashMismatchError,
     HubconfError,
     InvalidArgumentError,
     MissingDependenciesError,
@@ -75,34 +76,57 @@ def _fetch(
     force_reload: bool,
     verbose: bool,
     skip_validation: bool,
-) -> Path:
-    """The repository's folder in the cache, downloading it if needed."""
-    if not force_reload:
+    lock: str | os.PathLike[str] | None = None,
+) -> _cache.CacheEntry:
+    """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
+    pin = _lockfile.pin_for(lock, repo_ref) if lock is not None else None
+
+    def cached() -> _cache.CacheEntry | None:
         entry = _cache.lookup(repo_ref)
+        if entry is not None and pin is not None and (entry.commit_sha, entry.archive_sha256) != (
+            pin.commit_sha, pin.archive_sha256
+        ):
+            return None
+        return entry
+
+    if not force_reload:
+        entry = cached()
         if entry is not None:
             if verbose:
                 sys.stderr.write(f"Using cache found in {entry.repo_dir}\n")
-            return entry.repo_dir
+            return entry
     if constants.SAFEHUB_OFFLINE:
         raise OfflineError(
             f"Offline mode (SAFEHUB_OFFLINE=1) is on and {repo_ref} is not in the cache "
             f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
         )
-    resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
+    if pin is not None:
+        # The lock was made with validation; a locked load asks the API nothing.
+        resolved = _refs.ResolvedRef(repo_ref.owner, repo_ref.repo, pin.ref, pin.commit_sha,
+                                     "locked", repo_ref.ref is None)
+    else:
+        resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
 
     def fetch(out: Any) -> tuple[int, str]:
         url = _github.archive_url(resolved.owner, resolved.repo, resolved.commit_sha)
         sys.stderr.write(f'Downloading: "{url}" to {_cache.get_dir()}\n')
-        return _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out)
+        size, sha256 = _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out)
+        if pin is not None and sha256 != pin.archive_sha256:
+            raise HashMismatchError(
+                f"The archive of {repo_ref} at {pin.commit_sha[:12]} has sha256 {sha256}, but the "
+                f"lock file pins {pin.archive_sha256}. It was not installed. If the change is "
+                "expected, run `safehub lock` again; otherwise treat it as tampering.",
+                url=url, expected=pin.archive_sha256, actual=sha256,
+            )
+        return size, sha256
 
-    entry = _cache.install(
+    return _cache.install(
         resolved,
         fetch,
         lambda zip_path, dest_dir: _extract.extract_zip(zip_path, dest_dir),
         force=force_reload,
-        already_there=lambda: _cache.lookup(repo_ref),
+        already_there=cached,
     )
-    return entry.repo_dir
 
 
 def _repo_dir(
@@ -114,14 +138,26 @@ def _repo_dir(
     force_reload: bool,
     verbose: bool,
     skip_validation: bool,
+    lock: str | os.PathLike[str] | None = None,
 ) -> Path:
     if source == "local":
         # torch.hub never asks trust for a local folder: the caller already has its code.
         _trust.validate(trust_repo)
+        if lock is not None:
+            raise InvalidArgumentError("A lock file pins GitHub repositories; it does not apply to source='local'.")
         return _local_dir(repo_or_dir)
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
-    return _fetch(repo_ref, force_reload=force_reload, verbose=verbose, skip_validation=skip_validation)
+    entry = _fetch(repo_ref, force_reload=force_reload, verbose=verbose,
+                   skip_validation=skip_validation, lock=lock)
+    return entry.repo_dir
+
+
+def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _lockfile.Pin]:
+    """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
+    repo_ref = _refs.parse(github)
+    entry = _fetch(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    return str(repo_ref), _lockfile.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
 
 
 def _import_in_process(repo_dir: Path) -> Any:
@@ -151,6 +187,7 @@ def list(  # noqa: A001 - torch.hub's name
     *,
     source: str = "github",
     isolate: Any = False,
+    lock: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     r"""List all callable entrypoints available in the repo specified by ``github``.
 
@@ -170,6 +207,8 @@ def list(  # noqa: A001 - torch.hub's name
         source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
         isolate (bool or Sandbox, optional): run ``hubconf.py`` in a sandboxed worker instead of
             this process; then no trust is needed. Default is ``False``.
+        lock (path, optional): a lock file (``safehub lock``); the repository must have an entry
+            there, and only the pinned commit with the pinned archive sha256 is used.
 
     Returns:
         list: The available callables entrypoint
@@ -186,7 +225,7 @@ def list(  # noqa: A001 - torch.hub's name
     sandbox = _sandbox_of(isolate)
     repo_dir = _repo_dir(
         github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
-        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation,
+        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
         from ._isolation import run_isolated
@@ -206,6 +245,7 @@ def help(  # noqa: A001 - torch.hub's name
     *,
     source: str = "github",
     isolate: Any = False,
+    lock: str | os.PathLike[str] | None = None,
 ) -> str | None:
     r"""Show the docstring of entrypoint ``model``.
 
@@ -221,6 +261,8 @@ def help(  # noqa: A001 - torch.hub's name
         source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
         isolate (bool or Sandbox, optional): read the docstring in a sandboxed worker; then no
             trust is needed. Default is ``False``.
+        lock (path, optional): a lock file (``safehub lock``); the repository must have an entry
+            there, and only the pinned commit with the pinned archive sha256 is used.
 
     Returns:
         str or None: the entrypoint's docstring.
@@ -236,7 +278,7 @@ def help(  # noqa: A001 - torch.hub's name
     sandbox = _sandbox_of(isolate)
     repo_dir = _repo_dir(
         github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
-        force_reload=force_reload, verbose=True, skip_validation=skip_validation,
+        force_reload=force_reload, verbose=True, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
         from ._isolation import run_isolated
@@ -258,6 +300,7 @@ def load(
     skip_validation: bool = False,
     isolate: Any = False,
     returns: str = "object",
+    lock: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> Any:
     r"""Load a model from a github repo or a local directory.
@@ -293,6 +336,8 @@ def load(
             value back whole (the repository's classes pickled by value, so its code then runs
             here: trust is needed), ``"weights"`` brings back only tensors, as a
             ``dict[str, Tensor]`` parsed as data (no trust needed). Default is ``"object"``.
+        lock (path, optional): a lock file (``safehub lock``); the repository must have an entry
+            there, and only the pinned commit with the pinned archive sha256 is used.
         **kwargs (optional): the corresponding kwargs for callable ``model``.
 
     Returns:
@@ -321,7 +366,7 @@ def load(
     trust_needed = sandbox is None or returns == "object"
     repo_dir = _repo_dir(
         repo_or_dir, source, trust_repo=trust_repo, trust_needed=trust_needed,
-        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation,
+        force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
         from ._isolation import run_isolated

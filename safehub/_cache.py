@@ -15,10 +15,12 @@ old tree, so a crash at any point leaves either a served tree with a true record
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -101,6 +103,7 @@ class CacheEntry:
     kind: str
     is_default_branch: bool
     archive_sha256: str
+    tree_sha256: str
     fetched_at: float
     folder: str
 
@@ -249,6 +252,7 @@ def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force:
             extract_dir = work / "extract"
             extract_dir.mkdir()
             tree = extract(archive_path, extract_dir)
+            tree_sha256 = tree_digest(tree)
             # The old record goes first: from here until the new one is written nothing is served.
             _remove_record(folder)
             if target.exists() or target.is_symlink():
@@ -263,6 +267,7 @@ def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force:
                 kind=resolved.kind,
                 is_default_branch=resolved.is_default_branch,
                 archive_sha256=archive_sha256,
+                tree_sha256=tree_sha256,
                 fetched_at=time.time(),
                 folder=folder,
             )
@@ -270,6 +275,32 @@ def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force:
             return entry
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every path, type, mode bit that matters and content below ``root``.
+
+    Recorded at install, so ``safehub cache verify`` can tell a tree changed since it was fetched.
+    """
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                digest.update(f"L {rel}\0{os.readlink(path)}\0".encode())
+                continue
+            digest.update(f"F {rel}\0{'x' if st.st_mode & 0o111 else '-'}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\0")
+        for name in dirnames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                digest.update(f"D {os.path.relpath(os.path.join(dirpath, name), root)}\0".encode())
+    return digest.hexdigest()
 
 
 def remove(entry: CacheEntry) -> None:

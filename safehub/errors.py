@@ -20,6 +20,7 @@ message.
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   └── HashMismatchError                 the sha256 does not match
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
+    ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
     ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
     │   ├── MissingDependenciesError          `dependencies` names modules that are not installed
@@ -117,6 +118,10 @@ class HashMismatchError(DownloadError):
 
 class ArchiveError(SafeHubError, ValueError):
     """A zip archive is corrupt, too large, or tries to escape its folder."""
+
+
+class LockFileError(SafeHubError, ValueError):
+    """A lock file is unreadable, or has no entry for a repository. Attributes: ``path``, ``repo``."""
 
 
 class UntrustedRepoError(SafeHubError, RuntimeError):

@@ -226,3 +226,33 @@ def test_missing_dependencies(make_repo):
     assert info.value.missing == ["no_such_mod_x", "no_such_y"]
     assert isinstance(info.value, RuntimeError)
 
+
+
+def test_lock_file_round_trip_and_tampering(repo, github, tmp_path):
+    from safehub import _api, _lockfile
+    from safehub.errors import HashMismatchError, LockFileError
+
+    key, pin = _api.pin("acme/models")
+    lock = tmp_path / "safehub.lock"
+    lock.write_text(_lockfile.dumps({key: pin}))
+    assert pin.commit_sha == repo.head_sha("main") and pin.ref == "main"
+
+    # The branch moves on; a locked load still gets the pinned commit, asking the API nothing.
+    repo.commit("v2", {"hubconf.py": hubconf("v2")})
+    github.clear_log()
+    assert load("acme/models", lock=lock, force_reload=True) == "v1"
+    assert github.requests("api") == []
+
+    # An archive that no longer matches its pin is refused; the old tree stays as it was.
+    tampered = {key: _lockfile.Pin(pin.ref, pin.commit_sha, "0" * 64)}
+    lock.write_text(_lockfile.dumps(tampered))
+    with pytest.raises(HashMismatchError, match="lock file pins"):
+        load("acme/models", lock=lock, force_reload=True)
+    entry = _cache.lookup(safehub._refs.parse("acme/models"))
+    assert entry is not None and entry.archive_sha256 == pin.archive_sha256
+
+    with pytest.raises(LockFileError, match="no entry for acme/models:main"):
+        load("acme/models:main", lock=lock)
+    lock.write_text("{not json")
+    with pytest.raises(LockFileError):
+        load("acme/models", lock=lock)
