@@ -1,1 +1,25 @@
-"""safehub: torch.hub, with the repository's code run in a locked-down worker."""
+"""safehub: torch.hub, with the option to run the repository's code in a locked-down worker.
+
+``import safehub as hub`` runs code written for ``torch.hub`` unchanged; ``isolate=True`` on
+``list``, ``help`` and ``load`` runs ``hubconf.py`` in a sandboxed process instead of this one.
+"""
+
+from ._api import help, list, load
+from ._cache import get_dir, set_dir
+from ._download import download_url_to_file, load_state_dict_from_url
+from ._sandbox import Sandbox
+from .errors import SafeHubError
+
+__all__ = [
+    "Sandbox",
+    "SafeHubError",
+    "download_url_to_file",
+    "get_dir",
+    "help",
+    "list",
+    "load",
+    "load_state_dict_from_url",
+    "set_dir",
+]
+
+__version__ = "0.1.0"
