@@ -200,6 +200,13 @@ def test_404(server, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_missing_folder_is_not_created(server, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        download_url_to_file(server.add("/f", Route(b"x")), str(tmp_path / "no" / "f.bin"), progress=False)
+    assert not (tmp_path / "no").exists()
+    assert server.hits["/f"] == 0
+
+
 def test_keyboard_interrupt_removes_the_partial_file(server, tmp_path, monkeypatch):
     def interrupted(response, out, **kwargs):
         out.write(b"half")
@@ -286,6 +293,13 @@ def test_file_name_must_be_plain(server, tmp_path, file_name):
         load_state_dict_from_url(url, model_dir=str(tmp_path / "m"), file_name=file_name, progress=False)
     assert server.hits["/net.pth"] == 0
     assert not (tmp_path / "evil.pth").exists()
+
+
+@pytest.mark.parametrize("file_name", ["net.pth.lock", "net.pth.1.abc.partial"])
+def test_file_names_of_safehub_files_are_reserved(server, tmp_path, file_name):
+    url = server.add("/net.pth", Route(checkpoint_bytes(state_dict())))
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        load_state_dict_from_url(url, model_dir=str(tmp_path), file_name=file_name, progress=False)
 
 
 def test_file_name_from_a_url_without_one(server, tmp_path):

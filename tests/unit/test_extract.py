@@ -32,14 +32,14 @@ def _info(name: str, mode: int | None = None, compress: int = zipfile.ZIP_DEFLAT
     return info
 
 
-def make_zip(path: Path, entries: list[tuple]) -> Path:
+def make_zip(path: Path, entries: list[tuple], compress: int = zipfile.ZIP_DEFLATED) -> Path:
     """Write ``entries`` — (name, data) or (name, data, unix_mode) — exactly as given."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns on the duplicate names we build on purpose
         with zipfile.ZipFile(path, "w") as zf:
             for entry in entries:
                 name, data, mode = (*entry, None)[:3]
-                zf.writestr(_info(name, mode), data)
+                zf.writestr(_info(name, mode, compress), data)
     return path
 
 
@@ -135,9 +135,7 @@ def test_truncated_zip(tmp_path):
 
 
 def test_crc_mismatch(tmp_path):
-    zip_path = tmp_path / "a.zip"
-    with zipfile.ZipFile(zip_path, "w") as zf:
-        zf.writestr(_info(f"{TOP}/data.bin", compress=zipfile.ZIP_STORED), b"A" * 100)
+    zip_path = make_zip(tmp_path / "a.zip", [(f"{TOP}/data.bin", b"A" * 100)], compress=zipfile.ZIP_STORED)
     patch_bytes(zip_path, b"A" * 100, b"A" * 50 + b"B" + b"A" * 49)
     (tmp_path / "dest").mkdir()
     with pytest.raises(ArchiveError, match=r"CRC.*data\.bin"):
@@ -290,6 +288,18 @@ def test_special_files(tmp_path, file_type):
 def test_symlink_out_of_the_tree(tmp_path, target):
     dest_dir = refused(tmp_path, [(f"{TOP}/pkg/", b""), link(f"{TOP}/evil", target)], match="evil")
     assert not (dest_dir / TOP / "evil").exists() and not (dest_dir / TOP / "evil").is_symlink()
+
+
+def test_symlink_target_too_long(tmp_path):
+    refused(tmp_path, [link(f"{TOP}/l", "a/" * 3000)], match="over 4096 bytes")
+
+
+def test_symlink_with_a_bad_crc(tmp_path):
+    zip_path = make_zip(tmp_path / "a.zip", [link(f"{TOP}/l", "targetAAA")], compress=zipfile.ZIP_STORED)
+    patch_bytes(zip_path, b"targetAAA", b"targetAAB")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ArchiveError, match="CRC"):
+        extract_zip(zip_path, tmp_path / "dest")
 
 
 def test_symlink_chain_that_climbs_out(tmp_path):
