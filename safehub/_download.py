@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import filelock
-import torch
 from tqdm import tqdm
 
 from . import _extract, _http, constants
@@ -171,6 +170,8 @@ def load_state_dict_from_url(
             _download(url, cached_file, _hash_prefix(filename, check_hash), progress)
         # Extracted under the lock, as torch.hub rewrites the extracted file on every call.
         load_path = _legacy_zip_extract(cached_file, model_path) if _is_legacy_zip_format(cached_file) else cached_file
+    import torch  # here, so `import safehub` (and the CLI) stays quick
+
     return torch.load(load_path, map_location=map_location, weights_only=weights_only)
 
 
