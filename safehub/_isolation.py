@@ -1,0 +1,450 @@
+"""Run a repository's hubconf.py in a worker process and bring the answer back (DESIGN 4).
+
+This is the parent's half: it starts ``safehub/_worker/main.py`` in a fresh interpreter, sends
+one request, reads one reply under the sandbox's deadline, and always leaves nothing behind: the
+whole process tree is killed and the scratch folder removed, in a ``finally``. Every byte from
+the worker is hostile: frames are checked by ``_protocol``, results by ``_results``, and the
+protocol's own errors become ``safehub.errors`` here, at one boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from . import _protocol
+from ._results import decode_object, decode_weights, map_sealed_memfd
+from ._sandbox import Sandbox, check_required, worker_environ
+from .errors import (
+    EntrypointNotFoundError,
+    HubconfError,
+    InvalidArgumentError,
+    MissingDependenciesError,
+    ProtocolError,
+    RemoteError,
+    ResultDecodeError,
+    SafeHubError,
+    SandboxError,
+    WorkerCrashedError,
+    WorkerError,
+    WorkerTimeoutError,
+)
+
+WORKER_MAIN = Path(__file__).resolve().parent / "_worker" / "main.py"
+ACTIONS = ("list", "help", "load")
+RETURNS = ("object", "weights")
+
+OUTPUT_CAP = 1024 * 1024  # bytes of each of stdout and stderr relayed per call
+OUTPUT_PREFIX = "[worker] "
+OUTPUT_TRUNCATED = "[worker output truncated]\n"
+EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
+MAX_PAYLOAD_BYTES = 1024**4  # a memfd is mapped lazily: this only bounds the address space
+MAX_INLINE_BYTES = 2 * 1024**3  # an inline payload is read into memory
+REPLY_LIMITS = _protocol.Limits(
+    max_header_bytes=4 * 1024 * 1024,
+    max_buffers=1,
+    max_buffer_bytes=MAX_INLINE_BYTES,
+    max_total_bytes=MAX_INLINE_BYTES,
+    max_fds=1,
+)
+_MAX_TEXT = 1024 * 1024
+_EXIT_MEANINGS = {
+    64: "the worker's command line was refused (a safehub bug)",
+    70: "the worker failed outside the repository's code (see its stderr above)",
+    71: "the worker's supervisor failed, or saw its parent gone",
+}
+
+
+def run_isolated(
+    repo_dir: Path,
+    action: str,
+    *,
+    model: str | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    returns: str = "object",
+    sandbox: Sandbox,
+) -> Any:
+    """Run ``list``, ``help`` or ``load`` for the hubconf.py in ``repo_dir`` in a worker.
+
+    Args:
+        repo_dir: the repository folder on disk (holds hubconf.py).
+        action: "list" -> list[str] of entrypoints; "help" -> the entrypoint's docstring
+            (str or None); "load" -> the entrypoint's result.
+        model: the entrypoint name (help and load).
+        args, kwargs: passed to the entrypoint (load). Pickled with cloudpickle in the parent.
+        returns: "object" -> the result itself, unpickled here (runs the repository's code:
+            trusted repositories only); "weights" -> dict[str, torch.Tensor] parsed as data,
+            never unpickled.
+        sandbox: the limits (``Sandbox``).
+
+    Raises:
+        HubconfError, MissingDependenciesError, EntrypointNotFoundError: as torch.hub would.
+        RemoteError: the repository's code raised; ``remote_traceback`` holds the traceback.
+        WorkerTimeoutError, WorkerCrashedError, ProtocolError, ResultDecodeError, SandboxError.
+
+    Example::
+
+        names = run_isolated(repo_dir, "list", sandbox=Sandbox())
+        state = run_isolated(repo_dir, "load", model="resnet18", returns="weights", sandbox=Sandbox())
+    """
+    repo_dir = _check_call(repo_dir, action, model, returns, sandbox)
+    request = {"action": action, "model": model, "returns": returns}
+    buffers = [_dump_args(args, kwargs or {})] if action == "load" and (args or kwargs) else []
+    with _Worker(repo_dir, sandbox) as worker:
+        worker.send(request, buffers)
+        frame = worker.receive()
+        try:
+            worker.finish()  # the whole answer is in: let the worker flush its output and exit
+            return _interpret(frame, action, model, returns, repo_dir)
+        finally:
+            frame.close_fds()
+
+
+def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sandbox: Sandbox) -> Path:
+    if action not in ACTIONS:
+        raise InvalidArgumentError(f"action must be one of {ACTIONS}, not {action!r}")
+    if returns not in RETURNS:
+        raise InvalidArgumentError(f'returns must be "object" or "weights", not {returns!r}')
+    if action != "list" and not isinstance(model, str):
+        raise InvalidArgumentError("Invalid input: model should be a string of function name")
+    if not isinstance(sandbox, Sandbox):
+        raise InvalidArgumentError(f"sandbox must be a safehub.Sandbox, not {type(sandbox).__name__}")
+    check_required(sandbox)
+    repo_dir = Path(repo_dir).resolve()
+    if not (repo_dir / "hubconf.py").is_file():
+        # Said here, without starting a worker; the worker checks again (the folder may change).
+        raise HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+    return repo_dir
+
+
+def _dump_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    import cloudpickle
+
+    try:
+        # cloudpickle: a lambda or a class from the caller's __main__ goes by value.
+        return cloudpickle.dumps((tuple(args), dict(kwargs)), protocol=5)
+    except Exception as exc:
+        raise InvalidArgumentError(f"the entrypoint's arguments cannot be pickled: {exc}") from exc
+
+
+class _Worker:
+    """One worker process: started on enter; on exit killed with its whole tree, scratch removed."""
+
+    def __init__(self, repo_dir: Path, sandbox: Sandbox) -> None:
+        self.repo_dir = repo_dir
+        self.sandbox = sandbox
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.relays: list[_Relay] = []
+        self.scratch_dir: Path | None = None
+        self.deadline = 0.0
+
+    def __enter__(self) -> _Worker:
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cleanup()
+
+    def _start(self) -> None:
+        # mkdtemp makes it 0700: other local users cannot read or plant files in the scratch.
+        self.scratch_dir = Path(tempfile.mkdtemp(prefix="safehub-worker-"))
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            settings = {
+                **self.sandbox.to_settings(),
+                "repo_dir": str(self.repo_dir),
+                "scratch_dir": str(self.scratch_dir),
+                "applied_by_parent": ["env_scrub"],
+            }
+            argv = [
+                sys.executable, "-I", "-B", str(WORKER_MAIN),
+                "--channel-fd", str(child.fileno()),
+                "--repo-dir", str(self.repo_dir),
+                "--parent-pid", str(os.getpid()),
+                "--settings", json.dumps(settings),
+            ]  # fmt: skip
+            # -B: a worker never writes .pyc files into the shared repository cache.
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                pass_fds=(child.fileno(),),
+                start_new_session=True,  # no controlling terminal, no signals from the caller's group
+                env=worker_environ(self.sandbox, str(self.scratch_dir)),
+                cwd=self.scratch_dir,
+            )
+        except OSError as exc:
+            raise WorkerError(f"could not start the worker: {exc}") from exc
+        finally:
+            child.close()
+        self.deadline = time.monotonic() + self.sandbox.timeout
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.relays = [_Relay(self.proc.stdout, sys.stdout), _Relay(self.proc.stderr, sys.stderr)]
+        for relay in self.relays:
+            relay.start()
+
+    def send(self, fields: dict[str, Any], buffers: list[bytes]) -> None:
+        assert self.sock is not None
+        with self._protocol_errors():
+            _protocol.send_frame(self.sock, _protocol.REQUEST, fields, buffers, deadline=self.deadline)
+
+    def receive(self) -> _protocol.Frame:
+        assert self.sock is not None
+        with self._protocol_errors():
+            return _protocol.recv_frame(self.sock, deadline=self.deadline, limits=REPLY_LIMITS)
+
+    @contextlib.contextmanager
+    def _protocol_errors(self) -> Iterator[None]:
+        """The one place protocol errors become safehub errors."""
+        try:
+            yield
+        except _protocol.FrameTimeout:
+            raise WorkerTimeoutError(
+                f"the worker ran past its time limit of {self.sandbox.timeout:g} s and was killed",
+                timeout=self.sandbox.timeout,
+            ) from None
+        except _protocol.FrameEOF as exc:
+            raise self._hung_up(exc) from None
+        except _protocol.FrameError as exc:
+            raise ProtocolError(f"the worker's reply breaks the protocol: {exc}") from None
+
+    def _hung_up(self, exc: Exception) -> WorkerError:
+        """The channel closed: name how the worker ended, if it ends within the grace period."""
+        assert self.proc is not None
+        grace = max(0.05, min(EXIT_GRACE_S, self.deadline - time.monotonic()))
+        try:
+            code = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return ProtocolError(f"the worker closed the channel without answering ({exc})")
+        return crashed_error(code)
+
+    def finish(self) -> None:
+        """After an answer: let the worker exit by itself (its supervisor reaps the tree)."""
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=EXIT_GRACE_S)
+
+    def _cleanup(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None:
+            # poll() reaps an exited worker; only a live (unreaped) pid is ours to kill.
+            if self.proc.poll() is None:
+                kill_process_tree(self.proc.pid)
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
+            self.proc.wait()
+        for relay in self.relays:
+            relay.join(timeout=EXIT_GRACE_S)
+        if self.scratch_dir is not None:
+            remove_tree(self.scratch_dir)
+
+
+def crashed_error(returncode: int) -> WorkerCrashedError:
+    """WorkerCrashedError for a Popen returncode (negative: killed by that signal)."""
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        hint = " (out of memory, or killed from outside)" if name == "SIGKILL" else ""
+        message = f"the worker died of {name}({returncode}){hint} before answering"
+        return WorkerCrashedError(message, exit_code=returncode, signal_name=name)
+    meaning = _EXIT_MEANINGS.get(returncode)
+    message = f"the worker exited with code {returncode} before answering"
+    return WorkerCrashedError(f"{message}: {meaning}" if meaning else message, exit_code=returncode, signal_name=None)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def kill_process_tree(pid: int) -> None:
+    """Stop then kill every descendant of ``pid`` until none is left, then ``pid`` itself."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for _ in range(500):
+        try:
+            alive = [p for p in root.children(recursive=True) if _is_alive(p)]
+        except psutil.NoSuchProcess:
+            break
+        if not alive:
+            break
+        for action in ("suspend", "kill"):  # stopped first, so none forks while we go round
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    getattr(proc, action)()
+        time.sleep(0.01)
+    with contextlib.suppress(psutil.Error):
+        root.kill()
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def remove_tree(path: Path) -> None:
+    """Remove the scratch folder, even where the worker took permissions away (never follows links)."""
+    for top, dirs, _ in os.walk(path):
+        for name in dirs:
+            child = os.path.join(top, name)
+            if not os.path.islink(child):
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _Relay(threading.Thread):
+    """Copy one of the worker's pipes to the caller's stream, line by line, marked and capped."""
+
+    def __init__(self, pipe: IO[bytes], target: IO[str] | None, cap: int = OUTPUT_CAP) -> None:
+        super().__init__(name="safehub-worker-output", daemon=True)
+        self.pipe = pipe
+        self.target = target
+        self.cap = cap
+
+    def run(self) -> None:
+        written = 0
+        at_line_start = True
+        try:
+            while chunk := self.pipe.readline(64 * 1024):
+                if self.target is None or written > self.cap:
+                    continue  # keep draining, so the worker never blocks on a full pipe
+                if written + len(chunk) > self.cap:
+                    written = self.cap + 1
+                    self._write(("\n" if not at_line_start else "") + OUTPUT_TRUNCATED)
+                    continue
+                written += len(chunk)
+                text = chunk.decode("utf-8", "replace")
+                self._write((OUTPUT_PREFIX if at_line_start else "") + text)
+                at_line_start = chunk.endswith(b"\n")
+            if not at_line_start and written <= self.cap:
+                self._write("\n")
+        finally:
+            self.pipe.close()
+
+    def _write(self, text: str) -> None:
+        if self.target is None:
+            return
+        try:
+            self.target.write(text)
+            self.target.flush()
+        except Exception:
+            self.target = None  # the caller's stream went away: drain silently
+
+
+def _interpret(frame: _protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path) -> Any:
+    """Check the reply against the request and decode it; nothing in it is executed but an object result."""
+    if frame.kind == _protocol.ERROR:
+        raise _remote_failure(frame.fields, model, repo_dir)
+    if frame.kind != _protocol.RESULT:
+        raise ProtocolError(f"the worker sent a {frame.kind!r} frame, expected a result")
+    fields = frame.fields
+    if fields.get("action") != action:
+        raise ProtocolError(f"the worker answered {fields.get('action')!r} to a {action!r} request")
+    if action in ("list", "help") and (frame.buffers or frame.fds):
+        raise ProtocolError(f"the worker's {action} answer carries unexpected data")
+    if action == "list":
+        names = fields.get("entrypoints")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError("the worker's entrypoint list is not a list of str")
+        return names
+    if action == "help":
+        doc = fields.get("doc")
+        if doc is not None and not isinstance(doc, str):
+            raise ProtocolError("the worker's docstring is not a str")
+        return doc
+    if fields.get("returns") != returns:
+        # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
+        raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
+    payload = _payload(frame)
+    if returns == "weights":
+        # Tensors are views on the private mapping, which lives as long as they do.
+        return decode_weights(payload)
+    try:
+        return decode_object(payload)
+    finally:
+        if hasattr(payload, "close"):
+            payload.close()
+
+
+def _payload(frame: _protocol.Frame) -> Any:
+    fields = frame.fields
+    size, transport = fields.get("size"), fields.get("transport")
+    if type(size) is not int or size < 0:
+        raise ProtocolError(f"the worker's result size {size!r} is not a count of bytes")
+    if transport == "memfd" and len(frame.fds) == 1 and not frame.buffers:
+        mapped = map_sealed_memfd(frame.fds[0], max_bytes=MAX_PAYLOAD_BYTES)
+        if len(mapped) != size:
+            mapped.close()
+            raise ResultDecodeError(f"the worker's memfd holds {len(mapped)} bytes, not the {size} announced")
+        return mapped
+    if transport == "inline" and len(frame.buffers) == 1 and not frame.fds:
+        if len(frame.buffers[0]) != size:
+            raise ResultDecodeError(f"the worker's result holds {len(frame.buffers[0])} bytes, not {size}")
+        return frame.buffers[0]
+    raise ProtocolError(f"the worker's result transport {transport!r} does not match what came with it")
+
+
+def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -> SafeHubError:
+    category = fields.get("error")
+    message, remote_type = _text(fields.get("message")), _text(fields.get("type"))
+    remote_traceback = _text(fields.get("traceback"))
+    if category == "hubconf_missing":
+        return HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+    if category == "missing_dependencies":
+        missing = fields.get("missing")
+        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+            return ProtocolError("the worker's list of missing dependencies is not a list of str")
+        return MissingDependenciesError(f"Missing dependencies: {', '.join(missing)}", missing=missing)
+    if category == "entrypoint_not_found":
+        return EntrypointNotFoundError(f"Cannot find callable {model} in hubconf", model=model)
+    if category == "exception":
+        phase = fields.get("phase")
+        where = {
+            "import": "hubconf.py raised while being imported",
+            "arguments": "the worker could not unpickle the entrypoint's arguments",
+            "call": f"the entrypoint {model!r} raised",
+        }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        return RemoteError(
+            f"{where}: {remote_type}: {message}",
+            remote_type=remote_type,
+            remote_traceback=remote_traceback,
+        )
+    if category == "bad_result":
+        return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
+    if category == "sandbox":
+        return SandboxError(message, layer=_text(fields.get("layer")))
+    return ProtocolError(f"the worker sent an error of unknown category {category!r}")
+
+
+def _text(value: Any) -> str:
+    return value[:_MAX_TEXT] if isinstance(value, str) else ""

@@ -1,0 +1,98 @@
+"""Sandbox(...) validation and the worker's environment allow-list."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from safehub._sandbox import KNOWN_LAYERS, Sandbox, check_required, worker_environ
+from safehub.errors import InvalidArgumentError, SandboxError
+
+
+def test_defaults_and_settings_are_json():
+    sandbox = Sandbox()
+    assert sandbox.timeout == 300 and sandbox.memory_limit == 8 * 1024**3 and sandbox.network is False
+    assert json.loads(json.dumps(sandbox.to_settings())) == sandbox.to_settings()
+
+
+def test_frozen_and_keyword_only():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Sandbox().timeout = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Sandbox(30)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 0},
+        {"timeout": -1},
+        {"timeout": float("inf")},
+        {"timeout": float("nan")},
+        {"timeout": "10"},
+        {"timeout": True},
+        {"memory_limit": 1024},
+        {"memory_limit": 1.5e9},
+        {"cpu_time": 0},
+        {"max_processes": 0},
+        {"max_open_files": 3},
+        {"max_file_size": 0},
+        {"network": "no"},
+        {"extra_read_paths": "/data"},
+        {"extra_read_paths": ("relative/path",)},
+        {"env": "HF_HOME"},
+        {"env": ("NOT-A-NAME",)},
+        {"env": ("GITHUB_TOKEN",)},
+        {"require": ("landlocks",)},
+    ],
+)
+def test_bad_values_are_value_errors(kwargs):
+    with pytest.raises(InvalidArgumentError) as info:
+        Sandbox(**kwargs)
+    assert isinstance(info.value, ValueError)
+    assert next(iter(kwargs)) in str(info.value)
+
+
+def test_lists_become_tuples():
+    sandbox = Sandbox(env=["HF_HOME"], extra_read_paths=["/data/../data"], require=["session"])
+    assert sandbox.env == ("HF_HOME",) and sandbox.extra_read_paths == ("/data",) and sandbox.require == ("session",)
+
+
+def test_unavailable_required_layer_is_a_sandbox_error():
+    assert "seccomp" in KNOWN_LAYERS
+    check_required(Sandbox(require=("session", "env_scrub")))
+    with pytest.raises(SandboxError) as info:
+        check_required(Sandbox(require=("seccomp",)))
+    assert info.value.layer == "seccomp"
+
+
+def test_environment_allow_list():
+    parent = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+        "OMP_NUM_THREADS": "2",
+        "GITHUB_TOKEN": "ghp_secret",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_ACCESS_KEY_ID": "id",
+        "HF_TOKEN": "hf_secret",
+        "HOME": "/root",
+        "LD_PRELOAD": "/evil.so",
+        "PYTHONPATH": "/somewhere",
+        "HTTPS_PROXY": "http://user:pw@proxy",
+        "HF_HOME": "/cache/hf",
+    }
+    env = worker_environ(Sandbox(), "/scratch", parent)
+    assert env == {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+        "OMP_NUM_THREADS": "2",
+        "HOME": "/scratch",
+        "TMPDIR": "/scratch",
+    }
+    assert worker_environ(Sandbox(env=("HF_HOME",)), "/s", parent)["HF_HOME"] == "/cache/hf"
