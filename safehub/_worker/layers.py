@@ -1,0 +1,278 @@
+"""What each sandbox layer can do on this machine, found cheaply; feeds ``safehub doctor``.
+
+Standard library only. The sibling layer modules are loaded by file path (this file is loaded
+by path too, so no package-relative import is possible). Probes that must *apply* something
+(a user namespace) do it in a forked child that exits at once, so the calling process is never
+changed.
+
+``probe()`` returns ``{layer: {"available": bool, "detail": str}}`` for the layers of
+DESIGN section 5: session, namespaces, bubblewrap, landlock, seccomp, rlimits, uid_drop,
+env_scrub. A layer that is not needed here (uid_drop when not running as root) is reported
+unavailable with the reason in ``detail``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import warnings
+
+__all__ = ["LAYERS", "load_layer", "probe"]
+
+LAYERS = ("session", "namespaces", "bubblewrap", "landlock", "seccomp", "rlimits", "uid_drop", "env_scrub")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_layer(name: str):
+    """Load a sibling layer module (``landlock``, ``seccomp``, ``namespaces``, ``limits``) by
+    path, under a private name, once."""
+    modname = f"_safehub_layer_{name}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, os.path.join(_HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[modname]
+        raise
+    return module
+
+
+def _in_child(fn, timeout: float = 5.0) -> tuple[bool, str]:
+    """Run ``fn()`` in a forked child; (True, "") if it returned, else (False, the error)."""
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            fn()
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported, not handled
+            try:
+                os.write(w, f"{type(exc).__name__}: {exc}".encode()[:500])
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return ok, b"".join(chunks).decode(errors="replace")
+
+
+def _linux() -> bool:
+    return sys.platform.startswith("linux")
+
+
+def _probe_session() -> dict:
+    if not _linux():
+        return {"available": False, "detail": "needs Linux (prctl)"}
+
+    def session() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        os.setsid()
+        for option, arg, name in ((1, 9, "PR_SET_PDEATHSIG"), (36, 1, "PR_SET_CHILD_SUBREAPER")):
+            if libc.prctl(option, arg, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), name)
+
+    ok, err = _in_child(session)
+    if not ok:
+        return {"available": False, "detail": f"session setup failed: {err}"}
+    return {
+        "available": True,
+        "detail": "setsid, PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, close fds but the result channel",
+    }
+
+
+def _probe_namespaces() -> dict:
+    if not _linux():
+        return {"available": False, "detail": "needs Linux"}
+    ns = load_layer("namespaces")
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            max_ns = int(f.read())
+    except (OSError, ValueError):
+        max_ns = -1
+    if max_ns == 0:
+        return {"available": False, "detail": "user.max_user_namespaces is 0: user namespaces disabled"}
+    ok, err = _in_child(lambda: ns.enter(user=True, net=True, ipc=True, pid=True, mount=True))
+    if ok:
+        return {"available": True, "detail": "unprivileged user+net+ipc+pid+mount namespaces work (unshare in a fork)"}
+    if os.geteuid() == 0:
+        ok_root, err_root = _in_child(lambda: ns.enter(user=False, net=True, ipc=True, pid=True, mount=True))
+        if ok_root:
+            return {"available": True, "detail": f"net+ipc+pid+mount as root only; user namespace failed: {err}"}
+    return {"available": False, "detail": f"unshare failed: {err}"}
+
+
+def _probe_bubblewrap() -> dict:
+    path = shutil.which("bwrap")
+    if path is None:
+        return {"available": False, "detail": "bwrap not found on PATH (apt install bubblewrap)"}
+    ns = load_layer("namespaces")
+    feats = ns.bwrap_features(path)
+    version = feats.get("version", "?")
+    argv = [path, "--ro-bind", "/", "/", "--unshare-user", "--unshare-net", "--unshare-pid",
+            "--proc", "/proc", "--dev", "/dev", "--die-with-parent", "--", "true"]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"available": False, "detail": f"bwrap {version} at {path} did not run: {exc}"}
+    if res.returncode != 0:
+        return {"available": False, "detail": f"bwrap {version} at {path} failed: {res.stderr.strip()[:300]}"}
+    setuid = bool(os.stat(path).st_mode & stat.S_ISUID)
+    mode = "as root (drop inside via setpriv)" if os.geteuid() == 0 else "unprivileged (user namespace)"
+    return {"available": True, "detail": f"bwrap {version} at {path}{' (setuid)' if setuid else ''}, {mode}"}
+
+
+def _probe_landlock() -> dict:
+    ll = load_layer("landlock")
+    abi = ll.abi_version()
+    if abi <= 0:
+        return {"available": False, "detail": "Landlock unsupported (kernel < 5.13, not enabled at boot, or not Linux)"}
+    parts = ["filesystem"]
+    if abi >= 4:
+        parts.append("TCP bind/connect")
+    if abi >= 6:
+        parts.append("signal and abstract-unix scoping")
+    missing = []
+    if abi < 2:
+        missing.append("REFER")
+    if abi < 3:
+        missing.append("TRUNCATE")
+    if abi < 4:
+        missing.append("TCP")
+    if abi < 5:
+        missing.append("IOCTL_DEV")
+    if abi < 6:
+        missing.append("scopes")
+    detail = f"ABI {abi}: " + ", ".join(parts)
+    if missing:
+        detail += "; not handled: " + ", ".join(missing)
+    return {"available": True, "detail": detail}
+
+
+def _probe_seccomp() -> dict:
+    sc = load_layer("seccomp")
+    if not sc.supported():
+        import platform
+
+        return {"available": False, "detail": f"no syscall table for {platform.machine()} (x86_64, aarch64 only)"}
+    mode = sc.current_mode()
+    if mode < 0:
+        return {"available": False, "detail": "kernel built without seccomp"}
+    if not sc.action_available(sc.SECCOMP_RET_ERRNO):
+        return {"available": False, "detail": "seccomp filter mode unavailable"}
+    kill = "KILL_PROCESS" if sc.action_available(sc.SECCOMP_RET_KILL_PROCESS) else "KILL_THREAD"
+    already = " (this process is already filtered)" if mode == 2 else ""
+    import platform
+
+    return {"available": True, "detail": f"filter mode on {platform.machine()}, {kill}{already}"}
+
+
+def _probe_rlimits() -> dict:
+    try:
+        import resource  # noqa: F401
+    except ImportError:
+        return {"available": False, "detail": "no resource module"}
+    if os.geteuid() == 0:
+        return {"available": True, "detail": "AS, CPU, NOFILE, FSIZE, CORE; NPROC binds only after a uid drop (uid 0 is exempt)"}
+    return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE"}
+
+
+def _blocking_ancestor(path: str, uid: int, gid: int) -> str | None:
+    """The first folder on the way to ``path`` that ``uid`` cannot traverse, by mode bits."""
+    path = os.path.realpath(path)
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        d = "/".join(parts[:i]) or "/"
+        try:
+            st = os.stat(d)
+        except OSError:
+            return d
+        if not stat.S_ISDIR(st.st_mode):
+            break
+        if st.st_uid == uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == gid:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return d
+    return None
+
+
+def _probe_uid_drop(target_uid: int = 65534) -> dict:
+    if not _linux():
+        return {"available": False, "detail": "needs Linux"}
+    if os.geteuid() != 0:
+        return {"available": False, "detail": f"not needed: running as uid {os.geteuid()}, RLIMIT_NPROC binds"}
+    lim = load_layer("limits")
+    ok, err = _in_child(lambda: lim.drop_privileges(target_uid))
+    if not ok:
+        return {"available": False, "detail": f"drop to {target_uid} failed: {err}"}
+    blocked = _blocking_ancestor(sys.base_prefix, target_uid, target_uid)
+    if blocked:
+        return {
+            "available": True,
+            "detail": f"root can drop to uid {target_uid}; the interpreter is behind {blocked}, which uid "
+            f"{target_uid} cannot traverse: drop inside bwrap or after namespaces.hide_and_rebind",
+        }
+    return {"available": True, "detail": f"root can drop to uid {target_uid}; the interpreter is readable by it"}
+
+
+def _probe_env_scrub() -> dict:
+    return {"available": True, "detail": "allow-listed environment; HOME and TMPDIR in scratch (pure Python)"}
+
+
+_PROBES = {
+    "session": _probe_session,
+    "namespaces": _probe_namespaces,
+    "bubblewrap": _probe_bubblewrap,
+    "landlock": _probe_landlock,
+    "seccomp": _probe_seccomp,
+    "rlimits": _probe_rlimits,
+    "uid_drop": _probe_uid_drop,
+    "env_scrub": _probe_env_scrub,
+}
+
+
+def probe(layers=LAYERS) -> dict:
+    """``{layer: {"available": bool, "detail": str}}`` for the requested layers.
+
+    A probe that fails unexpectedly reports the layer unavailable with the error, never raises.
+    """
+    out = {}
+    for name in layers:
+        try:
+            out[name] = _PROBES[name]()
+        except Exception as exc:  # noqa: BLE001 - a doctor reports, it does not crash
+            out[name] = {"available": False, "detail": f"probe failed: {type(exc).__name__}: {exc}"}
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - manual check
+    import json
+
+    print(json.dumps(probe(), indent=2))
