@@ -8,11 +8,10 @@ once and costs nothing.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _extract, _github, _lockfile, _refs, _trust, constants
+from . import _cache, _extract, _github, _lockfile, _log, _refs, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
@@ -92,8 +91,7 @@ def _fetch(
     if not force_reload:
         entry = cached()
         if entry is not None:
-            if verbose:
-                sys.stderr.write(f"Using cache found in {entry.repo_dir}\n")
+            _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
             return entry
     if constants.SAFEHUB_OFFLINE:
         raise OfflineError(
@@ -109,8 +107,11 @@ def _fetch(
 
     def fetch(out: Any) -> tuple[int, str]:
         url = _github.archive_url(resolved.owner, resolved.repo, resolved.commit_sha)
-        sys.stderr.write(f'Downloading: "{url}" to {_cache.get_dir()}\n')
-        size, sha256 = _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out)
+        # torch.hub prints this line whatever `verbose` says; only the bar follows `verbose`.
+        _log.info(f'Downloading: "{url}" to {_cache.get_dir()}')
+        with _log.progress(str(repo_ref), verbose=verbose) as on_chunk:
+            size, sha256 = _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out,
+                                                    on_chunk=on_chunk)
         if pin is not None and sha256 != pin.archive_sha256:
             raise HashMismatchError(
                 f"The archive of {repo_ref} at {pin.commit_sha[:12]} has sha256 {sha256}, but the "

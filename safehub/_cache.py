@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -32,11 +31,9 @@ from typing import Any, BinaryIO
 
 import filelock
 
-from . import constants
+from . import _log, constants
 from ._refs import RepoRef, ResolvedRef
 from .errors import SafeHubError
-
-logger = logging.getLogger("safehub")
 
 _hub_dir: str | None = None
 
@@ -170,8 +167,8 @@ def locked(name: str) -> Iterator[None]:
             lock.acquire(timeout=constants.LOCK_LOG_EVERY_S)
             break
         except filelock.Timeout:
-            logger.info("Still waiting for the lock on %s (%.0f s); another process is downloading it.",
-                        name, time.monotonic() - started)
+            _log.info(f"Still waiting for the lock on {name} ({time.monotonic() - started:.0f} s); "
+                      "another process is downloading it.")
     try:
         yield
     finally:

@@ -1,0 +1,8 @@
+"""``python -m safehub``: the same as the ``safehub`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
