@@ -7,7 +7,7 @@
 from ._api import help, list, load
 from ._cache import get_dir, set_dir
 from ._download import download_url_to_file, load_state_dict_from_url
-from ._sandbox import Sandbox
+from ._sandbox import Sandbox, sandbox_report
 from .errors import SafeHubError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "list",
     "load",
     "load_state_dict_from_url",
+    "sandbox_report",
     "set_dir",
 ]
 

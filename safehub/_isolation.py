@@ -25,9 +25,9 @@ from typing import IO, Any
 
 import psutil
 
-from . import _protocol
+from . import _launcher, _log, _protocol
 from ._results import decode_object, decode_weights, map_sealed_memfd
-from ._sandbox import Sandbox, check_required, worker_environ
+from ._sandbox import Sandbox, worker_environ
 from .errors import (
     EntrypointNotFoundError,
     HubconfError,
@@ -43,7 +43,6 @@ from .errors import (
     WorkerTimeoutError,
 )
 
-WORKER_MAIN = Path(__file__).resolve().parent / "_worker" / "main.py"
 ACTIONS = ("list", "help", "load")
 RETURNS = ("object", "weights")
 
@@ -109,9 +108,26 @@ def run_isolated(
         frame = worker.receive()
         try:
             worker.finish()  # the whole answer is in: let the worker flush its output and exit
+            _report_missing_layers(frame.fields.get("sandbox"))
             return _interpret(frame, action, model, returns, repo_dir)
         finally:
             frame.close_fds()
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_missing_layers(report: Any) -> None:
+    """Warn, once per process and layer, about a layer the machine could not apply."""
+    missing = report.get("missing") if isinstance(report, dict) else None
+    if not isinstance(missing, dict):
+        return
+    for name, reason in missing.items():
+        if not isinstance(name, str) or not isinstance(reason, str) or "switched off" in reason:
+            continue
+        if (name, reason) not in _reported:
+            _reported.add((name, reason))
+            _log.warning(f"sandbox layer {name[:40]} is not active on this machine: {reason[:300]} (see `safehub doctor`)")
 
 
 def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sandbox: Sandbox) -> Path:
@@ -123,7 +139,6 @@ def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sa
         raise InvalidArgumentError("Invalid input: model should be a string of function name")
     if not isinstance(sandbox, Sandbox):
         raise InvalidArgumentError(f"sandbox must be a safehub.Sandbox, not {type(sandbox).__name__}")
-    check_required(sandbox)
     repo_dir = Path(repo_dir).resolve()
     if not (repo_dir / "hubconf.py").is_file():
         # Said here, without starting a worker; the worker checks again (the folder may change).
@@ -152,6 +167,7 @@ class _Worker:
         self.relays: list[_Relay] = []
         self.scratch_dir: Path | None = None
         self.deadline = 0.0
+        self.wrapped = False  # bubblewrap reports a death by signal N as exit code 128 + N
 
     def __enter__(self) -> _Worker:
         try:
@@ -175,14 +191,12 @@ class _Worker:
                 "scratch_dir": str(self.scratch_dir),
                 "applied_by_parent": ["env_scrub"],
             }
-            argv = [
-                sys.executable, "-I", "-B", str(WORKER_MAIN),
-                "--channel-fd", str(child.fileno()),
-                "--repo-dir", str(self.repo_dir),
-                "--parent-pid", str(os.getpid()),
-                "--settings", json.dumps(settings),
-            ]  # fmt: skip
+            if os.geteuid() == 0 and "uid_drop" in settings["layers"]:
+                # The worker drops to this uid before the repository runs: its HOME must be its own.
+                os.chown(self.scratch_dir, _launcher.UNPRIVILEGED_UID, _launcher.UNPRIVILEGED_UID)
             # -B: a worker never writes .pyc files into the shared repository cache.
+            argv, by_launch = _launcher.worker_argv(settings, child.fileno())
+            self.wrapped = "bubblewrap" in by_launch
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -237,6 +251,8 @@ class _Worker:
             code = self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             return ProtocolError(f"the worker closed the channel without answering ({exc})")
+        if self.wrapped and 128 < code < 128 + 65:
+            code = 128 - code
         return crashed_error(code)
 
     def finish(self) -> None:

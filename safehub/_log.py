@@ -44,6 +44,11 @@ def info(msg: str, *, verbose: bool = True) -> None:
             pass  # a closed or broken stderr must not fail a load
 
 
+def warning(msg: str) -> None:
+    """Log ``msg`` at WARNING on ``"safehub"``; with logging unconfigured, Python's last-resort handler shows it."""
+    logger.warning(msg)
+
+
 def _is_terminal(stream: object) -> bool:
     try:
         return bool(stream is not None and stream.isatty())  # type: ignore[attr-defined]

@@ -1,12 +1,9 @@
 """Sandbox settings for an isolated call, and the environment a worker may see.
 
-What is enforced today: the wall-clock ``timeout`` (the whole process tree is killed), the
-environment allow-list (``env``), a private scratch folder for cwd, HOME and TMPDIR, every file
-descriptor but the result channel and stdio closed, and caps on the worker's output. Every other
-limit (``memory_limit``, ``cpu_time``, ``max_processes``, ``max_open_files``, ``max_file_size``,
-``network``, ``extra_read_paths``) is validated and recorded, travels to the worker in its
-settings, and is enforced from the sandbox layers on (namespaces, Landlock, seccomp, rlimits);
-until then ``require`` names only the layers that exist.
+A ``Sandbox`` is plain data: it is validated here, travels to the worker as JSON
+(``to_settings``), and the worker applies it (``safehub/_worker/confine.py``). The parent applies
+its own share: the environment allow-list (``worker_environ``), the private scratch folder, the
+wall-clock timeout and the whole-tree kill (``safehub/_isolation.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +17,12 @@ from typing import Any
 
 from .errors import InvalidArgumentError, SandboxError
 
-# Every layer a Sandbox can ask for, by name (DESIGN 5; the names of safehub/_worker/layers.py),
-# and those applied today: "session" by the worker (confine.py), "env_scrub" by the parent.
-KNOWN_LAYERS = ("session", "namespaces", "bubblewrap", "landlock", "seccomp", "rlimits", "uid_drop", "env_scrub")
-ACTIVE_LAYERS = ("session", "env_scrub")
+# Every layer by name (DESIGN 5; the names of safehub/_worker/layers.py). The first two are
+# always on; the others are applied wherever the machine allows, unless Sandbox(layers=...)
+# narrows them (to measure or test a degraded machine).
+ALWAYS_ON_LAYERS = ("session", "env_scrub")
+OPTIONAL_LAYERS = ("namespaces", "bubblewrap", "landlock", "seccomp", "rlimits", "uid_drop")
+KNOWN_LAYERS = ALWAYS_ON_LAYERS + OPTIONAL_LAYERS
 
 # Environment variables a worker inherits: locale, time zone, search path and thread counts.
 ALLOWED_ENV = (
@@ -66,6 +65,10 @@ class Sandbox:
             :data:`ALLOWED_ENV`). Enforced. ``GITHUB_TOKEN`` is never passed.
         require: layer names (:data:`KNOWN_LAYERS`) that must be active; a call fails with
             :class:`~safehub.errors.SandboxError` rather than run with fewer.
+        layers: None (default) applies every layer this machine offers. A tuple of
+            :data:`OPTIONAL_LAYERS` applies only those (the always-on layers stay): for
+            testing and measuring a degraded machine, e.g. ``layers=("landlock", "seccomp",
+            "rlimits", "uid_drop")`` for a machine without user namespaces.
 
     Example::
 
@@ -82,6 +85,7 @@ class Sandbox:
     extra_read_paths: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     require: tuple[str, ...] = ()
+    layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive_number("timeout", self.timeout)
@@ -95,30 +99,52 @@ class Sandbox:
             raise InvalidArgumentError(f"Sandbox(network=...) must be True or False, not {self.network!r}")
         object.__setattr__(self, "extra_read_paths", _read_paths(self.extra_read_paths))
         object.__setattr__(self, "env", _env_names(self.env))
-        object.__setattr__(self, "require", _layers(self.require))
+        object.__setattr__(self, "require", _layers("require", self.require, KNOWN_LAYERS))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers("layers", self.layers, OPTIONAL_LAYERS))
+            off = [name for name in self.require if name not in self.layers + ALWAYS_ON_LAYERS]
+            if off:
+                raise InvalidArgumentError(
+                    f"Sandbox(require=...) asks for {', '.join(off)}, which Sandbox(layers=...) switches off"
+                )
+
+    def wanted_layers(self) -> tuple[str, ...]:
+        """The layers to apply where available (always-on ones included)."""
+        return ALWAYS_ON_LAYERS + (OPTIONAL_LAYERS if self.layers is None else self.layers)
 
     def to_settings(self) -> dict[str, Any]:
         """The JSON-able settings the worker receives (and the sandbox layers will read)."""
         settings = asdict(self)
         for name in ("extra_read_paths", "env", "require"):
             settings[name] = list(settings[name])
+        settings["layers"] = list(self.wanted_layers())
         return settings
 
 
-def missing_layers(sandbox: Sandbox, active: tuple[str, ...] = ACTIVE_LAYERS) -> list[str]:
-    """Required layers this build cannot apply."""
-    return [name for name in sandbox.require if name not in active]
+def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
+    """Which sandbox layers an isolated call gets on this machine, and why the others are missing.
 
+    Returns ``{layer: {"active": bool, "available": bool, "detail": str}}`` for every layer of
+    :data:`KNOWN_LAYERS`: ``available`` says what the machine offers, ``active`` whether a call
+    with ``sandbox`` (default ``Sandbox()``) gets it. ``safehub doctor`` prints the same.
 
-def check_required(sandbox: Sandbox) -> None:
-    """Raise SandboxError when a required layer is unavailable, before any worker starts."""
-    missing = missing_layers(sandbox)
-    if missing:
-        raise SandboxError(
-            f"Sandbox(require=...) asks for {', '.join(missing)}, which this safehub cannot apply "
-            f"(active: {', '.join(ACTIVE_LAYERS)})",
-            layer=missing[0],
-        )
+    Example::
+
+        missing = [name for name, layer in safehub.sandbox_report().items() if not layer["active"]]
+    """
+    from ._worker import layers
+
+    wanted = (sandbox or Sandbox()).wanted_layers()
+    report = {}
+    for name, found in layers.probe(KNOWN_LAYERS).items():
+        available = bool(found.get("available"))
+        active = available and name in wanted
+        if name == "bubblewrap":
+            active = active and "namespaces" in wanted
+        if name == "namespaces" and not available and "bubblewrap" in wanted:
+            active = bool(report.get("bubblewrap", {}).get("active"))
+        report[name] = {"active": active, "available": available, "detail": str(found.get("detail", ""))}
+    return report
 
 
 def worker_environ(sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -176,9 +202,9 @@ def _env_names(value: Any) -> tuple[str, ...]:
     return names
 
 
-def _layers(value: Any) -> tuple[str, ...]:
-    names = _as_tuple("require", value)
+def _layers(what: str, value: Any, known: tuple[str, ...]) -> tuple[str, ...]:
+    names = _as_tuple(what, value)
     for name in names:
-        if name not in KNOWN_LAYERS:
-            raise InvalidArgumentError(f"Sandbox(require=...) holds {name!r}; layers are {', '.join(KNOWN_LAYERS)}")
+        if name not in known:
+            raise InvalidArgumentError(f"Sandbox({what}=...) holds {name!r}; layers are {', '.join(known)}")
     return names

@@ -514,15 +514,10 @@ def _version_of(distribution: str) -> str | None:
         return None
 
 
-def _layers_report() -> dict[str, Any] | None:
-    try:
-        from ._worker import layers
-    except ImportError:
-        return None
-    probe = getattr(layers, "probe", None)
-    if probe is None:
-        return None
-    return dict(probe())
+def _layers_report() -> dict[str, Any]:
+    from ._sandbox import sandbox_report
+
+    return sandbox_report()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -532,10 +527,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     hub_dir = _cache.hub_path()
     existing = next((p for p in (hub_dir, *hub_dir.parents) if p.exists()), hub_dir)
-    try:
-        applied = list(__import__("safehub._sandbox", fromlist=["ACTIVE_LAYERS"]).ACTIVE_LAYERS)
-    except (ImportError, AttributeError):
-        applied = None
     report: dict[str, Any] = {
         "safehub": __version__,
         "python": platform.python_version(),
@@ -554,7 +545,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "github_token_set": bool(constants.GITHUB_TOKEN),
         "offline": bool(constants.SAFEHUB_OFFLINE),
         "sandbox_layers": _layers_report(),
-        "sandbox_layers_applied": applied,
     }
     if args.json:
         _print_json(report)
@@ -579,15 +569,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"offline:       {'yes (SAFEHUB_OFFLINE): cache only' if report['offline'] else 'no'}",
     ]
     layers = report["sandbox_layers"]
-    if layers is None:
-        lines.append("sandbox layers: not available in this version")
-    else:
-        lines.append("sandbox layers (available on this machine):")
-        width = max((len(name) for name in layers), default=0)
-        for name, info in layers.items():
-            mark = "yes" if info.get("available") else "no "
-            used = "" if applied is None else ("  [applied]" if name in applied else "")
-            lines.append(f"  {name.ljust(width)}  {mark}  {info.get('detail', '')}{used}")
+    lines.append("sandbox layers (isolate=True on this machine):")
+    width = max((len(name) for name in layers), default=0)
+    for name, info in layers.items():
+        mark = "active " if info["active"] else "MISSING" if not info["available"] else "off    "
+        lines.append(f"  {name.ljust(width)}  {mark}  {info['detail']}")
     print("\n".join(lines))
     return EXIT_OK
 

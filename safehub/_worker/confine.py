@@ -1,19 +1,49 @@
 """Confine the worker before any repository code runs. Standard library only.
 
-``apply_sandbox`` is THE hook for the sandbox layers (DESIGN 5): the worker calls it once, in the
-forked, single-threaded work process, after the request arrived and before ``hubconf.py`` is
-imported. Today it applies the "process" layer's share that belongs here (every descriptor but
-stdio and the channel closed, umask 077, no core dumps). The namespace, Landlock, seccomp and
-rlimit layers go in the marked place below, read their limits from ``settings`` (the
-``Sandbox.to_settings()`` dict plus ``repo_dir`` and ``scratch_dir``) and add their names to
-the list returned, which the worker checks against ``settings["require"]``.
+``apply_sandbox`` is the one hook for the sandbox layers (DESIGN 5). The worker calls it once, in
+the forked, single-threaded work process, after the request arrived and before ``hubconf.py`` is
+imported. Layers go on in this order, each where the machine allows and ``settings["layers"]``
+asks for it:
+
+1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
+2. namespaces (user, net, ipc, pid, mount), unless bubblewrap already made them. A new pid
+   namespace takes effect for children only, so the process forks here: the child goes on as
+   pid 1 of the namespace (a fresh /proc mounted), the parent waits and mirrors its fate.
+3. uid_drop (root only): root is exempt from RLIMIT_NPROC and reads every file, so it becomes
+   uid 65534. Folders that uid cannot traverse (``/root`` is 0700 here) are covered in a private
+   mount namespace and only the paths the worker needs are bound back, read-only.
+4. landlock: read the system, Python, the repository and ``extra_read_paths``; write only the
+   scratch folder; no TCP (unless ``network``); no signals or abstract sockets out.
+5. rlimits: memory, CPU, processes, open files, file size, no core dumps.
+6. seccomp last, since it denies calls the layers before it make (unshare, mount).
+
+A layer that cannot be applied is reported with the reason, never silently skipped; the worker
+then checks ``settings["require"]``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
+import signal
+import sys
+from types import ModuleType
 from typing import Any, Iterable
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+UNPRIVILEGED_UID = 65534  # "nobody"
+
+
+class Report:
+    """Which layers are in force, and why the others are not."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.missing: dict[str, str] = {}
+
+    def as_fields(self) -> dict[str, Any]:
+        return {"applied": list(self.applied), "missing": dict(self.missing)}
 
 
 def close_other_fds(keep: Iterable[int]) -> None:
@@ -42,16 +72,166 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def apply_sandbox(settings: dict[str, Any], *, keep_fds: Iterable[int]) -> list[str]:
-    """Apply every available layer; return the names of those applied."""
-    applied: list[str] = []
+def _layer(name: str) -> ModuleType:
+    """A sibling layer module, loaded by path under a private name (no package import here)."""
+    modname = f"_safehub_layer_{name}"
+    if modname not in sys.modules:
+        spec = importlib.util.spec_from_file_location(modname, os.path.join(_HERE, f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = module
+        spec.loader.exec_module(module)
+    return sys.modules[modname]
+
+
+def apply_sandbox(settings: dict[str, Any], *, keep_fds: Iterable[int]) -> Report:
+    """Apply every wanted, available layer; return what is in force.
+
+    May fork (pid namespace): then only the child returns; the parent exits with its status.
+    """
+    report = Report()
+    wanted = set(settings.get("layers", ()))
+    report.applied += settings.get("applied_by_parent", [])
     close_other_fds(keep_fds)
     os.umask(0o077)  # files the worker creates are its own, even in a shared /tmp
     no_core_dumps()
-    applied.append("process")
-    # ---- sandbox layers go here, in this order (each appends its name when it is in force) ----
-    # namespaces (user, net, ipc, pid, mount) -> Landlock -> rlimits (memory_limit, cpu_time,
-    # max_processes, max_open_files, max_file_size) -> seccomp last, since it forbids the calls
-    # the layers before it need.
-    # ---------------------------------------------------------------------------------------------
-    return applied
+    report.applied.append("session")
+
+    in_bwrap = "bubblewrap" in report.applied
+    is_root = os.geteuid() == 0
+    drop = is_root and "uid_drop" in wanted and not in_bwrap
+    pid_ns = False
+    if "namespaces" in wanted and not in_bwrap:
+        pid_ns = _attempt(report, "namespaces", lambda: _enter_namespaces(settings, keep_root=drop))
+    elif "namespaces" not in report.applied:
+        report.missing["namespaces"] = "switched off by Sandbox(layers=...)"
+    if pid_ns:
+        _become_pid1(report)
+    if drop:
+        _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=pid_ns))
+    elif is_root and "uid_drop" not in report.applied:
+        report.missing["uid_drop"] = "switched off by Sandbox(layers=...)"
+    if "landlock" in wanted:
+        _attempt(report, "landlock", lambda: _landlock(settings))
+    if "rlimits" in wanted:
+        _attempt(report, "rlimits", lambda: _rlimits(settings))
+    if "seccomp" in wanted:
+        _attempt(report, "seccomp", lambda: _layer("seccomp").install(network=bool(settings.get("network"))))
+    for name in ("landlock", "rlimits", "seccomp"):
+        if name not in wanted:
+            report.missing[name] = "switched off by Sandbox(layers=...)"
+    return report
+
+
+def _attempt(report: Report, name: str, apply: Any) -> bool:
+    try:
+        result = apply()
+    except Exception as exc:  # a layer the machine refuses: report it, go on with the others
+        report.missing[name] = f"{type(exc).__name__}: {exc}"
+        return False
+    if isinstance(result, dict) and result.get("applied") is False:
+        report.missing[name] = str(result.get("reason", "not applied"))
+        return False
+    report.applied.append(name)
+    return True
+
+
+def _enter_namespaces(settings: dict[str, Any], *, keep_root: bool) -> dict[str, Any]:
+    # Root that will drop its uid needs no user namespace (and must keep CAP_SYS_ADMIN for the
+    # mounts of the drop); anyone else gets one, which makes the other namespaces unprivileged.
+    return _layer("namespaces").enter(
+        user=not keep_root, net=not settings.get("network"), ipc=True, pid=True, mount=True, uts=True
+    )
+
+
+def _become_pid1(report: Report) -> None:
+    """Fork into the new pid namespace; the child returns as pid 1, the parent mirrors it."""
+    namespaces = _layer("namespaces")
+    libc = namespaces._lib()
+    child = os.fork()
+    if child == 0:
+        # When pid 1 exits the kernel kills every process of the namespace: nothing outlives it.
+        libc.prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        try:
+            # A /proc of this namespace only: other processes' entries disappear.
+            namespaces._check(
+                libc.mount(b"proc", b"/proc", b"proc", namespaces.MS_NOSUID | namespaces.MS_NODEV | namespaces.MS_NOEXEC, None),
+                "mount(/proc)",
+            )
+        except OSError as exc:
+            report.missing["private_proc"] = f"{exc}"
+        return
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
+
+
+def _needed_paths(settings: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(read, write): what the worker must reach, as real paths."""
+    landlock = _layer("landlock")
+    read = landlock.python_read_paths() + [_HERE, os.path.dirname(_HERE), settings["repo_dir"]]
+    read += list(settings.get("extra_read_paths", ()))
+    return [os.path.realpath(p) for p in read], [os.path.realpath(settings["scratch_dir"])]
+
+
+def _drop_root(settings: dict[str, Any], *, in_mount_ns: bool) -> dict[str, Any]:
+    namespaces, limits = _layer("namespaces"), _layer("limits")
+    uid = UNPRIVILEGED_UID
+    read, _ = _needed_paths(settings)
+    blocked: dict[str, list[str]] = {}
+    # The parent made the scratch folder uid's own, where uid can reach it (the system /tmp).
+    for path in read:
+        top = _blocking_ancestor(path, uid)
+        if top is not None:
+            blocked.setdefault(top, []).append(path)
+    if blocked:
+        if not in_mount_ns:
+            namespaces.enter(user=False, net=False, ipc=False, mount=True)
+        # Outermost first, so a folder hidden later is not under one hidden before.
+        old_umask = os.umask(0o022)  # the folders made for the binds must be traversable by uid
+        try:
+            for top in sorted(blocked, key=len):
+                namespaces.hide_and_rebind(top, blocked[top], read_only=True)
+        finally:
+            os.umask(old_umask)
+    return limits.drop_privileges(uid)
+
+
+def _blocking_ancestor(path: str, uid: int) -> str | None:
+    """The outermost folder on the way to ``path`` that ``uid`` cannot traverse."""
+    import stat
+
+    parts = path.split("/")
+    for i in range(2, len(parts)):
+        folder = "/".join(parts[:i])
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        bit = stat.S_IXUSR if st.st_uid == uid else (stat.S_IXGRP if st.st_gid == uid else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            return folder
+    return None
+
+
+def _landlock(settings: dict[str, Any]) -> dict[str, Any]:
+    landlock = _layer("landlock")
+    read, write = _needed_paths(settings)
+    return landlock.restrict(
+        landlock.system_read_paths() + read,
+        write,
+        allow_tcp=bool(settings.get("network")),
+    )
+
+
+def _rlimits(settings: dict[str, Any]) -> dict[str, Any]:
+    cpu = settings.get("cpu_time")
+    return _layer("limits").apply_rlimits(
+        memory_bytes=settings.get("memory_limit"),
+        cpu_seconds=None if cpu is None else max(1, int(cpu + 0.999)),
+        max_processes=settings.get("max_processes"),
+        max_open_files=settings.get("max_open_files"),
+        max_file_size=settings.get("max_file_size"),
+    )

@@ -100,7 +100,7 @@ def _probe_session() -> dict:
         return {"available": False, "detail": f"session setup failed: {err}"}
     return {
         "available": True,
-        "detail": "setsid, PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, close fds but the result channel",
+        "detail": "setsid; a supervisor (child subreaper) that kills the whole tree when the call ends or the parent dies; every fd but the result channel closed",
     }
 
 
@@ -236,8 +236,8 @@ def _probe_uid_drop(target_uid: int = 65534) -> dict:
     if blocked:
         return {
             "available": True,
-            "detail": f"root can drop to uid {target_uid}; the interpreter is behind {blocked}, which uid "
-            f"{target_uid} cannot traverse: drop inside bwrap or after namespaces.hide_and_rebind",
+            "detail": f"root drops the worker to uid {target_uid}; {blocked}, which that uid cannot traverse, "
+            "is covered in a private mount namespace with only the interpreter and repository bound back",
         }
     return {"available": True, "detail": f"root can drop to uid {target_uid}; the interpreter is readable by it"}
 

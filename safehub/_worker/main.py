@@ -99,8 +99,9 @@ def main(argv: list[str]) -> NoReturn:
         confine = _load_sibling("_safehub_confine", os.path.join(_HERE, "confine.py"))
         # The supervisor outlives its parent just long enough to kill the tree: a pidfd tells it
         # the parent is gone. Where pidfds are missing (Linux < 5.3) it dies with the parent.
-        parent_fd = _watch_parent(parent_pid)
-        if os.getppid() != parent_pid:
+        # Parent pid 0: bubblewrap stands between, and its --die-with-parent takes the tree down.
+        parent_fd = _watch_parent(parent_pid) if parent_pid else None
+        if parent_pid and os.getppid() != parent_pid:
             os._exit(EXIT_SUPERVISOR)  # it died before the watch took hold
         # Orphans of the work process re-parent here, where they can be found and killed.
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -285,15 +286,17 @@ def _work(channel_fd: int, repo_dir: str, settings: dict[str, Any], confine: Mod
         print(f"safehub worker: expected a request, got {request.kind!r}", file=sys.stderr)
         return EXIT_SOFTWARE
 
-    applied = confine.apply_sandbox(settings, keep_fds=(0, 1, 2, channel_fd))
-    in_force = set(applied) | set(settings.get("applied_by_parent", ()))
-    missing = [layer for layer in settings.get("require", ()) if layer not in in_force]
+    _load_sibling("_safehub_weights", os.path.join(_HERE, "weights.py"))  # before Landlock
+    report = confine.apply_sandbox(settings, keep_fds=(0, 1, 2, channel_fd))
+    missing = [layer for layer in settings.get("require", ()) if layer not in report.applied]
     if missing:
-        reply = _error("sandbox", f"required sandbox layer(s) unavailable: {', '.join(missing)}", layer=missing[0])
+        reasons = "; ".join(f"{name}: {report.missing.get(name, 'not available')}" for name in missing)
+        reply = _error("sandbox", f"required sandbox layer(s) unavailable: {reasons}", layer=missing[0])
     else:
         _clean_sys_path(repo_dir)
         reply = _answer(request.fields, request.buffers, repo_dir, hubconf)
     kind, fields, buffers, fds = reply
+    fields["sandbox"] = report.as_fields()
     try:
         protocol.send_frame(sock, kind, fields, buffers, fds)
     except (protocol.FrameError, OSError) as exc:
@@ -348,7 +351,7 @@ def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str, hubcon
 
 
 def _encode(value: Any, returns: Any, repo_dir: str) -> Reply:
-    weights = _load_sibling("_safehub_weights", os.path.join(_HERE, "weights.py"))
+    weights = sys.modules["_safehub_weights"]
     fields: dict[str, Any] = {"action": "load", "returns": returns}
     if returns == "weights":
         tensors = weights.collect_tensors(value)

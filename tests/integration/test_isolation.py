@@ -29,12 +29,18 @@ from safehub.errors import (
     ProtocolError,
     RemoteError,
     ResultDecodeError,
+    InvalidArgumentError,
     SandboxError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
 
 SANDBOX = Sandbox(timeout=60)
+# The process-tree tests watch the worker's processes from here by their pids, and the worker
+# writes those pids outside its scratch folder: with only the always-on layers (fresh session,
+# supervisor, timeout, tree kill), which are the ones under test, pids are the host's and the
+# test's folder is writable. tests/security/ runs the same attacks under every layer.
+BARE = dict(layers=())
 
 
 def write_repo(root: Path, files: dict[str, str]) -> Path:
@@ -465,10 +471,15 @@ def test_missing_hubconf(repos):
         run_isolated(repos["empty"], "list", sandbox=SANDBOX)
 
 
-def test_required_layer_that_does_not_exist_yet():
-    with pytest.raises(SandboxError) as info:
-        run_isolated(Path("."), "list", sandbox=Sandbox(require=("seccomp",)))
-    assert info.value.layer == "seccomp"
+def test_required_layers_are_checked(repos):
+    # Every layer this machine offers can be required; the call then runs as usual.
+    from safehub._worker import layers
+
+    available = tuple(n for n, r in layers.probe(("landlock", "seccomp", "rlimits")).items() if r["available"])
+    names = run_isolated(repos["pure"], "list", sandbox=Sandbox(require=available))
+    assert names == run_isolated(repos["pure"], "list", sandbox=SANDBOX) and names
+    with pytest.raises(InvalidArgumentError):
+        Sandbox(require=("seccomp",), layers=("landlock",))
 
 
 # -- what the worker sees ----------------------------------------------------------------------
@@ -538,14 +549,14 @@ def test_timeout_kills_the_worker_and_its_children(repos, tmp_path):
     pid_file = tmp_path / "child.pid"
     start = time.monotonic()
     with pytest.raises(WorkerTimeoutError) as info:
-        run_isolated(repos["pure"], "load", model="spin", args=(str(pid_file),), sandbox=Sandbox(timeout=1.5))
+        run_isolated(repos["pure"], "load", model="spin", args=(str(pid_file),), sandbox=Sandbox(timeout=1.5, **BARE))
     assert time.monotonic() - start < 6
     assert info.value.timeout == 1.5 and isinstance(info.value, TimeoutError)
     assert not psutil.pid_exists(int(pid_file.read_text()))
 
 
 def test_no_process_is_left_behind(repos):
-    daemon_pid = run_isolated(repos["pure"], "load", model="daemon", sandbox=SANDBOX)
+    daemon_pid = run_isolated(repos["pure"], "load", model="daemon", sandbox=Sandbox(timeout=60, **BARE))
     assert isinstance(daemon_pid, int) and daemon_pid != os.getpid()
     assert not psutil.pid_exists(daemon_pid)
 
@@ -565,7 +576,7 @@ def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path):
         "from safehub._isolation import run_isolated\n"
         "from safehub._sandbox import Sandbox\n"
         f"run_isolated(Path({str(repos['pure'])!r}), 'load', model='spin', args=({str(pid_file)!r},),"
-        " sandbox=Sandbox(timeout=60))\n"
+        " sandbox=Sandbox(timeout=60, layers=()))\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code])
     workers: list[psutil.Process] = []

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from safehub._sandbox import KNOWN_LAYERS, Sandbox, check_required, worker_environ
+from safehub._sandbox import KNOWN_LAYERS, OPTIONAL_LAYERS, Sandbox, worker_environ
 from safehub.errors import InvalidArgumentError, SandboxError
 
 
@@ -60,12 +60,17 @@ def test_lists_become_tuples():
     assert sandbox.env == ("HF_HOME",) and sandbox.extra_read_paths == ("/data",) and sandbox.require == ("session",)
 
 
-def test_unavailable_required_layer_is_a_sandbox_error():
-    assert "seccomp" in KNOWN_LAYERS
-    check_required(Sandbox(require=("session", "env_scrub")))
-    with pytest.raises(SandboxError) as info:
-        check_required(Sandbox(require=("seccomp",)))
-    assert info.value.layer == "seccomp"
+def test_layers_narrow_what_is_applied():
+    assert Sandbox().wanted_layers() == KNOWN_LAYERS
+    assert Sandbox(layers=("landlock",)).wanted_layers() == ("session", "env_scrub", "landlock")
+    assert Sandbox(layers=["seccomp"]).to_settings()["layers"] == ["session", "env_scrub", "seccomp"]
+    assert set(OPTIONAL_LAYERS) < set(KNOWN_LAYERS)
+    for bad in (("session",), ("nope",), "landlock"):
+        with pytest.raises(InvalidArgumentError):
+            Sandbox(layers=bad)
+    with pytest.raises(InvalidArgumentError, match="switches off"):
+        Sandbox(require=("seccomp",), layers=("landlock",))
+    Sandbox(require=("session", "landlock"), layers=("landlock",))
 
 
 def test_environment_allow_list():
