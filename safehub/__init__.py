@@ -11,8 +11,8 @@ from ._sandbox import Sandbox, sandbox_report
 from .errors import SafeHubError
 
 __all__ = [
-    "Sandbox",
     "SafeHubError",
+    "Sandbox",
     "download_url_to_file",
     "get_dir",
     "help",
