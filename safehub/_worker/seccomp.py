@@ -29,7 +29,8 @@ through a foreign ABI is evasion by construction and no errno is meaningful ther
 
 Socket policy (an allow-list of domains, which a deny-list cannot express safely):
 
-- AF_UNIX: always (the result channel, socketpair).
+- AF_UNIX: only with ``network=True`` (a socket by path reaches the user's agents); the
+  inherited result channel and ``socketpair`` need no ``socket`` call.
 - AF_INET, AF_INET6: SOCK_STREAM only; with ``network=True`` also SOCK_DGRAM (DNS). Never
   SOCK_RAW / SOCK_PACKET. TCP itself is left to Landlock and the network namespace.
 - AF_NETLINK: only with ``network=True`` (glibc's getaddrinfo may use NETLINK_ROUTE).
@@ -155,6 +156,22 @@ DENIED_SYSCALLS = {
     "ioperm": "no raw port I/O",
     "uselib": "obsolete loader call",
     "vhangup": "no terminal hangups",
+    # Landlock (up to ABI 7) does not cover metadata: without these a worker could chmod or chown
+    # its user's own files anywhere (make a key world-readable, a file unreadable).
+    "chmod": "no permission changes (Landlock does not cover them)",
+    "fchmod": "no permission changes",
+    "fchmodat": "no permission changes",
+    "fchmodat2": "no permission changes",
+    "chown": "no owner changes",
+    "fchown": "no owner changes",
+    "lchown": "no owner changes",
+    "fchownat": "no owner changes",
+    "setxattr": "no extended attribute changes",
+    "lsetxattr": "no extended attribute changes",
+    "fsetxattr": "no extended attribute changes",
+    "removexattr": "no extended attribute changes",
+    "lremovexattr": "no extended attribute changes",
+    "fremovexattr": "no extended attribute changes",
 }
 
 _X86_64 = {
@@ -171,6 +188,9 @@ _X86_64 = {
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
     "mount_setattr": 442,
+    "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "setxattr": 188,
+    "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198,
+    "fremovexattr": 199, "fchownat": 260, "fchmodat": 268, "fchmodat2": 452,
 }
 
 # asm-generic numbering; aarch64 has no iopl/ioperm/uselib/vhangup... absent names are skipped.
@@ -188,6 +208,9 @@ _AARCH64 = {
     "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
     "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
     "vhangup": 58,
+    "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15,
+    "fremovexattr": 16, "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55,
+    "fchmodat2": 452,
 }
 
 _ARCHES = {
@@ -275,7 +298,9 @@ def build_program(*, network: bool = False, machine: str | None = None, kill_act
 
     a.label("socket")  # socket(int domain, int type, int protocol): ints, low words only
     a.stmt(BPF_LD_W_ABS, _off_arg_lo(0))
-    a.jump(BPF_JMP_JEQ_K, AF_UNIX, "allow", 0)
+    # A new AF_UNIX socket could connect to the user's agents by path (ssh-agent, docker.sock,
+    # the session bus), which Landlock does not cover; socketpair() is another call and stays.
+    a.jump(BPF_JMP_JEQ_K, AF_UNIX, "allow" if network else "eperm", 0)
     a.jump(BPF_JMP_JEQ_K, AF_INET, "inet", 0)
     a.jump(BPF_JMP_JEQ_K, AF_INET6, "inet", 0)
     if network:
@@ -391,7 +416,7 @@ def install(*, network: bool = False) -> dict:
         "enosys": ["clone3"],
         "arg_checks": {
             "clone": "namespace flags -> EPERM",
-            "socket": "AF_UNIX; AF_INET/6 SOCK_STREAM" + (", SOCK_DGRAM, AF_NETLINK" if network else "")
+            "socket": "AF_INET/6 SOCK_STREAM" + ("; AF_UNIX, SOCK_DGRAM, AF_NETLINK" if network else "")
             + "; other types EPERM, other domains EAFNOSUPPORT",
             "ioctl": "TIOCSTI, TIOCLINUX -> EPERM",
             "personality": "only query / PER_LINUX",
