@@ -1,8 +1,13 @@
-"""Cost of isolation: a cold worker per call against the in-process path and plain torch.hub.
+"""Cost of isolation: a worker per call against the in-process path and plain torch.hub.
 
 Run by hand (not in CI)::
 
     .venv/bin/python benchmarks/bench_isolation.py [--runs 5]
+    SAFEHUB_WARM=0 .venv/bin/python benchmarks/bench_isolation.py   # a cold worker per call
+
+Isolated calls take the default path: forked from the warm zygote (its one-off start falls in
+the first run of the first row, which the median leaves out), or cold with ``SAFEHUB_WARM=0``.
+``benchmarks/bench_warm.py`` compares the two on ``list``.
 
 Every figure is the median of ``--runs`` runs, measured in this one process and on the same
 local hubconf folders, so the ratios compare like with like. The floor for any cold worker that

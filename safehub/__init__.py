@@ -1,13 +1,15 @@
 """safehub: torch.hub, with the option to run the repository's code in a locked-down worker.
 
 ``import safehub as hub`` runs code written for ``torch.hub`` unchanged; ``isolate=True`` on
-``list``, ``help`` and ``load`` runs ``hubconf.py`` in a sandboxed process instead of this one.
+``list``, ``help`` and ``load`` runs ``hubconf.py`` in a sandboxed process instead of this one,
+forked from a warm zygote that ``warmup()`` starts ahead of the first call.
 """
 
 from ._api import help, list, load
 from ._cache import get_dir, set_dir
 from ._download import download_url_to_file, load_state_dict_from_url
 from ._sandbox import Sandbox, sandbox_report
+from ._zygote import warmup
 from .errors import SafeHubError
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "load_state_dict_from_url",
     "sandbox_report",
     "set_dir",
+    "warmup",
 ]
 
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
 """Run a repository's hubconf.py in a worker process and bring the answer back (DESIGN 4).
 
-This is the parent's half: it starts ``safehub/_worker/main.py`` in a fresh interpreter, sends
-one request, reads one reply under the sandbox's deadline, and always leaves nothing behind: the
-whole process tree is killed and the scratch folder removed, in a ``finally``. Every byte from
+This is the parent's half: it starts a worker (``_launcher``: forked by the warm zygote, or
+``safehub/_worker/main.py`` in a fresh interpreter), sends one request, reads one reply under
+the sandbox's deadline, and always leaves nothing behind: the whole process tree is killed and
+the scratch folder removed, in a ``finally``. Every byte from
 the worker is hostile: frames are checked by ``_protocol``, results by ``_results``, and the
 protocol's own errors become ``safehub.errors`` here, at one boundary.
 """
@@ -10,7 +11,6 @@ protocol's own errors become ``safehub.errors`` here, at one boundary.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -52,12 +52,13 @@ OUTPUT_TRUNCATED = "[worker output truncated]\n"
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
 MAX_PAYLOAD_BYTES = 1024**4  # a memfd is mapped lazily: this only bounds the address space
 MAX_INLINE_BYTES = 2 * 1024**3  # an inline payload is read into memory
+MAX_SHARDS = 8  # memfds with one result (the worker writes one per core, at most 4)
 REPLY_LIMITS = _protocol.Limits(
     max_header_bytes=4 * 1024 * 1024,
     max_buffers=1,
     max_buffer_bytes=MAX_INLINE_BYTES,
     max_total_bytes=MAX_INLINE_BYTES,
-    max_fds=1,
+    max_fds=MAX_SHARDS,
 )
 _MAX_TEXT = 1024 * 1024
 _EXIT_MEANINGS = {
@@ -162,12 +163,11 @@ class _Worker:
     def __init__(self, repo_dir: Path, sandbox: Sandbox) -> None:
         self.repo_dir = repo_dir
         self.sandbox = sandbox
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: _launcher.WorkerProcess | None = None
         self.sock: socket.socket | None = None
         self.relays: list[_Relay] = []
         self.scratch_dir: Path | None = None
         self.deadline = 0.0
-        self.wrapped = False  # bubblewrap reports a death by signal N as exit code 128 + N
 
     def __enter__(self) -> _Worker:
         try:
@@ -182,8 +182,9 @@ class _Worker:
 
     def _start(self) -> None:
         # mkdtemp makes it 0700: other local users cannot read or plant files in the scratch.
-        self.scratch_dir = Path(tempfile.mkdtemp(prefix="safehub-worker-"))
-        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The pid in the name lets a later call remove it if this process is killed first.
+        sweep_stale_scratch()
+        self.scratch_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         try:
             settings = {
                 **self.sandbox.to_settings(),
@@ -194,26 +195,11 @@ class _Worker:
             if os.geteuid() == 0 and "uid_drop" in settings["layers"]:
                 # The worker drops to this uid before the repository runs: its HOME must be its own.
                 os.chown(self.scratch_dir, _launcher.UNPRIVILEGED_UID, _launcher.UNPRIVILEGED_UID)
-            # -B: a worker never writes .pyc files into the shared repository cache.
-            argv, by_launch = _launcher.worker_argv(settings, child.fileno())
-            self.wrapped = "bubblewrap" in by_launch
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                close_fds=True,
-                pass_fds=(child.fileno(),),
-                start_new_session=True,  # no controlling terminal, no signals from the caller's group
-                env=worker_environ(self.sandbox, str(self.scratch_dir)),
-                cwd=self.scratch_dir,
-            )
+            environ = worker_environ(self.sandbox, str(self.scratch_dir))
+            self.proc, self.sock = _launcher.start_worker(settings, environ, self.scratch_dir)
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc
-        finally:
-            child.close()
         self.deadline = time.monotonic() + self.sandbox.timeout
-        assert self.proc.stdout is not None and self.proc.stderr is not None
         self.relays = [_Relay(self.proc.stdout, sys.stdout), _Relay(self.proc.stderr, sys.stderr)]
         for relay in self.relays:
             relay.start()
@@ -251,8 +237,9 @@ class _Worker:
             code = self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             return ProtocolError(f"the worker closed the channel without answering ({exc})")
-        if self.wrapped and 128 < code < 128 + 65:
-            code = 128 - code
+        if code is None:
+            message = "the worker ended before answering; the zygote that forked it did not report its exit status"
+            return WorkerCrashedError(message, exit_code=None, signal_name=None)
         return crashed_error(code)
 
     def finish(self) -> None:
@@ -265,8 +252,7 @@ class _Worker:
         if self.sock is not None:
             self.sock.close()
         if self.proc is not None:
-            # poll() reaps an exited worker; only a live (unreaped) pid is ours to kill.
-            if self.proc.poll() is None:
+            if self.proc.running():  # only a live (unreaped) pid is ours to kill
                 kill_process_tree(self.proc.pid)
                 with contextlib.suppress(OSError):
                     self.proc.kill()
@@ -325,6 +311,31 @@ def _is_alive(proc: psutil.Process) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+SCRATCH_PREFIX = "safehub-worker-"
+
+
+def sweep_stale_scratch() -> None:
+    """Remove scratch folders whose caller died before its cleanup ran (killed, power cut)."""
+    import re
+
+    top = Path(tempfile.gettempdir())
+    mine = {os.geteuid(), _launcher.UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
+    try:
+        names = [n for n in os.listdir(top) if n.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        match = re.match(re.escape(SCRATCH_PREFIX) + r"(\d+)-", name)
+        path = top / name
+        try:
+            if not match or path.is_symlink() or path.stat().st_uid not in mine:
+                continue  # another user's, or not one of ours
+        except OSError:
+            continue
+        if not psutil.pid_exists(int(match.group(1))):
+            remove_tree(path)
 
 
 def remove_tree(path: Path) -> None:
@@ -401,33 +412,38 @@ def _interpret(frame: _protocol.Frame, action: str, model: str | None, returns: 
     if fields.get("returns") != returns:
         # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
         raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
-    payload = _payload(frame)
+    # Tensors are views on the private mappings, which live as long as they do: never closed here.
+    shards = _payload(frame)
     if returns == "weights":
-        # Tensors are views on the private mapping, which lives as long as they do.
-        return decode_weights(payload)
-    try:
-        return decode_object(payload)
-    finally:
-        if hasattr(payload, "close"):
-            payload.close()
+        return decode_weights(shards)
+    return decode_object(shards)
 
 
-def _payload(frame: _protocol.Frame) -> Any:
+def _payload(frame: _protocol.Frame) -> list[Any]:
+    """The result's shards: each memfd checked for its seals and mapped, or the one inline buffer."""
     fields = frame.fields
-    size, transport = fields.get("size"), fields.get("transport")
-    if type(size) is not int or size < 0:
-        raise ProtocolError(f"the worker's result size {size!r} is not a count of bytes")
-    if transport == "memfd" and len(frame.fds) == 1 and not frame.buffers:
-        mapped = map_sealed_memfd(frame.fds[0], max_bytes=MAX_PAYLOAD_BYTES)
-        if len(mapped) != size:
-            mapped.close()
-            raise ResultDecodeError(f"the worker's memfd holds {len(mapped)} bytes, not the {size} announced")
-        return mapped
-    if transport == "inline" and len(frame.buffers) == 1 and not frame.fds:
-        if len(frame.buffers[0]) != size:
-            raise ResultDecodeError(f"the worker's result holds {len(frame.buffers[0])} bytes, not {size}")
-        return frame.buffers[0]
-    raise ProtocolError(f"the worker's result transport {transport!r} does not match what came with it")
+    sizes, transport = fields.get("sizes"), fields.get("transport")
+    if type(sizes) is not list or not 1 <= len(sizes) <= MAX_SHARDS or not all(type(n) is int and n >= 0 for n in sizes):
+        raise ProtocolError(f"the worker's result sizes {str(sizes)[:100]} are not 1 to {MAX_SHARDS} counts of bytes")
+    if transport == "memfd" and len(frame.fds) == len(sizes) and not frame.buffers:
+        if sum(sizes) > MAX_PAYLOAD_BYTES:
+            raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
+        shards: list[Any] = []
+        try:
+            for fd, size in zip(frame.fds, sizes):
+                shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
+                if len(shards[-1]) != size:
+                    raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")
+        except BaseException:
+            for shard in shards:
+                shard.close()  # no tensor is on them yet
+            raise
+        return shards
+    if transport == "inline" and len(frame.buffers) == len(sizes) == 1 and not frame.fds:
+        if len(frame.buffers[0]) != sizes[0]:
+            raise ResultDecodeError(f"the worker's result holds {len(frame.buffers[0])} bytes, not {sizes[0]}")
+        return [frame.buffers[0]]
+    raise ProtocolError(f"the worker's result transport {str(transport)[:40]!r} does not match what came with it")
 
 
 def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -> SafeHubError:

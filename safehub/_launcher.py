@@ -1,30 +1,114 @@
-"""How a cold worker is started: its command line, inside bubblewrap where that works.
+"""How a worker is started: forked by the zygote (warm) or as a fresh interpreter (cold).
 
-bubblewrap gives the worker an empty root with only the system, Python, safehub's worker code,
-the repository (read-only) and its scratch folder (read-write) bound in, fresh /proc, /dev, /tmp
-and /dev/shm, and new user, pid, ipc, uts, cgroup and network namespaces. As root it also drops
-the worker to uid 65534 (through ``setpriv``), since root is exempt from RLIMIT_NPROC. Where
-bubblewrap is missing or refused, the worker enters the namespaces itself
-(``safehub/_worker/confine.py``).
+Warm is the default: the zygote (``safehub/_zygote.py``) forks a worker that enters the same
+sandbox as a cold one, namespaces included (unshared in the forked, single-threaded child).
+A call goes cold where the warm path would give it less: ``Sandbox(require=("bubblewrap",))``;
+namespaces wanted but refused to a forked child while bubblewrap can make them; the zygote
+switched off (``SAFEHUB_WARM=0``) or failing to start.
+
+A cold worker runs inside bubblewrap where that works: an empty root with only the system,
+Python, safehub's worker code, the repository (read-only) and its scratch folder (read-write)
+bound in, fresh /proc, /dev, /tmp and /dev/shm, and new user, pid, ipc, uts, cgroup and network
+namespaces. As root it also drops the worker to uid 65534 (through ``setpriv``), since root is
+exempt from RLIMIT_NPROC. Where bubblewrap is missing or refused, the worker enters the
+namespaces itself (``safehub/_worker/confine.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Union
 
+from . import _log, _zygote
 from ._worker import namespaces
 
 WORKER_MAIN = Path(__file__).resolve().parent / "_worker" / "main.py"
 UNPRIVILEGED_UID = 65534
 
 
+class ColdProcess:
+    """A cold worker's Popen, with the interface it shares with ``_zygote.WarmProcess``."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], wrapped: bool) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdout: IO[bytes] = popen.stdout  # type: ignore[assignment]
+        self.stderr: IO[bytes] = popen.stderr  # type: ignore[assignment]
+        self.wrapped = wrapped  # bubblewrap reports a death by signal N as exit code 128 + N
+
+    def running(self) -> bool:
+        # poll() reaps an exited worker; only a live (unreaped) pid is ours to kill.
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Popen's returncode (negative: the signal); ``subprocess.TimeoutExpired`` past ``timeout``."""
+        code = self.popen.wait(timeout=timeout)
+        return 128 - code if self.wrapped and 128 < code < 128 + 65 else code
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
+WorkerProcess = Union[ColdProcess, "_zygote.WarmProcess"]
+
+
+def start_worker(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -> tuple[WorkerProcess, socket.socket]:
+    """Start a worker for one call: (its process, the parent's end of its channel).
+
+    Raises OSError where even a cold worker cannot start.
+    """
+    zygote = _zygote.acquire() if "bubblewrap" not in settings["require"] else None
+    if zygote is not None and _warm_gives_enough(zygote, settings):
+        sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            return zygote.spawn(settings, environ, child.fileno()), sock
+        except _zygote.Unavailable as exc:
+            # Whatever it may have forked sees this channel close and ends; this call goes cold.
+            sock.close()
+            _zygote.discard(zygote)
+            _log.warning(f"{exc}; this call starts cold")
+        finally:
+            child.close()
+    return _start_cold(settings, environ, cwd)
+
+
+def _warm_gives_enough(zygote: _zygote.Zygote, settings: dict[str, Any]) -> bool:
+    wanted = set(settings["layers"])
+    # Where a forked child may not unshare, bubblewrap (setuid, or allowed by a profile) still can.
+    return zygote.namespaces or not {"namespaces", "bubblewrap"} <= wanted or not bwrap_works()
+
+
+def _start_cold(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -> tuple[ColdProcess, socket.socket]:
+    sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        argv, by_launch = worker_argv(settings, child.fileno())
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            pass_fds=(child.fileno(),),
+            start_new_session=True,  # no controlling terminal, no signals from the caller's group
+            env=environ,
+            cwd=cwd,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        child.close()
+    return ColdProcess(popen, "bubblewrap" in by_launch), sock
+
+
 def worker_argv(settings: dict[str, Any], channel_fd: int) -> tuple[list[str], list[str]]:
     """(argv, layers applied by the launch) for a worker with these settings."""
+    # -B: a worker never writes .pyc files into the shared repository cache.
     python = [sys.executable, "-I", "-B", str(WORKER_MAIN), "--channel-fd", str(channel_fd)]
     wanted = set(settings["layers"])
     wrap = {"namespaces", "bubblewrap"} <= wanted and bwrap_works()

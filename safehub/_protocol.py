@@ -11,10 +11,27 @@ A frame, all integers big-endian::
     header    a JSON object, ASCII only: {"v": PROTOCOL_VERSION, "kind": str, ["fds": int,] ...fields}
     buffers   raw bytes, back to back, as many and as long as the lengths say
 
+The warm path adds a second conversation, parent <-> zygote (``safehub/_zygote.py`` and
+``safehub/_worker/zygote.py``), in the same frames on their own sockets:
+
+    READY    zygote -> parent, once, on the control socket: {"pid": int, "namespaces": bool}
+             (whether the zygote's children can enter namespaces with unshare)
+    SPAWN    parent -> zygote, on the control socket: no fields; SPAWN_FDS in that order. The
+             settings descriptor is a memfd holding {"settings": {...}, "environ": {...}} as
+             JSON; the zygote hands it to the new supervisor unread.
+    SPAWNED  zygote -> parent, on the call's reply socket: {"pid": int} with one descriptor, a
+             pidfd of the supervisor; or {"error": str} and none when the fork failed
+    EXITED   zygote -> parent, on the reply socket, once the supervisor ended:
+             {"status": int}, its raw wait status; then the zygote closes the reply socket
+
+These kinds travel only on the zygote's own sockets and change nothing a worker's frames mean.
+
 File descriptors (``SCM_RIGHTS`` over the ``AF_UNIX`` socketpair) ride on the bytes of the frame's
 head; the header's ``"fds"`` field (absent means 0) says how many must arrive, and any other
 number is an error. Versioning: a new optional field keeps the version; a change of meaning bumps
-it, and a frame of any other version is refused.
+it, and a frame of any other version is refused. Version 2: a load RESULT carries ``"sizes"``
+(one per memfd or buffer: the result's shards) instead of ``"size"``, and an object result is
+the shared layout of ``_results.py`` (storages beside the pickle) instead of bare cloudpickle.
 
 Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
 ``poll``; every length is checked against :class:`Limits` *before* anything is allocated for it,
@@ -34,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"SHUB"
 PREFIX = struct.Struct(">4sHHI")
 LENGTH = struct.Struct(">Q")
@@ -44,6 +61,12 @@ RESERVED_FIELDS = ("v", "kind", "fds")
 REQUEST = "request"
 RESULT = "result"
 ERROR = "error"
+# Parent <-> zygote (the warm path): new kinds on their own sockets; the worker's are unchanged.
+READY = "ready"
+SPAWN = "spawn"
+SPAWNED = "spawned"
+EXITED = "exited"
+SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
 
 _CHUNK = 1024 * 1024
 _INT_SIZE = array.array("i").itemsize

@@ -1,30 +1,48 @@
 """Decoding a worker's result in the parent: weights as data, objects through cloudpickle.
 
-The weights format (the one place it is described; the worker's encoder is
-``safehub/_worker/weights.py``, and ``tests/unit/test_results_decode.py`` pins both with golden
-bytes). It is the safetensors layout, so ``safetensors.torch.load`` reads it too::
+The layout (the one place it is described; the worker's encoders are ``safehub/_worker/weights.py``
+and ``safehub/_worker/objects.py``, and ``tests/unit/test_results_decode.py`` pins them with golden
+bytes). A result is one or more shards, each in the safetensors layout, so that
+``safetensors.torch.load`` reads every shard too::
 
     8 bytes    N, the header length, unsigned little-endian
     N bytes    a JSON object, UTF-8, padded with spaces to a multiple of 8:
                {"__metadata__": {str: str},                       (optional)
                 name: {"dtype": D, "shape": [int, ...], "data_offsets": [begin, end]}, ...}
-    the rest   the tensors' bytes, C order, little-endian; offsets count from the end of the header
+    the rest   the entries' bytes, C order, little-endian; offsets count from the end of the header
 
 D is one of F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL. As in safetensors, the byte ranges are
 disjoint and together cover the data exactly, with no gap and nothing after the last one. The
-encoder lays tensors out by item size, largest first, so every offset is aligned; the decoder
-copies a tensor whose offset is not.
+encoder lays entries out by alignment, largest first, so every offset is aligned; the decoder
+copies a weights tensor whose offset is not. A name appears in one shard only, and the shards'
+headers, in order, list the entries in the result's order. The worker writes its shards in
+parallel, one sealed memfd each.
 
-A weights result is parsed here as data and never unpickled. An object result *is* unpickled,
-which runs code the repository chose: that is why ``returns="object"`` needs trust (DESIGN 2).
+weights  ``"format": "pt"`` (any metadata is accepted, as from safetensors): one entry per
+         tensor, parsed here as data and never unpickled.
+object   ``"format": "safehub-object"`` in every shard, and every entry U8 of one dimension: one
+         entry per torch storage, named by its key ("0", "1", ...), and one named "pickle", the
+         object's structure pickled by cloudpickle (repository modules by value) in which each
+         storage is the persistent id ("storage", key, D): D is the dtype a tensor reads it
+         with, and the storage's size and address are multiples of D's item size. Unpickling
+         rebuilds each storage once, as a view on its bytes, so tensors that shared a storage in
+         the worker (tied weights, views) share it here.
+
+Buffers are private (copy-on-write) mappings of the worker's sealed memfds: tensors are views on
+them, no copy is made, the caller may write them, and a mapping lives as long as any tensor on
+it. An object result *is* unpickled, which runs code the repository chose: that is why
+``returns="object"`` needs trust (DESIGN 2); its storage references are still checked like
+everything else the worker sends.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import mmap
 import os
+import pickle
 import stat
 import sys
 from typing import TYPE_CHECKING, Any
@@ -39,6 +57,8 @@ MAX_TENSORS = 1_000_000
 MAX_TOTAL_BYTES = 1024**4
 MAX_NAME_CHARS = 4096
 MAX_NDIM = 64
+OBJECT_FORMAT = "safehub-object"
+PICKLE_ENTRY = "pickle"
 
 # dtype name -> (torch attribute, item size in bytes)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -85,28 +105,134 @@ def decode_weights(
     max_tensors: int = MAX_TENSORS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
 ) -> dict[str, torch.Tensor]:
-    """Parse the weights format (module docstring) into tensors, strictly, without pickle.
+    """Parse a weights result (module docstring) into tensors, strictly, without pickle.
 
-    ``data`` is any buffer (bytes, bytearray, mmap). A writable buffer is shared: the tensors
-    are views on it and keep it alive. A read-only one is copied first. Raises
-    :class:`ResultDecodeError` for anything that is not a valid file in the format.
+    ``data`` is a buffer (bytes, bytearray, mmap), or a list of them: the shards of one result.
+    A writable buffer is shared: the tensors are views on it and keep it alive. A read-only one
+    is copied first. Raises :class:`ResultDecodeError` for anything that is not a valid result.
     """
-    with memoryview(data) as probe:
-        buffer = bytearray(probe) if probe.readonly else data
-    with memoryview(buffer) as raw, raw.cast("B") as view:
-        header_len, entries = _parse_weights_header(view, max_header_bytes, max_tensors, max_total_bytes)
+    tensors: dict[str, torch.Tensor] = {}
+    for buffer, base, _, entries in _parse_shards(data, max_header_bytes, max_tensors, max_total_bytes):
+        try:
+            tensors.update(_build_tensors(buffer, base, entries))
+        except ResultDecodeError:
+            raise
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            # torch's own refusals (a shape it cannot represent): still only a decode error.
+            raise ResultDecodeError(f"weights could not be built: {exc}") from None
+    return tensors
+
+
+def decode_object(
+    data: Any,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_tensors: int = MAX_TENSORS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> Any:
+    """Rebuild an object result (module docstring). Runs the repository's code: trusted calls only.
+
+    ``data`` is as for :func:`decode_weights`. Storages are views on it, never copies. Raises
+    :class:`ResultDecodeError` for a malformed layout, a bad storage reference, or a pickle
+    that fails.
+    """
+    places: dict[str, tuple[Any, int, int]] = {}
+    pickled = None
+    for buffer, base, metadata, entries in _parse_shards(data, max_header_bytes, max_tensors, max_total_bytes):
+        if metadata.get("format") != OBJECT_FORMAT:
+            raise ResultDecodeError(f"the worker's object result is not marked {OBJECT_FORMAT!r}")
+        for name, dtype, shape, begin, end in entries:
+            if dtype != "U8" or len(shape) != 1:
+                raise ResultDecodeError(f"object entry {name!r}: must be U8 bytes of one dimension")
+            if name == PICKLE_ENTRY:
+                with memoryview(buffer) as view:
+                    pickled = bytes(view[base + begin : base + end])  # the structure only: small
+            else:
+                places[name] = (buffer, base + begin, end - begin)
+    if pickled is None:
+        raise ResultDecodeError(f"the worker's object result has no {PICKLE_ENTRY!r} entry")
     try:
-        return _build_tensors(buffer, 8 + header_len, entries)
+        return _StorageUnpickler(io.BytesIO(pickled), places).load()
     except ResultDecodeError:
         raise
-    except (RuntimeError, ValueError, OverflowError) as exc:
-        # torch's own refusals (a shape it cannot represent): still only a decode error.
-        raise ResultDecodeError(f"weights could not be built: {exc}") from None
+    except Exception as exc:
+        raise ResultDecodeError(f"could not unpickle the worker's object: {type(exc).__name__}: {exc}") from exc
+
+
+class _StorageUnpickler(pickle.Unpickler):
+    """cloudpickle's unpickling, with each storage reference resolved to a view on the result's bytes."""
+
+    def __init__(self, stream: io.BytesIO, places: dict[str, tuple[Any, int, int]]) -> None:
+        super().__init__(stream)
+        self.places = places
+        self.storages: dict[str, Any] = {}  # one per key, so that sharing survives
+        self.bools_checked: set[str] = set()
+
+    def persistent_load(self, pid: Any) -> Any:
+        import torch
+
+        if type(pid) is not tuple or len(pid) != 3 or pid[0] != "storage":
+            raise ResultDecodeError(f"the object's pickle holds an unknown reference ({_describe(pid)})")
+        _, key, dtype_name = pid
+        if type(key) is not str or key not in self.places:
+            raise ResultDecodeError(f"the object's pickle refers to storage {_describe(key)}, which the result does not hold")
+        if type(dtype_name) is not str or dtype_name not in DTYPES:
+            raise ResultDecodeError(f"storage {key!r}: dtype {_describe(dtype_name)} is not one of {sorted(DTYPES)}")
+        buffer, offset, size = self.places[key]
+        storage = self.storages.get(key)
+        if storage is None:
+            storage = self.storages[key] = _storage_view(torch, buffer, offset, size)
+        itemsize = DTYPES[dtype_name][1]
+        if size % itemsize or storage.data_ptr() % itemsize:
+            raise ResultDecodeError(f"storage {key!r} of {size} bytes is not sized and aligned for {dtype_name} items")
+        if dtype_name == "BOOL" and key not in self.bools_checked:
+            if size and int(torch.empty(0, dtype=torch.uint8).set_(storage).max()) > 1:
+                raise ResultDecodeError(f"storage {key!r}: BOOL bytes must be 0 or 1")
+            self.bools_checked.add(key)
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, DTYPES[dtype_name][0]), _internal=True)
+
+
+def _storage_view(torch: Any, buffer: Any, offset: int, size: int) -> Any:
+    if size == 0:
+        return torch.UntypedStorage(0)
+    # frombuffer keeps the buffer (the mapping) alive for as long as the storage lives.
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offset).untyped_storage()
+
+
+def _describe(value: Any) -> str:
+    # Never repr an arbitrary object here: its __repr__ would be the worker's code.
+    return repr(value)[:80] if type(value) in (str, int) else f"a {type(value).__name__}"
+
+
+def _parse_shards(
+    data: Any, max_header_bytes: int, max_tensors: int, max_total_bytes: int
+) -> list[tuple[Any, int, dict[str, str], list[tuple[str, str, list[int], int, int]]]]:
+    """[(buffer, where its data starts, metadata, entries)] for each shard, checked together."""
+    shards = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not shards:
+        raise ResultDecodeError("a result of no shards")
+    parsed = []
+    names: set[str] = set()
+    total = 0
+    for shard in shards:
+        with memoryview(shard) as probe:
+            buffer = bytearray(probe) if probe.readonly else shard
+        with memoryview(buffer) as raw, raw.cast("B") as view:
+            header_len, metadata, entries = _parse_weights_header(view, max_header_bytes, max_tensors, max_total_bytes)
+            total += len(view) - 8 - header_len
+        for name, *_ in entries:
+            if name in names:
+                raise ResultDecodeError(f"tensor {name!r} appears in two shards")
+            names.add(name)
+        if len(names) > max_tensors or total > max_total_bytes:
+            raise ResultDecodeError(f"the shards together pass the cap of {max_tensors} tensors or {max_total_bytes} bytes")
+        parsed.append((buffer, 8 + header_len, metadata, entries))
+    return parsed
 
 
 def _parse_weights_header(
     view: memoryview, max_header_bytes: int, max_tensors: int, max_total_bytes: int
-) -> tuple[int, list[tuple[str, str, list[int], int, int]]]:
+) -> tuple[int, dict[str, str], list[tuple[str, str, list[int], int, int]]]:
     if len(view) < 8:
         raise ResultDecodeError(f"weights of {len(view)} bytes: too short for a header length")
     header_len = int.from_bytes(view[:8], "little")
@@ -134,7 +260,7 @@ def _parse_weights_header(
         raise ResultDecodeError(f"{len(header)} tensors, more than the cap of {max_tensors}")
     entries = [_check_entry(name, info) for name, info in header.items()]
     _check_layout(entries, data_len)
-    return header_len, entries
+    return header_len, metadata, entries
 
 
 def _check_entry(name: str, info: Any) -> tuple[str, str, list[int], int, int]:
@@ -191,16 +317,6 @@ def _build_tensors(
             raw = raw.clone()  # unaligned in the buffer: a fresh, aligned copy
         tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
-
-
-def decode_object(payload: Any) -> Any:
-    """Unpickle an object result with cloudpickle. Runs the repository's code: trusted calls only."""
-    import cloudpickle
-
-    try:
-        return cloudpickle.loads(payload)
-    except Exception as exc:
-        raise ResultDecodeError(f"could not unpickle the worker's object: {type(exc).__name__}: {exc}") from exc
 
 
 def _is_count(value: Any) -> bool:

@@ -625,6 +625,7 @@ Options --debug, --offline, --hub-dir and --quiet work before or after the sub-c
 environment:
   TORCH_HOME               the hub dir is $TORCH_HOME/hub (shared with torch.hub)
   SAFEHUB_OFFLINE=1        serve from the cache only (as --offline)
+  SAFEHUB_WARM=1           fork the worker from a warm zygote (off for a command: one call each)
   SAFEHUB_GITHUB_URL       archive host (default https://github.com)
   SAFEHUB_GITHUB_API_URL   API host (default https://api.github.com)
   GITHUB_TOKEN             sent to the API host only: higher rate limit, private repositories
@@ -877,6 +878,10 @@ def _error_line(exc: BaseException, args: argparse.Namespace | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (see ``safehub --help``)."""
+    if argv is None:
+        # A command makes one isolated call and exits: a warm zygote could never pay back its
+        # start here, so its worker starts cold unless SAFEHUB_WARM=1 asks otherwise.
+        os.environ.setdefault("SAFEHUB_WARM", "0")
     parser = build_parser()
     args: argparse.Namespace | None = None
     try:

@@ -52,6 +52,8 @@ _COMPUTED = {
     "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
     "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
     "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),
+    # Isolated calls fork their workers from a warm zygote unless this is 0/false/no/off.
+    "SAFEHUB_WARM": lambda: (_env("SAFEHUB_WARM") or "1").strip().lower() not in ("0", "false", "no", "off"),
     "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")

@@ -29,6 +29,19 @@ def hub_dir(tmp_path_factory, monkeypatch):
     return torch_home / "hub"
 
 
+@pytest.fixture(params=["cold", "warm"])
+def worker_start(request, monkeypatch):
+    """How isolated calls start their workers in this test: "cold" (a fresh interpreter per
+    call) or "warm" (forked by the zygote). Tests that must hold on both paths use it."""
+    monkeypatch.setenv("SAFEHUB_WARM", "1" if request.param == "warm" else "0")
+    if request.param == "warm":
+        import safehub
+
+        if not safehub.warmup():
+            pytest.skip("the warm zygote cannot start on this machine")
+    return request.param
+
+
 def _is_loopback(address) -> bool:
     if not isinstance(address, tuple):
         return True  # AF_UNIX paths and abstract names

@@ -7,8 +7,9 @@ asks for it:
 
 1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
 2. namespaces (user, net, ipc, pid, mount), unless bubblewrap already made them. A new pid
-   namespace takes effect for children only, so the process forks here: the child goes on as
-   pid 1 of the namespace (a fresh /proc mounted), the parent waits and mirrors its fate.
+   namespace takes effect for children only, so the process forks here: a small init becomes
+   pid 1 of the namespace (a fresh /proc mounted) and forks the work as pid 2, which goes on;
+   the process left outside waits and mirrors the work's fate.
 3. uid_drop (root only): root is exempt from RLIMIT_NPROC and reads every file, so it becomes
    uid 65534. Folders that uid cannot traverse (``/root`` is 0700 here) are covered in a private
    mount namespace and only the paths the worker needs are bound back, read-only.
@@ -145,11 +146,19 @@ def _enter_namespaces(settings: dict[str, Any], *, keep_root: bool) -> dict[str,
 
 
 def _become_pid1(report: Report) -> None:
-    """Fork into the new pid namespace; the child returns as pid 1, the parent mirrors it."""
+    """Fork into the new pid namespace: a small init as its pid 1, the work as pid 2.
+
+    Only the work returns; the caller, left outside the namespace, mirrors the work's end. The
+    work is not pid 1 itself: the kernel drops every signal a namespace's pid 1 sends itself
+    without a handler (``os.kill(os.getpid(), SIGSEGV)``, SIGABRT from ``abort()``), so it
+    could not die of them as it does anywhere else.
+    """
     namespaces = _layer("namespaces")
     libc = namespaces._lib()
-    child = os.fork()
-    if child == 0:
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init == 0:
+        os.close(status_r)
         # When pid 1 exits the kernel kills every process of the namespace: nothing outlives it.
         libc.prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         try:
@@ -160,12 +169,34 @@ def _become_pid1(report: Report) -> None:
             )
         except OSError as exc:
             report.missing["private_proc"] = f"{exc}"
+        _init(status_w)
+        os.close(status_w)
         return
-    _, status = os.waitpid(child, 0)
+    os.close(status_w)
+    _, status = os.waitpid(init, 0)
+    told = os.read(status_r, 32)  # the work's own status; nothing if init was killed first
+    if told.isdigit():
+        status = int(told)
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
+
+
+def _init(status_w: int) -> None:
+    """As pid 1: fork the work (which returns), reap until it ends, pass its status up, exit."""
+    try:
+        work = os.fork()
+    except OSError:
+        os._exit(70)
+    if work == 0:
+        return
+    while True:  # orphans of the work re-parent here and are reaped along the way
+        pid, status = os.waitpid(-1, 0)
+        if pid == work:
+            break
+    os.write(status_w, str(status).encode())
+    os._exit(0)
 
 
 def _needed_paths(settings: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -1,12 +1,18 @@
 """The isolated worker's entry script. Standalone: standard library, torch and cloudpickle only.
 
-safehub's parent side (``safehub/_isolation.py``) starts it as a fresh interpreter::
+safehub's parent side (``safehub/_launcher.py``) starts it as a fresh interpreter for one call
+(cold)::
 
     python -I -B main.py --channel-fd FD --repo-dir DIR --parent-pid PID --settings JSON
 
+or once per process as the warm path's zygote (``zygote.py``, which documents that mode; each
+call's supervisor it forks runs ``supervise`` below, and everything from there on is shared)::
+
+    python -I -B main.py --zygote --control-fd FD --parent-pid PID
+
 It imports nothing of safehub's parent side: its sibling files (``hubconf.py``, ``confine.py``,
-``weights.py``) and ``../_protocol.py`` are loaded by path under private ``_safehub_*`` names,
-and its own folder is never on ``sys.path``.
+``weights.py``, ``objects.py``, ``zygote.py``) and ``../_protocol.py`` are loaded by path under
+private ``_safehub_*`` names, and its own folder is never on ``sys.path``.
 
 argv
     --channel-fd   an inherited AF_UNIX stream socket: the only channel to the parent
@@ -27,10 +33,14 @@ Input (the channel, ``_protocol.py`` frames)
 Output (the channel): exactly one frame
     RESULT {"action": "list", "entrypoints": [str, ...]}
     RESULT {"action": "help", "doc": str|null}
-    RESULT {"action": "load", "returns": "object"|"weights", "transport": "memfd"|"inline", "size": int}
-           with the payload as one sealed memfd (SCM_RIGHTS) or, where memfds fail, one buffer:
-           cloudpickle bytes (repository modules pickled by value), or the weights format
-           described in ``safehub/_results.py``.
+    RESULT {"action": "load", "returns": "object"|"weights", "transport": "memfd"|"inline",
+            "sizes": [int, ...]}
+           with the result in the layout described in ``safehub/_results.py`` (safetensors
+           shards): one sealed memfd per size (SCM_RIGHTS; shards are written in parallel) or,
+           where memfds fail, one buffer. A weights result holds tensors only
+           (``weights.py``); an object result holds each torch storage's bytes and the
+           cloudpickle of the object's structure (repository modules pickled by value), whose
+           tensors refer to those storages (``objects.py``).
     ERROR  {"error": category, "type": str, "message": str, "traceback": str, ...} where category
            is hubconf_missing, missing_dependencies (+"missing"), entrypoint_not_found (+"model"),
            exception (the repository's code raised; +"phase": import|arguments|call),
@@ -41,10 +51,11 @@ Output (the channel): exactly one frame
 Processes
     The started process (P1) is a small supervisor: it watches the parent through a pidfd and
     kills the whole tree if the parent dies (where pidfds are missing it has a parent-death
-    signal instead), it is the child subreaper, every descriptor but stdio and the channel closed, no core dumps; it forks the
-    work process (P2), which applies the sandbox hook (``confine.apply_sandbox``) before any
-    repository code runs. When P2 ends, for any reason, P1 kills every remaining descendant (they
-    re-parent to it) until none is left, then mirrors P2's fate. P1 never imports torch.
+    signal instead), it is the child subreaper, every descriptor but stdio and the channel
+    closed, no core dumps; it forks the work process (P2), which applies the sandbox hook
+    (``confine.apply_sandbox``) before any repository code runs. When P2 ends, for any reason,
+    P1 kills every remaining descendant (they re-parent to it) until none is left, then mirrors
+    P2's fate. A cold P1 never imports torch; a warm one is a fork of the zygote, which has.
 
 Exit status (P1 exits with P2's code, or dies of P2's signal, re-raised with core dumps off)
     0    an answer (RESULT or ERROR) was sent
@@ -57,6 +68,7 @@ Exit status (P1 exits with P2's code, or dies of P2's signal, re-raised with cor
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -88,6 +100,9 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def main(argv: list[str]) -> NoReturn:
+    if argv[:1] == ["--zygote"]:
+        zygote = _load_sibling("_safehub_zygote", os.path.join(_HERE, "zygote.py"))
+        zygote.main(argv[1:], sys.modules[__name__])
     try:
         opts = _parse_args(argv)
         settings = json.loads(opts["--settings"])
@@ -96,13 +111,29 @@ def main(argv: list[str]) -> NoReturn:
         print(f"safehub worker: bad command line: {exc}", file=sys.stderr)
         os._exit(EXIT_USAGE)
     try:
-        confine = _load_sibling("_safehub_confine", os.path.join(_HERE, "confine.py"))
         # The supervisor outlives its parent just long enough to kill the tree: a pidfd tells it
         # the parent is gone. Where pidfds are missing (Linux < 5.3) it dies with the parent.
         # Parent pid 0: bubblewrap stands between, and its --die-with-parent takes the tree down.
         parent_fd = _watch_parent(parent_pid) if parent_pid else None
         if parent_pid and os.getppid() != parent_pid:
             os._exit(EXIT_SUPERVISOR)  # it died before the watch took hold
+    except OSError as exc:
+        print(f"safehub worker: supervisor failed: {exc}", file=sys.stderr)
+        os._exit(EXIT_SUPERVISOR)
+    supervise(channel_fd, parent_fd, opts["--repo-dir"], settings)
+
+
+def supervise(channel_fd: int, parent_fd: int | None, repo_dir: str, settings: dict[str, Any]) -> NoReturn:
+    """Be P1 of one call: fork the work process, wait for it, kill what it left, mirror its end.
+
+    A cold worker calls this from ``main``; on the warm path each supervisor the zygote forks
+    calls it once its session, stdio, working folder and environment are the call's.
+    ``parent_fd`` is a pidfd of the caller (None: bubblewrap or a death signal watches it).
+    """
+    try:
+        confine = _load_sibling("_safehub_confine", os.path.join(_HERE, "confine.py"))
+        if parent_fd is not None and _readable(parent_fd):
+            os._exit(EXIT_SUPERVISOR)  # the caller is already gone: nobody waits for an answer
         # Orphans of the work process re-parent here, where they can be found and killed.
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         confine.close_other_fds((0, 1, 2, channel_fd) + ((parent_fd,) if parent_fd is not None else ()))
@@ -113,13 +144,21 @@ def main(argv: list[str]) -> NoReturn:
         print(f"safehub worker: supervisor failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SUPERVISOR)
     if worker == 0:
-        _run_work_process(supervisor, channel_fd, opts["--repo-dir"], settings, confine)
+        _run_work_process(supervisor, channel_fd, repo_dir, settings, confine)
     os.close(channel_fd)  # only the work process speaks; the parent sees EOF once it is gone
     status = _wait_for(worker, parent_fd)
     _kill_descendants()
     if status is None:
         os._exit(EXIT_SUPERVISOR)  # the parent died: nobody waits for an answer
     _mirror(status)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _parse_args(argv: list[str]) -> dict[str, str]:
@@ -176,6 +215,10 @@ def _wait_for(worker: int, parent_fd: int | None) -> int | None:
 
 def _kill_descendants() -> None:
     """SIGKILL every process below this one until none is left (they re-parent here)."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return  # no child at all: any live descendant would have re-parented here as one
     me = os.getpid()
     while True:
         pids = _descendants(me)
@@ -233,7 +276,9 @@ def _mirror(status: int) -> NoReturn:
 
 
 def _load_sibling(name: str, path: str) -> ModuleType:
-    """Load one of the worker's own files by path, under a private name."""
+    """Load one of the worker's own files by path, under a private name (once: the zygote preloads them)."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
@@ -241,6 +286,36 @@ def _load_sibling(name: str, path: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# The warm path: what the zygote imports once, before it forks
+# ---------------------------------------------------------------------------------------------
+
+
+def preload() -> ModuleType:
+    """For the zygote: import everything a work process needs, so its forks start with it.
+
+    torch is imported and never used: no op may run before a fork. Returns the protocol module,
+    which the zygote speaks too.
+    """
+    confine = _load_sibling("_safehub_confine", os.path.join(_HERE, "confine.py"))
+    for layer in ("namespaces", "landlock", "limits", "seccomp"):
+        confine._layer(layer)
+    _load_sibling("_safehub_hubconf", os.path.join(_HERE, "hubconf.py"))
+    _load_sibling("_safehub_weights", os.path.join(_HERE, "weights.py"))
+    _load_sibling("_safehub_objects", os.path.join(_HERE, "objects.py"))
+    import pickle, select, socket, traceback  # noqa: E401, F401 - what _work imports late
+
+    import cloudpickle  # noqa: F401
+    import torch  # noqa: F401
+
+    _python_roots()
+    # torch's import left a finder per folder it looked in; each work process drops them
+    # (_clean_sys_path), and freeing them there would copy every page they sit on: drop them once.
+    sys.path_importer_cache.clear()
+
+    return _load_sibling("_safehub_protocol", _PROTOCOL_PATH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +388,9 @@ Reply = tuple[str, dict[str, Any], list[bytes], list[int]]
 
 def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str, hubconf: ModuleType) -> Reply:
     action, model, returns = request.get("action"), request.get("model"), request.get("returns")
+    # Only modules imported from here on can be the repository's: looking at just those spares a
+    # forked worker the copy of every page it shares with the zygote that walking them all costs.
+    preloaded = set(sys.modules) if returns == "object" else set()
     try:
         module = hubconf.import_hubconf(repo_dir)
     except hubconf.HubconfMissing as exc:
@@ -344,43 +422,51 @@ def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str, hubcon
     except BaseException as exc:
         return _exception("call", exc)
     try:
-        return _encode(value, returns, repo_dir)
+        return _encode(value, returns, repo_dir, preloaded)
     except BaseException as exc:
         message = str(exc) if type(exc).__name__ == "NotWeights" else f"the result cannot be sent: {type(exc).__name__}: {exc}"
         return _error("bad_result", message, type=type(exc).__name__, traceback=_format_traceback(exc))
 
 
-def _encode(value: Any, returns: Any, repo_dir: str) -> Reply:
+def _encode(value: Any, returns: Any, repo_dir: str, preloaded: set[str]) -> Reply:
     weights = sys.modules["_safehub_weights"]
     fields: dict[str, Any] = {"action": "load", "returns": returns}
     if returns == "weights":
-        tensors = weights.collect_tensors(value)
-        try:
-            fd, size = weights.encode_to_memfd(tensors)
-        except OSError:  # no memfd here (or a sandbox forbids it): send the bytes inline
-            payload = weights.encode_bytes(tensors)
-            return _result({**fields, "transport": "inline", "size": len(payload)}, buffers=[payload])
+        parts, metadata = weights.weights_parts(weights.collect_tensors(value)), weights.WEIGHTS_METADATA
     elif returns == "object":
         import cloudpickle
 
-        _register_repo_modules(cloudpickle, repo_dir)
-        payload = cloudpickle.dumps(value, protocol=5)
-        try:
-            fd, size = weights.bytes_to_memfd(payload), len(payload)
-        except OSError:
-            return _result({**fields, "transport": "inline", "size": len(payload)}, buffers=[payload])
+        objects = sys.modules.get("_safehub_objects") or _load_sibling("_safehub_objects", os.path.join(_HERE, "objects.py"))
+        _register_repo_modules(cloudpickle, repo_dir, [m for n, m in list(sys.modules.items()) if n not in preloaded])
+        # The structure is pickled; every storage's bytes travel beside it, never through pickle.
+        parts, metadata = objects.dumps(value, weights.DTYPE_NAMES), objects.OBJECT_METADATA
     else:
         raise ValueError(f"unknown returns={returns!r}")
-    return _result({**fields, "transport": "memfd", "size": size}, fds=[fd])
+    try:
+        shards = weights.parts_to_memfds(parts, metadata)
+    except OSError:  # no memfd here (or a sandbox forbids it): send the bytes inline, as one shard
+        payload = weights.parts_to_bytes(parts, metadata)
+        return _result({**fields, "transport": "inline", "sizes": [len(payload)]}, buffers=[payload])
+    return _result({**fields, "transport": "memfd", "sizes": [size for _, size in shards]}, fds=[fd for fd, _ in shards])
 
 
-def _register_repo_modules(cloudpickle: ModuleType, repo_dir: str) -> None:
-    """Pickle every module loaded from the repository by value, so the parent never imports it."""
+def _register_repo_modules(cloudpickle: ModuleType, repo_dir: str, modules: list[Any]) -> None:
+    """Pickle every one of ``modules`` loaded from the repository by value, so the parent never imports it."""
     prefix = os.path.realpath(repo_dir) + os.sep
-    for module in list(sys.modules.values()):
+    real_folders: dict[str, str] = {}  # one realpath per folder: torch alone brings a thousand modules
+
+    def in_repo(place: Any) -> bool:
+        if not isinstance(place, str):
+            return False
+        folder, name = os.path.split(place)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        return os.path.join(real_folders[folder], name).startswith(prefix)
+
+    for module in modules:
         try:
             places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or ())]
-            if any(isinstance(p, str) and os.path.realpath(p).startswith(prefix) for p in places):
+            if any(in_repo(p) for p in places):
                 cloudpickle.register_pickle_by_value(module)
         except Exception:
             continue  # an alias under another name (its own entry registers it) or an odd module
@@ -388,15 +474,7 @@ def _register_repo_modules(cloudpickle: ModuleType, repo_dir: str) -> None:
 
 def _clean_sys_path(repo_dir: str) -> None:
     """sys.path = the repository, then only standard library and site-packages entries."""
-    import site
-    import sysconfig
-
-    roots = set(site.getsitepackages())
-    for base, platbase in ((sys.prefix, sys.exec_prefix), (sys.base_prefix, sys.base_exec_prefix)):
-        paths = sysconfig.get_paths(vars={"base": base, "platbase": platbase, "installed_base": base, "installed_platbase": platbase})
-        roots.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
-    roots = {os.path.realpath(r) for r in roots}
-    stdlib_zip = os.path.realpath(os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}{sys.version_info[1]}.zip"))
+    roots, stdlib_zip = _python_roots()
 
     def allowed(entry: Any) -> bool:
         if not isinstance(entry, str) or not entry:
@@ -411,6 +489,23 @@ def _clean_sys_path(repo_dir: str) -> None:
     sys.path_hooks[:] = [h for h in sys.path_hooks if not _module_name(h).startswith("__editable__")]
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
+
+
+@functools.lru_cache(maxsize=1)
+def _python_roots() -> tuple[frozenset[str], str]:
+    """(the standard library and site-packages folders, the stdlib zip), as real paths.
+
+    Cached: sysconfig takes milliseconds, and the zygote computes it once for all its forks.
+    """
+    import site
+    import sysconfig
+
+    roots = set(site.getsitepackages())
+    for base, platbase in ((sys.prefix, sys.exec_prefix), (sys.base_prefix, sys.base_exec_prefix)):
+        paths = sysconfig.get_paths(vars={"base": base, "platbase": platbase, "installed_base": base, "installed_platbase": platbase})
+        roots.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    stdlib_zip = os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}{sys.version_info[1]}.zip")
+    return frozenset(os.path.realpath(r) for r in roots), os.path.realpath(stdlib_zip)
 
 
 def _module_name(obj: Any) -> str:

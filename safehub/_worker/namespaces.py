@@ -70,6 +70,8 @@ PR_SET_DUMPABLE = 4
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 _libc = None
+# The mount namespace this process (or the one it was forked from) left through enter(mount=True).
+_mount_ns_left: int | None = None
 
 
 def _lib():
@@ -150,7 +152,10 @@ def enter(
     dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
     if user and dumpable == 0:
         libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    global _mount_ns_left
     try:
+        if mount and _mount_ns_left is None:
+            _mount_ns_left = os.stat("/proc/self/ns/mnt").st_ino
         _check(libc.unshare(flags), "unshare(" + "|".join(names) + ")")
         uid_map = ""
         if user:
@@ -250,13 +255,18 @@ def run_as_pid1(target, *, mount_proc: bool = True) -> int:
 
 
 def _same_mount_namespace_guard() -> None:
-    """Raise unless this process is in a mount namespace of its own (not its parent's)."""
+    """Raise unless this process is in a mount namespace of its own (not the one it started in)."""
     try:
         mine = os.stat("/proc/self/ns/mnt").st_ino
-        parent = os.stat(f"/proc/{os.getppid()}/ns/mnt").st_ino if os.getppid() > 0 else None
+        if _mount_ns_left is not None:
+            # enter(mount=True) ran here or before a fork: its own record is the surest test,
+            # also where the parent shares the new namespace (pid 2 under a namespace's init).
+            theirs = _mount_ns_left
+        else:
+            theirs = os.stat(f"/proc/{os.getppid()}/ns/mnt").st_ino if os.getppid() > 0 else None
     except OSError:
         return  # the parent's namespace is not visible from here: it is not ours
-    if parent is not None and mine == parent:
+    if theirs is not None and mine == theirs:
         raise RuntimeError("still in the parent's mount namespace: call enter(mount=True) first")
 
 

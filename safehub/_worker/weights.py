@@ -1,16 +1,22 @@
-"""Encode a weights result in the worker: tensors only, in the safetensors layout.
+"""Encode a load result in the worker: raw buffers in the safetensors layout, in sealed memfds.
 
 The format is described once, in the docstring of ``safehub/_results.py`` (the parent's decoder);
-golden-bytes tests pin this encoder to it. Standard library and torch only; torch is imported
-lazily, and a result cannot hold tensors when the repository never imported torch.
+golden-bytes tests pin this encoder to it. Both ``returns`` modes use it: a weights result holds
+each tensor's own bytes; an object result (``objects.py``) holds each storage's bytes once and
+the pickle of the object's structure. Standard library and torch only; torch is imported lazily,
+and a result cannot hold tensors when the repository never imported torch.
+
+A part is ``(name, dtype name, shape, alignment, source)``: one header entry and the bytes it
+names. ``source`` is a contiguous CPU tensor, a ``torch.UntypedStorage`` or a bytes-like object.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
-import mmap
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +33,14 @@ DTYPE_NAMES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+WEIGHTS_METADATA = {"format": "pt"}
+MAX_SHARDS = 4
+# Below this many bytes a shard's thread costs more than it saves.
+SHARD_MIN_BYTES = 64 * 1024 * 1024
+_WRITE_CHUNK = 256 * 1024 * 1024  # Linux writes at most ~2 GiB per call
 _USE_OBJECT = 'Use returns="object" to get the object itself.'
+
+Part = tuple[str, str, list[int], int, Any]
 
 
 class NotWeights(Exception):
@@ -58,29 +71,13 @@ def collect_tensors(result: Any) -> dict[str, Any]:
     return dict(tensors)
 
 
-def plan(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[tuple[Any, int]], int]:
-    """Lay tensors out: (header with its length prefix, [(contiguous cpu tensor, file offset)], total size)."""
-    prepared = {name: _prepare(name, t) for name, t in tensors.items()}
-    # Largest item size first, then by name: every offset is then a multiple of its item size.
-    order = sorted(prepared, key=lambda n: (-prepared[n].element_size(), n))
-    offsets: dict[str, tuple[int, int]] = {}
-    position = 0
-    for name in order:
-        size = prepared[name].numel() * prepared[name].element_size()
-        offsets[name] = (position, position + size)
-        position += size
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    for name, t in prepared.items():  # the caller's order, which the decoder keeps
-        header[name] = {
-            "dtype": DTYPE_NAMES[str(t.dtype).removeprefix("torch.")],
-            "shape": list(t.shape),
-            "data_offsets": list(offsets[name]),
-        }
-    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    body += b" " * (-len(body) % 8)  # safetensors pads the header so the data starts 8-aligned
-    head = len(body).to_bytes(8, "little") + body
-    placed = [(prepared[name], len(head) + offsets[name][0]) for name in order]
-    return head, placed, len(head) + position
+def weights_parts(tensors: Mapping[str, Any]) -> list[Part]:
+    """One part per tensor, in the caller's order (the decoder keeps it)."""
+    parts = []
+    for name, tensor in tensors.items():
+        t = _prepare(name, tensor)
+        parts.append((name, DTYPE_NAMES[str(t.dtype).removeprefix("torch.")], list(t.shape), t.element_size(), t))
+    return parts
 
 
 def _prepare(name: str, tensor: Any) -> Any:
@@ -104,57 +101,136 @@ def _prepare(name: str, tensor: Any) -> Any:
     return t.contiguous()
 
 
-def write_into(buffer: Any, head: bytes, placed: list[tuple[Any, int]]) -> None:
-    """Copy the header and every tensor's bytes into a writable buffer of the planned size."""
-    import torch
+def plan(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[tuple[Any, int]], int]:
+    """A weights result as one shard: (header with its length prefix, [(source, offset)], total size)."""
+    return lay_out(weights_parts(tensors), metadata or WEIGHTS_METADATA)
 
-    with memoryview(buffer) as view:
-        view[: len(head)] = head
-    for tensor, offset in placed:
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0:
-            continue
-        dst = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
-        dst.copy_(tensor.reshape(-1).view(torch.uint8))
-        # torch does not hold a buffer export: drop the view before the caller unmaps the buffer.
-        del dst
+
+def lay_out(parts: list[Part], metadata: Mapping[str, str]) -> tuple[bytes, list[tuple[Any, int]], int]:
+    """Lay parts out in one shard: (header with its length prefix, [(source, file offset)], total size)."""
+    # Largest alignment first, then by name: every offset is then a multiple of its alignment.
+    order = sorted(parts, key=lambda p: (-p[3], p[0]))
+    offsets: dict[str, tuple[int, int]] = {}
+    position = 0
+    for name, _, _, _, source in order:
+        offsets[name] = (position, position + nbytes(source))
+        position = offsets[name][1]
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    for name, dtype, shape, _, _ in parts:  # the caller's order, which the decoder keeps
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": list(offsets[name])}
+    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)  # safetensors pads the header so the data starts 8-aligned
+    head = len(body).to_bytes(8, "little") + body
+    placed = [(source, len(head) + offsets[name][0]) for name, _, _, _, source in order]
+    return head, placed, len(head) + position
+
+
+def split(parts: list[Part], count: int) -> list[list[Part]]:
+    """Cut the parts, in order, into at most ``count`` runs of about equal bytes (the shards)."""
+    total = sum(nbytes(p[4]) for p in parts)
+    shards: list[list[Part]] = [[]]
+    filled = 0
+    for part in parts:
+        if shards[-1] and len(shards) < count and filled >= total * len(shards) / count:
+            shards.append([])
+        shards[-1].append(part)
+        filled += nbytes(part[4])
+    return shards
+
+
+def shard_count(parts: list[Part]) -> int:
+    """How many shards to write in parallel: a thread per core, each with enough bytes to be worth it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except OSError:
+        cores = 1
+    total = sum(nbytes(p[4]) for p in parts)
+    return max(1, min(MAX_SHARDS, cores, len(parts), total // SHARD_MIN_BYTES))
 
 
 def encode_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The whole file as bytes (tests and the inline fallback)."""
-    head, placed, total = plan(tensors, metadata)
+    """A weights result as bytes (tests)."""
+    return bytes(parts_to_bytes(weights_parts(tensors), metadata or WEIGHTS_METADATA))
+
+
+def parts_to_bytes(parts: list[Part], metadata: Mapping[str, str]) -> bytearray:
+    """One shard in memory (the inline fallback, tests)."""
+    head, placed, total = lay_out(parts, metadata)
     out = bytearray(total)
-    write_into(out, head, placed)
-    return bytes(out)
+    with memoryview(out) as view:
+        view[: len(head)] = head
+        for source, offset in placed:
+            with _raw(source) as raw:
+                view[offset : offset + len(raw)] = raw
+    return out
 
 
-def encode_to_memfd(tensors: Mapping[str, Any]) -> tuple[int, int]:
-    """Write the file into a sealed memfd; returns (fd, size). The caller sends then closes fd."""
-    head, placed, total = plan(tensors)
-    fd = os.memfd_create("safehub-weights", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+def parts_to_memfds(parts: list[Part], metadata: Mapping[str, str], count: int | None = None) -> list[tuple[int, int]]:
+    """Write the parts as sealed memfds, one shard each, in parallel; returns [(fd, size)].
+
+    The caller sends then closes the fds. One file per thread: writes to one tmpfs file take its
+    inode lock, so several threads on one file go no faster than one.
+    """
+    layouts = [lay_out(shard, metadata) for shard in split(parts, shard_count(parts) if count is None else count)]
+    fds: list[int] = []
+    errors: list[BaseException] = []
+    try:
+        for _ in layouts:
+            fds.append(os.memfd_create("safehub-result", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
+        jobs = [(fd, *layout, errors) for fd, layout in zip(fds, layouts)]
+        threads = [threading.Thread(target=_write_shard, args=job, daemon=True) for job in jobs[1:]]
+        for thread in threads:
+            thread.start()
+        _write_shard(*jobs[0])  # this thread writes the first shard itself
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        for fd in fds:
+            seal(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return [(fd, total) for fd, (_, _, total) in zip(fds, layouts)]
+
+
+def _write_shard(fd: int, head: bytes, placed: list[tuple[Any, int]], total: int, errors: list[BaseException]) -> None:
     try:
         os.ftruncate(fd, total)
-        with mmap.mmap(fd, total) as mapped:
-            write_into(mapped, head, placed)
-        seal(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, total
+        # pwrite, not a shared mapping: the kernel copies into fresh pages without zeroing them first.
+        _pwrite_all(fd, memoryview(head), 0)
+        for source, offset in placed:
+            with _raw(source) as raw:
+                _pwrite_all(fd, raw, offset)
+    except BaseException as exc:
+        errors.append(exc)
 
 
-def bytes_to_memfd(payload: bytes, name: str = "safehub-object") -> int:
-    """Copy bytes into a sealed memfd; returns the fd."""
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-        seal(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + _WRITE_CHUNK], offset + done)
+
+
+def nbytes(source: Any) -> int:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    torch = sys.modules["torch"]
+    if isinstance(source, torch.UntypedStorage):
+        return source.nbytes()
+    return source.numel() * source.element_size()
+
+
+def _raw(source: Any) -> memoryview:
+    """The source's bytes as a memoryview, without a copy. The source must stay alive meanwhile."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).cast("B")
+    size = nbytes(source)
+    if size == 0:
+        return memoryview(b"")
+    # torch exports no buffer; its contiguous CPU memory is read in place through its address.
+    return memoryview((ctypes.c_char * size).from_address(source.data_ptr())).cast("B")
 
 
 def seal(fd: int) -> None:

@@ -1,7 +1,9 @@
 """run_isolated with real worker processes, against local hubconf folders.
 
-Pure-Python repositories never import torch, so their workers start in a fraction of a second;
-only the tests about tensors pay for a cold ``import torch`` in the worker.
+Every test runs twice (``worker_start``, tests/conftest.py): with a cold worker per call, and
+with workers forked by the warm zygote; both must keep every guarantee. Pure-Python repositories
+never import torch, so their cold workers start in a fraction of a second; only the tests about
+tensors pay for a cold ``import torch`` in the worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +44,7 @@ SANDBOX = Sandbox(timeout=60)
 # supervisor, timeout, tree kill), which are the ones under test, pids are the host's and the
 # test's folder is writable. tests/security/ runs the same attacks under every layer.
 BARE = dict(layers=())
+pytestmark = pytest.mark.usefixtures("worker_start")
 
 
 def write_repo(root: Path, files: dict[str, str]) -> Path:
@@ -177,9 +181,9 @@ HOSTILE_HUBCONF = '''
 
 
     def _frame(fields, buffers=()):
-        header = json.dumps({"v": 1, "kind": "result", **fields}).encode()
+        header = json.dumps({"v": 2, "kind": "result", **fields}).encode()
         lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-        return struct.pack(">4sHHI", b"SHUB", 1, len(buffers), len(header)) + lengths + header + b"".join(buffers)
+        return struct.pack(">4sHHI", b"SHUB", 2, len(buffers), len(header)) + lengths + header + b"".join(buffers)
 
 
     class Canary:
@@ -202,25 +206,25 @@ HOSTILE_HUBCONF = '''
 
 
     def huge_prefix():
-        _send(struct.pack(">4sHHI", b"SHUB", 1, 0, 0xFFFFFFFF), then_sleep=True)
+        _send(struct.pack(">4sHHI", b"SHUB", 2, 0, 0xFFFFFFFF), then_sleep=True)
 
 
     def forged_object(canary):
         payload = pickle.dumps(Canary(canary))
-        fields = {"action": "load", "returns": "object", "transport": "inline", "size": len(payload)}
+        fields = {"action": "load", "returns": "object", "transport": "inline", "sizes": [len(payload)]}
         _send(_frame(fields, [payload]))
 
 
     def forged_weights(canary):
         payload = pickle.dumps(Canary(canary))
-        fields = {"action": "load", "returns": "weights", "transport": "inline", "size": len(payload)}
+        fields = {"action": "load", "returns": "weights", "transport": "inline", "sizes": [len(payload)]}
         _send(_frame(fields, [payload]))
 
 
     def bad_weights_header():
         header = json.dumps({"x": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
         payload = struct.pack("<Q", len(header)) + header + b"\\0" * 16
-        fields = {"action": "load", "returns": "weights", "transport": "inline", "size": len(payload)}
+        fields = {"action": "load", "returns": "weights", "transport": "inline", "sizes": [len(payload)]}
         _send(_frame(fields, [payload]))
 
 
@@ -229,7 +233,7 @@ HOSTILE_HUBCONF = '''
         payload = struct.pack("<Q", len(header)) + header + b"\\1"
         fd = os.memfd_create("not-sealed")
         os.write(fd, payload)
-        fields = {"action": "load", "returns": "weights", "transport": "memfd", "size": len(payload), "fds": 1}
+        fields = {"action": "load", "returns": "weights", "transport": "memfd", "sizes": [len(payload)], "fds": 1}
         sock = socket.socket(fileno=_channel())
         sock.sendmsg([_frame(fields)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         os._exit(0)
@@ -485,7 +489,7 @@ def test_required_layers_are_checked(repos):
 # -- what the worker sees ----------------------------------------------------------------------
 
 
-def test_worker_environment_cwd_and_path(repos, monkeypatch):
+def test_worker_environment_cwd_and_path(repos, monkeypatch, worker_start):
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_canary")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws_canary")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -500,7 +504,9 @@ def test_worker_environment_cwd_and_path(repos, monkeypatch):
     for forbidden in ("", os.getcwd(), str(Path(__file__).parent), str(Path(__file__).parents[2])):
         assert forbidden not in seen["path"]
     assert all(p.startswith((sys.prefix, sys.base_prefix)) for p in seen["path"][1:])
-    assert "safehub" not in seen["modules"] and "torch" not in seen["modules"]
+    assert "safehub" not in seen["modules"]
+    # The zygote imports torch before it forks (DESIGN 6); a cold worker only when asked to.
+    assert ("torch" in seen["modules"]) == (worker_start == "warm")
     assert len(seen["fds"]) <= 5  # stdio, the channel, and listdir's own
     assert seen["umask"] == 0o077
 
@@ -568,7 +574,7 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path):
+def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path, worker_start):
     pid_file = tmp_path / "child.pid"
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
@@ -586,7 +592,8 @@ def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path):
                 break
             time.sleep(0.01)
         workers = psutil.Process(parent.pid).children(recursive=True)
-        assert int(pid_file.read_text()) in {p.pid for p in workers} and len(workers) == 3
+        # supervisor, work process, its child; and on the warm path the zygote above them
+        assert int(pid_file.read_text()) in {p.pid for p in workers} and len(workers) == 3 + (worker_start == "warm")
         parent.kill()  # no finally runs in the parent: only the supervisor can clean up
         parent.wait()
         for _ in range(1000):
@@ -594,6 +601,11 @@ def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path):
                 break
             time.sleep(0.01)
         assert not any(_alive(p) for p in workers)
+        # The killed caller could not remove its scratch folder; the next call does.
+        left = list(Path(tempfile.gettempdir()).glob(f"safehub-worker-{parent.pid}-*"))
+        assert left
+        run_isolated(repos["pure"], "list", sandbox=SANDBOX)
+        assert not any(p.exists() for p in left)
     finally:
         parent.kill()
         parent.wait()

@@ -16,6 +16,8 @@ import torch
 
 import safehub
 
+pytestmark = pytest.mark.usefixtures("worker_start")  # cold and warm workers alike
+
 HUBCONF = "dependencies = ['torch']\nfrom models.net import Net\n\n\ndef net():\n    return Net()\n"
 
 

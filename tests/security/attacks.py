@@ -139,12 +139,12 @@ def channel():
 
 
 def frame(fields, buffers=(), nfds=0, kind="result"):
-    header = {"v": 1, "kind": kind, **fields}
+    header = {"v": 2, "kind": kind, **fields}
     if nfds:
         header["fds"] = nfds
     body = json.dumps(header).encode()
     lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-    return struct.pack(">4sHHI", b"SHUB", 1, len(buffers), len(body)) + lengths + body + b"".join(buffers)
+    return struct.pack(">4sHHI", b"SHUB", 2, len(buffers), len(body)) + lengths + body + b"".join(buffers)
 
 
 def weights(header, data=b""):
@@ -154,7 +154,7 @@ def weights(header, data=b""):
 
 
 def result(payload, returns="weights"):
-    return frame({"action": "load", "returns": returns, "transport": "inline", "size": len(payload)}, [payload])
+    return frame({"action": "load", "returns": returns, "transport": "inline", "sizes": [len(payload)]}, [payload])
 
 
 def send(data, fds=(), linger=0.0):
@@ -1148,18 +1148,18 @@ channel_case("weights_shape_overflow", """
     send(result(weights(header, b"\\0" * 16)))
 """)
 channel_case("frame_header_length_absurd", """
-    send(struct.pack(">4sHHI", b"SHUB", 1, 0, 0xFFFFFFFF) + PICKLE, linger=30)
+    send(struct.pack(">4sHHI", b"SHUB", 2, 0, 0xFFFFFFFF) + PICKLE, linger=30)
 """)
 channel_case("frame_buffer_length_absurd", """
-    body = json.dumps({"v": 1, "kind": "result", "action": "load", "returns": "weights",
-                       "transport": "inline", "size": 2**60}).encode()
-    send(struct.pack(">4sHHI", b"SHUB", 1, 1, len(body)) + struct.pack(">Q", 2**60) + body + PICKLE, linger=30)
+    body = json.dumps({"v": 2, "kind": "result", "action": "load", "returns": "weights",
+                       "transport": "inline", "sizes": [2**60]}).encode()
+    send(struct.pack(">4sHHI", b"SHUB", 2, 1, len(body)) + struct.pack(">Q", 2**60) + body + PICKLE, linger=30)
 """)
 channel_case("unsealed_memfd", """
     fd = os.memfd_create("weights")
     payload = weights({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\\0" * 4)
     os.write(fd, payload)  # no seals: the worker could still change the bytes after the check
-    head = frame({"action": "load", "returns": "weights", "transport": "memfd", "size": len(payload)}, nfds=1)
+    head = frame({"action": "load", "returns": "weights", "transport": "memfd", "sizes": [len(payload)]}, nfds=1)
     send(head, fds=[fd])
 """)
 

@@ -1,10 +1,12 @@
-"""The weights format: the worker's encoder, the parent's strict decoder, and safetensors compatibility."""
+"""The result layout: the worker's encoders, the parent's strict decoders, and safetensors compatibility."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
+import pickle
 import struct
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safehub._results import decode_object, decode_weights, map_sealed_memfd
+from safehub._worker import objects
 from safehub._worker import weights as encoder
 from safehub.errors import ResultDecodeError
 
@@ -121,9 +124,17 @@ def test_unaligned_offsets_are_copied():
 # -- the sealed memfd --------------------------------------------------------------------------
 
 
+def sealed_memfd(data: bytes) -> int:
+    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    encoder.seal(fd)
+    return fd
+
+
 def test_sealed_memfd_maps_copy_on_write():
-    fd, size = encoder.encode_to_memfd({"x": torch.arange(4.0)})
+    [(fd, size)] = encoder.parts_to_memfds(encoder.weights_parts({"x": torch.arange(4.0)}), encoder.WEIGHTS_METADATA)
     try:
+        assert size == os.fstat(fd).st_size
         mapped = map_sealed_memfd(fd)
         decoded = decode_weights(mapped)
         del mapped  # the tensors keep the mapping alive
@@ -131,6 +142,19 @@ def test_sealed_memfd_maps_copy_on_write():
         again = decode_weights(map_sealed_memfd(fd))
         assert torch.equal(again["x"], torch.arange(4.0))  # the parent's write stayed private
         assert torch.equal(decoded["x"], torch.arange(4.0) + 10)
+    finally:
+        os.close(fd)
+
+
+def test_memfds_are_sealed_against_every_change():
+    [(fd, size)] = encoder.parts_to_memfds(encoder.weights_parts({"x": torch.ones(4)}), encoder.WEIGHTS_METADATA)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        wanted = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        assert seals & wanted == wanted
+        for change in (lambda: os.pwrite(fd, b"x", 0), lambda: os.ftruncate(fd, 1), lambda: os.ftruncate(fd, size + 1)):
+            with pytest.raises(PermissionError):
+                change()
     finally:
         os.close(fd)
 
@@ -164,7 +188,7 @@ def test_empty_or_oversized_memfd_is_refused():
             map_sealed_memfd(fd)
     finally:
         os.close(fd)
-    fd = encoder.bytes_to_memfd(b"x" * 100)
+    fd = sealed_memfd(b"x" * 100)
     try:
         with pytest.raises(ResultDecodeError, match="size"):
             map_sealed_memfd(fd, max_bytes=99)
@@ -274,10 +298,289 @@ def test_a_pickle_is_never_unpickled_as_weights(tmp_path):
     assert not canary.exists()
 
 
-def test_decode_object_wraps_failures():
-    with pytest.raises(ResultDecodeError, match="unpickle"):
-        decode_object(b"not a pickle")
-    assert decode_object(__import__("cloudpickle").dumps({"a": [1]})) == {"a": [1]}
+# -- shards: one result in several memfds, written in parallel ---------------------------------
+
+
+def test_split_keeps_order_and_balances_bytes():
+    parts = encoder.weights_parts({f"t{i}": torch.ones(n) for i, n in enumerate([10, 10, 10, 10, 40])})
+    shards = encoder.split(parts, 3)
+    assert [p[0] for shard in shards for p in shard] == ["t0", "t1", "t2", "t3", "t4"]
+    assert 2 <= len(shards) <= 3 and all(shards)
+    assert encoder.split(parts, 1) == [parts]
+
+
+def test_sharded_weights_decode_like_one_shard():
+    tensors = sample_tensors()
+    shards = encoder.split(encoder.weights_parts(tensors), 4)
+    assert len(shards) > 1
+    blobs = [bytes(encoder.parts_to_bytes(shard, encoder.WEIGHTS_METADATA)) for shard in shards]
+    decoded = decode_weights(blobs)
+    assert list(decoded) == list(tensors)  # the shards in order keep the result's order
+    assert same(decoded, {k: v.contiguous() for k, v in tensors.items()})
+    for blob in blobs:  # each shard is a safetensors file of its own
+        safetensors.torch.load(blob)
+
+
+def test_sharded_memfds_round_trip():
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    written = encoder.parts_to_memfds(encoder.weights_parts(tensors), encoder.WEIGHTS_METADATA, count=4)
+    try:
+        assert len(written) == 4 and all(os.fstat(fd).st_size == size for fd, size in written)
+        assert same(decode_weights([map_sealed_memfd(fd) for fd, _ in written]), tensors)
+    finally:
+        for fd, _ in written:
+            os.close(fd)
+
+
+def test_a_name_in_two_shards_is_refused():
+    blob = encoder.encode_bytes({"x": torch.ones(2)})
+    with pytest.raises(ResultDecodeError, match="two shards"):
+        decode_weights([blob, blob])
+    with pytest.raises(ResultDecodeError, match="no shards"):
+        decode_weights([])
+
+
+def test_caps_hold_across_shards():
+    blobs = [encoder.encode_bytes({"a": torch.ones(4)}), encoder.encode_bytes({"b": torch.ones(4)})]
+    with pytest.raises(ResultDecodeError, match="cap of 1 tensors"):
+        decode_weights(blobs, max_tensors=1)
+    with pytest.raises(ResultDecodeError, match="16 bytes"):
+        decode_weights(blobs, max_total_bytes=16)
+
+
+# -- objects: the structure pickled, the storages beside it ------------------------------------
+
+
+class Net(torch.nn.Module):
+    """Everything an object result must keep: sharing, layouts, dtypes, Parameters and buffers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(6, 4)
+        self.decoder = torch.nn.Linear(4, 6)
+        self.tied = torch.nn.Linear(6, 4, bias=False)
+        self.tied.weight = self.encoder.weight  # tied weights: one Parameter, twice
+        self.frozen = torch.nn.Parameter(torch.randn(3, 2), requires_grad=False)
+        self.register_buffer("steps", torch.tensor(0))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+        self.register_buffer("brain", torch.randn(5, dtype=torch.bfloat16))
+        self.register_buffer("ints", torch.arange(-3, 3, dtype=torch.int32))
+        self.register_buffer("nothing", torch.empty(0, 4))
+        self.row = self.encoder.weight.data[1]  # a view sharing the encoder's storage
+        self.columns = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
+        self.offset = torch.arange(10.0)[3:7]  # a storage offset
+
+    def forward(self, x):
+        self.steps += 1
+        return self.decoder(self.encoder(x))
+
+
+def round_trip(value, count=None):
+    parts = objects.dumps(value, encoder.DTYPE_NAMES)
+    if count == "inline":  # where memfds fail, the worker sends one shard as bytes: copied once here
+        return decode_object(bytes(encoder.parts_to_bytes(parts, objects.OBJECT_METADATA)))
+    written = encoder.parts_to_memfds(parts, objects.OBJECT_METADATA, count)
+    try:
+        return decode_object([map_sealed_memfd(fd) for fd, _ in written])
+    finally:
+        for fd, _ in written:
+            os.close(fd)
+
+
+def shares_storage(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("count", [1, 3, "inline"])
+def test_object_round_trip_keeps_values_layouts_and_sharing(count):
+    net = Net()
+    got = round_trip(net, count)
+    assert type(got) is Net
+    for (name, a), (_, b) in zip(net.state_dict(keep_vars=True).items(), got.state_dict(keep_vars=True).items()):
+        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+        assert a.requires_grad == b.requires_grad, name
+    x = torch.randn(2, 6)
+    assert torch.equal(got(x), net(x))
+    assert got.tied.weight is got.encoder.weight
+    assert shares_storage(got.row, got.encoder.weight) and got.row.storage_offset() == 6
+    got.encoder.weight.data[1, 0] = 42.0
+    assert got.row[0] == 42.0 and net.row[0] != 42.0
+    assert got.columns.stride() == net.columns.stride() and torch.equal(got.columns, net.columns)
+    assert got.offset.storage_offset() == 3 and torch.equal(got.offset, net.offset)
+
+
+def test_storages_travel_once_however_often_they_are_shared():
+    base = torch.zeros(1000)
+    parts = objects.dumps({"a": base, "b": base[10:], "c": base.view(10, 100), "d": [base] * 3}, encoder.DTYPE_NAMES)
+    assert [p[0] for p in parts] == ["0", "pickle"] and parts[0][2] == [4000]
+    assert parts[1][2][0] < 2000  # the pickle holds structure only
+
+
+def test_object_without_tensors_needs_no_torch_storage():
+    assert round_trip({"a": [1, "two", 3.0]}) == {"a": [1, "two", 3.0]}
+
+
+def test_object_golden_bytes():
+    blob = bytes(encoder.parts_to_bytes(objects.dumps({"a": 1}, encoder.DTYPE_NAMES), objects.OBJECT_METADATA))
+    pickled = pickle.dumps({"a": 1}, protocol=5)
+    n = len(pickled)
+    header = b'{"__metadata__":{"format":"safehub-object"},"pickle":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]}}' % (n, n)
+    header += b" " * (-len(header) % 8)
+    assert blob == struct.pack("<Q", len(header)) + header + pickled
+    assert decode_object(blob) == {"a": 1}
+
+
+def test_other_dtypes_and_devices_fall_back_to_pickle():
+    value = {
+        "complex": torch.tensor([1 + 2j]),
+        "u16": torch.tensor([7], dtype=torch.uint16),  # pickled with an untyped storage: U8
+        "meta": torch.empty(3, device="meta"),
+        "sparse": torch.eye(3).to_sparse(),
+        "odd_bool": torch.tensor([2, 0], dtype=torch.uint8).view(torch.bool),
+    }
+    got = round_trip(value)
+    for name in ("complex", "u16", "sparse"):
+        assert got[name].dtype == value[name].dtype and torch.equal(got[name].to_dense(), value[name].to_dense()), name
+    assert got["meta"].device.type == "meta" and got["meta"].shape == (3,)
+    assert got["odd_bool"].view(torch.uint8).tolist() == [2, 0]
+
+
+def test_returned_tensors_are_private_writable_and_outlive_the_fd():
+    net = Net()
+    written = encoder.parts_to_memfds(objects.dumps(net, encoder.DTYPE_NAMES), objects.OBJECT_METADATA)
+    [(fd, _)] = written
+    got = decode_object([map_sealed_memfd(fd)])
+    os.close(fd)
+    with torch.no_grad():
+        for p in got.parameters():
+            p.add_(1.0)  # copy-on-write: no warning, no fault
+    assert torch.equal(got.decoder.bias, net.decoder.bias + 1)
+    optimizer = torch.optim.SGD(got.parameters(), lr=0.1)
+    got(torch.randn(2, 6)).sum().backward()
+    optimizer.step()
+    assert got.encoder.weight.grad is not None
+
+
+def test_torch_save_of_a_decoded_state_dict(tmp_path):
+    got = round_trip(Net())
+    torch.save(got.state_dict(), tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert same(dict(loaded), {k: v.detach() for k, v in got.state_dict().items()})
+
+
+# Forged object results: what a hostile worker could send, each refused with a decode error.
+
+
+class Ref:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class TensorOn:
+    """Pickles as a tensor rebuilt on a storage reference, the way torch pickles one."""
+
+    def __init__(self, pid, offset=0, size=(1,), stride=(1,)):
+        self.args = (Ref(pid), offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class RefPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, Ref) else None
+
+
+def forge(value, storages: dict[str, bytes], metadata=objects.OBJECT_METADATA, pickle_name="pickle") -> bytes:
+    stream = __import__("io").BytesIO()
+    RefPickler(stream, protocol=5).dump(value)
+    parts = [(name, "U8", [len(data)], 8, data) for name, data in storages.items()]
+    return bytes(encoder.parts_to_bytes(parts + [(pickle_name, "U8", [len(stream.getvalue())], 1, stream.getvalue())], metadata))
+
+
+F32_4 = struct.pack("<4f", 1, 2, 3, 4)
+
+
+def test_a_forged_reference_is_resolved_like_a_real_one():
+    got = decode_object(forge([TensorOn(("storage", "0", "F32"), 1, (2,), (1,))], {"0": F32_4}))
+    assert got[0].tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "value, storages, match",
+    [
+        (TensorOn(("storage", "9", "F32")), {"0": F32_4}, "refers to storage '9'"),
+        (TensorOn(("storage", 0, "F32")), {"0": F32_4}, "refers to storage 0"),
+        (TensorOn(("storage", "pickle", "U8")), {"0": F32_4}, "refers to storage 'pickle'"),
+        (TensorOn(("storage", "0", "C64")), {"0": F32_4}, "dtype 'C64'"),
+        (TensorOn(("storage", "0", None)), {"0": F32_4}, "dtype a NoneType"),
+        (TensorOn(("module", "0", "F32")), {"0": F32_4}, "unknown reference"),
+        (TensorOn(["storage", "0", "F32"]), {"0": F32_4}, "unknown reference \\(a list\\)"),
+        (TensorOn(("storage", "0", "F32", 4)), {"0": F32_4}, "unknown reference"),
+        (TensorOn(("storage", "0", "F64")), {"0": F32_4[:12]}, "not sized and aligned"),
+        (TensorOn(("storage", "0", "BOOL")), {"0": b"\x01\x02"}, "0 or 1"),
+        (TensorOn(("storage", "0", "F32"), 0, (1000,), (1,)), {"0": F32_4}, "could not unpickle"),
+        (TensorOn(("storage", "0", "F32"), 3, (2,), (1,)), {"0": F32_4}, "could not unpickle"),
+        (TensorOn(("storage", "0", "F32"), 0, (2, 2), (2**40, 1)), {"0": F32_4}, "could not unpickle"),
+    ],
+)
+def test_forged_storage_references_are_refused(value, storages, match):
+    with pytest.raises(ResultDecodeError, match=match):
+        decode_object(forge(value, storages))
+
+
+def test_misaligned_storages_are_refused():
+    stream = __import__("io").BytesIO()
+    RefPickler(stream, protocol=5).dump(TensorOn(("storage", "b", "F32")))
+    pickled = stream.getvalue()
+    header = {
+        "__metadata__": objects.OBJECT_METADATA,
+        "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "b": {"dtype": "U8", "shape": [16], "data_offsets": [1, 17]},  # at an odd address
+        "pickle": {"dtype": "U8", "shape": [len(pickled)], "data_offsets": [17, 17 + len(pickled)]},
+    }
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    with pytest.raises(ResultDecodeError, match="aligned"):
+        decode_object(struct.pack("<Q", len(body)) + body + b"\0" * 17 + pickled)
+
+
+OBJ = {"__metadata__": objects.OBJECT_METADATA}
+
+
+def u8(offsets, shape=None):
+    return {"dtype": "U8", "shape": shape or [offsets[1] - offsets[0]], "data_offsets": offsets}
+
+
+@pytest.mark.parametrize(
+    "blob, match",
+    [
+        (forge(1, {}, metadata={"format": "pt"}), "not marked"),
+        (forge(1, {}, pickle_name="not-the-pickle"), "no 'pickle' entry"),
+        (encoder.encode_bytes({"x": torch.ones(2)}, objects.OBJECT_METADATA), "must be U8"),
+        (pack({**OBJ, "pickle": u8([0, 2], shape=[2, 1])}, b"\x80\x05"), "one dimension"),
+        (pack({**OBJ, "pickle": u8([0, 2])}, b"no"), "could not unpickle"),
+        (pack({**OBJ, "0": u8([0, 8]), "pickle": u8([0, 8])}, b"\0" * 8), "overlaps"),
+        (pack({**OBJ, "0": u8([0, 2**62])}, b"\0" * 8), "cover"),
+        (pickle.dumps({"a": 1}), "runs past|more than|malformed"),
+    ],
+)
+def test_malformed_object_results_are_refused(blob, match):
+    with pytest.raises(ResultDecodeError, match=match):
+        decode_object(blob)
+
+
+def test_an_object_result_read_as_weights_is_only_bytes(tmp_path):
+    canary = tmp_path / "canary"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    decoded = decode_weights(forge(Evil(), {"0": F32_4}))
+    assert set(decoded) == {"0", "pickle"} and decoded["pickle"].dtype == torch.uint8
+    assert not canary.exists()
 
 
 # -- fuzz: never anything but ResultDecodeError, never a hang ----------------------------------
@@ -329,3 +632,26 @@ def test_fuzz_mutated_valid_headers(name, key, value, cut):
     blob = pack(header, data)
     _decode_or_refuse(blob)
     _decode_or_refuse(blob[: len(blob) - cut])
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(["0", "1", "pickle", "__metadata__"]),
+    key=st.sampled_from(["dtype", "shape", "data_offsets", "format", None]),
+    value=json_values | st.sampled_from(["U8", "F32", "safehub-object", "pt"]) | st.lists(st.integers(-4, 400), max_size=3),
+    cut=st.integers(0, 64),
+)
+def test_fuzz_mutated_object_headers(name, key, value, cut):
+    valid = forge([TensorOn(("storage", "0", "F32")), TensorOn(("storage", "1", "I64"))], {"0": F32_4, "1": F32_4})
+    header_len = struct.unpack("<Q", valid[:8])[0]
+    header = json.loads(valid[8 : 8 + header_len])
+    if key is None:
+        header[name] = value
+    elif isinstance(header.get(name), dict):
+        header[name][key] = value
+    blob = pack(header, valid[8 + header_len :])
+    for candidate in (blob, blob[: len(blob) - cut]):
+        try:
+            decode_object(candidate)
+        except ResultDecodeError:
+            pass

@@ -1,0 +1,185 @@
+"""Warm isolated ``list`` against plain in-process ``torch.hub.list`` and a cold isolated ``list``.
+
+Run by hand (not in CI)::
+
+    .venv/bin/python benchmarks/bench_warm.py [--runs 15]
+
+One repository is put in a private hub cache (torch.hub's folder names, so both read the same
+folder) and listed three ways, each the median of ``--runs`` calls in this one process (the
+three interleaved):
+
+- in-process: ``torch.hub.list("bench/repo:main", skip_validation=True)``, which reads the cached
+  folder (torch.hub.list takes no ``source``; with a ref and the folder there it asks nothing of
+  the network). The repository's modules are forgotten after each call, as a fresh call in a
+  long-lived process would find them.
+- warm: ``safehub.list(..., isolate=True)``, every sandbox layer this machine offers, the
+  worker forked from the zygote (started beforehand by ``safehub.warmup()``).
+- cold: the same with ``SAFEHUB_WARM=0``: a fresh interpreter per call (bubblewrap where it works).
+
+safehub runs with ``SAFEHUB_OFFLINE=1``, so every call is served from the cache. The target
+(DESIGN 6) is a warm list within 30 ms of in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import safehub  # noqa: E402
+from safehub import _cache, _extract, _refs, _zygote  # noqa: E402
+
+TARGET_MS = 30.0
+REPOS = {
+    "hubconf imports torch": {
+        "hubconf.py": '''
+            dependencies = ["torch"]
+            import torch
+            from nets.small import small
+
+
+            def big():
+                """A bigger net."""
+                return torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+        ''',
+        "nets/__init__.py": "",
+        "nets/small.py": '''
+            import torch
+
+
+            def small():
+                """A small net."""
+                return torch.nn.Linear(8, 2)
+        ''',
+    },
+    "pure-Python hubconf": {
+        "hubconf.py": '''
+            dependencies = []
+
+
+            def answer():
+                """No torch at all."""
+                return 42
+        ''',
+    },
+}
+
+
+def timed_ms(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+@contextlib.contextmanager
+def forgetting_modules():
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def install(repo: str, files: dict[str, str], tmp: Path) -> Path:
+    """Put ``files`` in the hub cache as bench/<repo>:main, the way a download would."""
+    archive = tmp / f"{repo}.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(f"bench-{repo}-0123456/{name}", textwrap.dedent(text))
+
+    def fetch(out: Any) -> tuple[int, str]:
+        data = archive.read_bytes()
+        out.write(data)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    resolved = _refs.ResolvedRef("bench", repo, "main", "0" * 40, "ref", False)
+    entry = _cache.install(resolved, fetch, _extract.extract_zip)
+    return entry.repo_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    runs = parser.parse_args().runs
+    rows = []
+    nowhere = "http://127.0.0.1:9"  # a closed port: any network use would fail at once
+    with tempfile.TemporaryDirectory(prefix="safehub-bench-") as tmp, environ(
+        TORCH_HOME=tmp, SAFEHUB_OFFLINE="1", SAFEHUB_GITHUB_URL=nowhere, SAFEHUB_GITHUB_API_URL=nowhere
+    ):
+        os.chmod(tmp, 0o755)  # as root the worker runs as uid 65534, which must reach the cache
+        for index, (label, files) in enumerate(REPOS.items()):
+            spec = f"bench/repo{index}:main"
+            install(f"repo{index}", files, Path(tmp))
+
+            def in_process() -> list[str]:
+                with forgetting_modules():
+                    return torch.hub.list(spec, skip_validation=True, trust_repo=True, verbose=False)
+
+            def isolated() -> list[str]:
+                return safehub.list(spec, isolate=True, verbose=False)
+
+            assert in_process() == isolated(), "the paths disagree"
+            if not safehub.warmup():
+                sys.exit("the zygote could not start here: no warm path to measure")
+            zygote = _zygote.current_pid()
+            # Interleaved, so that a change in the machine's load weighs on the three alike.
+            local, warm, cold = [], [], []
+            for _ in range(runs):
+                local.append(timed_ms(in_process))
+                with environ(SAFEHUB_WARM="1"):
+                    warm.append(timed_ms(isolated))
+                with environ(SAFEHUB_WARM="0"):
+                    cold.append(timed_ms(isolated))
+            assert _zygote.current_pid() == zygote, "the zygote was restarted while measuring"
+            rows.append((label, *(statistics.median(times) for times in (local, warm, cold))))
+            print(f"  measured {label}", file=sys.stderr)
+
+    layers = sorted(name for name, layer in safehub.sandbox_report().items() if layer["active"])
+    print(f"\nlist, median of {runs} runs, ms; torch {torch.__version__}, Python {sys.version.split()[0]}")
+    print(f"warm and cold isolated calls with every layer offered here: {', '.join(layers)}\n")
+    header = (
+        f"{'repository':24} {'in-process':>10} {'warm':>8} {'cold':>8} {'warm-in':>8} {'warm/in':>8}"
+        f" {'cold-warm':>10} {'cold/warm':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, local, warm, cold in rows:
+        print(
+            f"{label:24} {local:10.1f} {warm:8.1f} {cold:8.1f} {warm - local:+8.1f} {warm / local:7.1f}x"
+            f" {cold - warm:+10.1f} {cold / warm:9.1f}x"
+        )
+    worst = max(warm - local for _, local, warm, _ in rows)
+    verdict = "met" if worst <= TARGET_MS else "MISSED"
+    print(f"\ntarget: a warm list within {TARGET_MS:.0f} ms of in-process: {verdict} (worst {worst:+.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()

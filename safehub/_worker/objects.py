@@ -1,0 +1,59 @@
+"""Pickle an object result in the worker: its structure through cloudpickle, its tensors' bytes beside it.
+
+The way ``torch.save`` does it: a pickler whose ``persistent_id`` catches torch storages. Each
+CPU storage becomes a reference ``("storage", key, dtype)`` in the pickle, and its bytes one part
+of the result's layout (``weights.py``), once however many tensors share it (tied weights,
+views), so sharing survives the trip. Other storages (another device, a dtype outside the
+allow-list) pickle as usual. The parent's side is ``decode_object`` in ``safehub/_results.py``.
+Standard library, torch and cloudpickle only.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+OBJECT_METADATA = {"format": "safehub-object"}
+PICKLE_PART = "pickle"
+
+
+def dumps(value: Any, dtype_names: Mapping[str, str]) -> list[tuple[str, str, list[int], int, Any]]:
+    """The parts of an object result: one per storage (key "0", "1", ...), then the pickle.
+
+    ``dtype_names`` maps torch dtype names to the format's (the allow-list). A part is
+    ``(name, "U8", [nbytes], alignment, source)``: storages are untyped bytes, aligned for the
+    largest item size any reference reads them with.
+    """
+    import cloudpickle
+
+    torch = sys.modules.get("torch")  # no torch imported: no tensor can be in the value
+    storages: dict[int, list[Any]] = {}  # the storage's C pointer -> [key, storage, alignment]
+
+    class Pickler(cloudpickle.Pickler):
+        def persistent_id(self, obj: Any) -> tuple[str, str, str] | None:
+            if isinstance(obj, torch.storage.TypedStorage):
+                storage, dtype = obj._untyped_storage, obj.dtype
+            elif isinstance(obj, torch.UntypedStorage):
+                storage, dtype = obj, torch.uint8  # how torch pickles the newer dtypes (uint16, float8)
+            else:
+                return None
+            name = dtype_names.get(str(dtype).removeprefix("torch."))
+            if name is None or storage.device.type != "cpu" or storage.nbytes() % dtype.itemsize:
+                return None
+            if dtype is torch.bool and storage.nbytes() and _bytes(torch, storage).max() > 1:
+                return None  # bytes other than 0/1: the parent refuses them out of band
+            entry = storages.setdefault(storage._cdata, [str(len(storages)), storage, 1])
+            entry[2] = max(entry[2], dtype.itemsize)
+            return ("storage", entry[0], name)
+
+    out = io.BytesIO()
+    (Pickler if torch is not None else cloudpickle.Pickler)(out, protocol=5).dump(value)
+    pickled = out.getbuffer()
+    parts = [(key, "U8", [storage.nbytes()], align, storage) for key, storage, align in storages.values()]
+    return parts + [(PICKLE_PART, "U8", [pickled.nbytes], 1, pickled)]
+
+
+def _bytes(torch: Any, storage: Any) -> Any:
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
