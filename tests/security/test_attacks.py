@@ -1,5 +1,5 @@
-"""Every attack of ``tests/security/attacks.py`` against a real isolated worker, in two sandbox
-configurations: every layer this machine offers, and the same without namespaces (Landlock,
+"""Every attack of ``tests/security/attacks.py`` against a real isolated worker, started cold (a
+fresh interpreter) and warm (forked by the zygote), in two sandbox configurations: every layer this machine offers, and the same without namespaces (Landlock,
 seccomp, rlimits and, as root, the uid drop), which must still block everything.
 
 Each test first asserts that the attack ran (its ``ATTACK-RAN`` marker reached the caller), then
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.parametrize("config", list(attacks.CONFIGS))
 @pytest.mark.parametrize("case", attacks.CASES, ids=[c.name for c in attacks.CASES])
-def test_attack_is_blocked(case, config, tmp_path, hub_dir):
+def test_attack_is_blocked(case, config, tmp_path, hub_dir, worker_start):
     verdict = attacks.run_case(case, attacks.CONFIGS[config], tmp_path / "attack", hub_dir=hub_dir, config_name=config)
     if not verdict.applicable:
         pytest.skip(verdict.detail)
