@@ -22,6 +22,7 @@ import psutil
 import pytest
 import torch
 
+from tests.local_repos import imported_in_process, write_repo
 from safehub._isolation import OUTPUT_CAP, run_isolated
 from safehub._sandbox import Sandbox
 from safehub._worker import hubconf as in_process
@@ -45,26 +46,6 @@ SANDBOX = Sandbox(timeout=60)
 # test's folder is writable. tests/security/ runs the same attacks under every layer.
 BARE = dict(layers=())
 pytestmark = pytest.mark.usefixtures("worker_start")
-
-
-def write_repo(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
-
-
-@contextlib.contextmanager
-def imported_in_process(repo: Path):
-    """Import a hubconf here the way torch.hub does, then forget every module it brought in."""
-    before = set(sys.modules)
-    try:
-        with in_process.prepended_sys_path(str(repo)):
-            yield in_process.import_hubconf(str(repo))
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 PURE_HUBCONF = '''

@@ -7,12 +7,10 @@ hubconf.py that writes to the result channel itself.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import psutil
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 import safehub
+from tests.local_repos import imported_in_process, write_repo
 from safehub._isolation import run_isolated
 from safehub._sandbox import Sandbox
 from safehub._worker import hubconf as in_process
@@ -193,26 +192,6 @@ FORGER = '''
             _reply([good, good])
         raise ValueError(case)
 '''
-
-
-def write_repo(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
-
-
-@contextlib.contextmanager
-def imported_in_process(repo: Path):
-    """Import a hubconf here the way torch.hub does, then forget every module it brought in."""
-    before = set(sys.modules)
-    try:
-        with in_process.prepended_sys_path(str(repo)):
-            yield in_process.import_hubconf(str(repo))
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
