@@ -3,6 +3,7 @@
 Warm is the default: the zygote (``safehub/_zygote.py``) forks a worker that enters the same
 sandbox as a cold one, namespaces included (unshared in the forked, single-threaded child).
 A call goes cold where the warm path would give it less: ``Sandbox(require=("bubblewrap",))``;
+bubblewrap wanted without Landlock (only bubblewrap would hide the host's files then);
 namespaces wanted but refused to a forked child while bubblewrap can make them; the zygote
 switched off (``SAFEHUB_WARM=0``) or failing to start.
 
@@ -79,8 +80,13 @@ def start_worker(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -
 
 def _warm_gives_enough(zygote: _zygote.Zygote, settings: dict[str, Any]) -> bool:
     wanted = set(settings["layers"])
+    if not {"namespaces", "bubblewrap"} <= wanted or not bwrap_works():
+        return True
+    # bubblewrap hides the host's files; a warm worker relies on Landlock for that.
+    if "landlock" not in wanted:
+        return False
     # Where a forked child may not unshare, bubblewrap (setuid, or allowed by a profile) still can.
-    return zygote.namespaces or not {"namespaces", "bubblewrap"} <= wanted or not bwrap_works()
+    return zygote.namespaces
 
 
 def _start_cold(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -> tuple[ColdProcess, socket.socket]:

@@ -192,7 +192,7 @@ def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = 
 def parse_header(raw: bytes) -> dict[str, Any]:
     """Strict JSON: UTF-8, an object, no duplicate keys, no NaN, the right version, a str kind."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        header = strict_json_loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise FrameError(f"malformed frame header: {exc}") from None
     if not isinstance(header, dict):
@@ -202,6 +202,11 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     if not isinstance(header.get("kind"), str):
         raise FrameError("the frame header has no 'kind'")
     return header
+
+
+def strict_json_loads(text: str) -> Any:
+    """JSON from a hostile peer: duplicate keys and NaN/Infinity refused (ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

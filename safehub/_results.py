@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import json
 import mmap
 import os
 import pickle
@@ -47,6 +46,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ._protocol import strict_json_loads
 from .errors import ResultDecodeError
 
 if TYPE_CHECKING:
@@ -244,11 +244,7 @@ def _parse_weights_header(
     if data_len > max_total_bytes:
         raise ResultDecodeError(f"weights of {data_len} bytes, more than the cap of {max_total_bytes}")
     try:
-        header = json.loads(
-            bytes(view[8 : 8 + header_len]).decode("utf-8"),
-            object_pairs_hook=_unique_keys,
-            parse_constant=_no_constant,
-        )
+        header = strict_json_loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ResultDecodeError(f"malformed weights header: {exc}") from None
     if not isinstance(header, dict):
@@ -323,12 +319,3 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**63
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

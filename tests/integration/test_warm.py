@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import safehub
-from safehub import _isolation, _zygote
+from safehub import _isolation, _launcher, _zygote
 from safehub._isolation import run_isolated
 from safehub._sandbox import ALLOWED_ENV, Sandbox
 from safehub.errors import ResultDecodeError, WorkerTimeoutError
@@ -280,6 +280,18 @@ def test_a_warm_worker_has_the_layers_of_a_cold_one(repo, monkeypatch):
     offered = {name for name, layer in safehub.sandbox_report().items() if layer["active"]}
     assert offered - {"bubblewrap"} <= warm
     assert warm == cold - {"bubblewrap"}  # the namespaces come from unshare instead
+
+
+def test_bubblewrap_without_landlock_goes_cold(repo, monkeypatch):
+    # Without Landlock only bubblewrap hides the host's files, and only a cold worker gets it.
+    if not _launcher.bwrap_works():
+        pytest.skip("bubblewrap cannot run here: no cold path with it to choose")
+    reports = []
+    real = _isolation._report_missing_layers
+    monkeypatch.setattr(_isolation, "_report_missing_layers", lambda report: reports.append(report) or real(report))
+    run_isolated(repo, "list", sandbox=Sandbox(layers=("namespaces", "bubblewrap")))
+    run_isolated(repo, "list", sandbox=Sandbox(layers=("namespaces", "bubblewrap", "landlock")))
+    assert "bubblewrap" in reports[0]["applied"] and "bubblewrap" not in reports[1]["applied"]
 
 
 @pytest.mark.parametrize(
