@@ -17,7 +17,6 @@ touches tensors is a fresh ``python -I -c "import torch"``, measured too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import torch  # noqa: E402
 from safehub._isolation import run_isolated  # noqa: E402
 from safehub._sandbox import Sandbox  # noqa: E402
 from safehub._worker import hubconf as hubconf_helper  # noqa: E402
+from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path
+
 
 TORCH_HUBCONF = '''
     dependencies = ["torch"]
@@ -68,17 +69,6 @@ def median_time(fn: Callable[[], Any], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-@contextlib.contextmanager
-def forgetting_modules():
-    """Like a fresh torch.hub call in a long-lived process: the repo's modules do not linger."""
-    before = set(sys.modules)
-    try:
-        yield
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 def in_process(repo: Path, action: str, model: str | None = None) -> Any:

@@ -47,6 +47,8 @@ import torch  # noqa: E402
 import safehub  # noqa: E402
 from safehub._results import decode_object, decode_weights, map_sealed_memfd  # noqa: E402
 from safehub._worker import objects, weights  # noqa: E402
+from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path
+
 
 GIB = 1024**3
 HUBCONF = '''
@@ -67,17 +69,6 @@ HUBCONF = '''
             layer.bias = nn.Parameter(torch.full((width,), 1.0 / (i + 1)))
         return model
 '''
-
-
-@contextlib.contextmanager
-def forgetting_modules():
-    """Like a fresh torch.hub call in a long-lived process: the repo's modules do not linger."""
-    before = set(sys.modules)
-    try:
-        yield
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 def tensors_of(result: Any) -> list[torch.Tensor]:

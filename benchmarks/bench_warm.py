@@ -41,6 +41,8 @@ import torch  # noqa: E402
 
 import safehub  # noqa: E402
 from safehub import _cache, _extract, _refs, _zygote  # noqa: E402
+from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path
+
 
 TARGET_MS = 30.0
 REPOS = {
@@ -82,16 +84,6 @@ def timed_ms(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1000
-
-
-@contextlib.contextmanager
-def forgetting_modules():
-    before = set(sys.modules)
-    try:
-        yield
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 @contextlib.contextmanager
