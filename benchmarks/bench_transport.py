@@ -278,14 +278,14 @@ def report(loads: dict, transport: dict, nbytes: int, memory: dict, runs: int, g
               f"{'met' if m['peak'] <= 1.3 * m['result'] else 'MISSED'}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-worker rows of (a)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--repo", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     if opts.child:
         child(opts.child, opts.repo, opts.gib)
         return

@@ -117,10 +117,10 @@ def install(repo: str, files: dict[str, str], tmp: Path) -> Path:
     return entry.repo_dir
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15)
-    runs = parser.parse_args().runs
+    runs = parser.parse_args(argv).runs
     rows = []
     nowhere = "http://127.0.0.1:9"  # a closed port: any network use would fail at once
     with tempfile.TemporaryDirectory(prefix="safehub-bench-") as tmp, environ(
