@@ -545,6 +545,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "github_token_set": bool(constants.GITHUB_TOKEN),
         "offline": bool(constants.SAFEHUB_OFFLINE),
         "sandbox_layers": _layers_report(),
+        # The command itself starts cold (one call per run); this is what SAFEHUB_WARM says.
+        "warm_workers": bool(constants.SAFEHUB_WARM),
     }
     if args.json:
         _print_json(report)
@@ -567,6 +569,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"GitHub API:    {report['github_api_url']} {source('github_api_url', 'SAFEHUB_GITHUB_API_URL')}",
         f"GITHUB_TOKEN:  {token}",
         f"offline:       {'yes (SAFEHUB_OFFLINE): cache only' if report['offline'] else 'no'}",
+        "workers:       " + ("warm: forked by a zygote (SAFEHUB_WARM=1)" if report["warm_workers"]
+                             else "cold: a fresh interpreter per call (the command's default; SAFEHUB_WARM=1 for warm)"),
     ]
     layers = report["sandbox_layers"]
     lines.append("sandbox layers (isolate=True on this machine):")
