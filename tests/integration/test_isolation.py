@@ -467,6 +467,28 @@ def test_required_layers_are_checked(repos):
         Sandbox(require=("seccomp",), layers=("landlock",))
 
 
+def test_a_required_layer_the_machine_lacks_is_an_error(repos, tmp_path):
+    # A real missing layer: bubblewrap, hidden from a caller whose PATH cannot find it. The call
+    # must fail with SandboxError before hubconf.py runs (it would write a marker file).
+    marker = tmp_path / "ran"
+    repo = write_repo(tmp_path / "repo", {"hubconf.py": f"open({str(marker)!r}, 'w').close()\n"})
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+        "from pathlib import Path\n"
+        "from safehub._isolation import run_isolated\n"
+        "from safehub._sandbox import Sandbox\n"
+        "from safehub.errors import SandboxError\n"
+        "try:\n"
+        f"    run_isolated(Path({str(repo)!r}), 'list', sandbox=Sandbox(require=('bubblewrap',), layers=('bubblewrap', 'namespaces')))\n"
+        "except SandboxError as exc:\n"
+        "    print('SandboxError', exc.layer)\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path / "no-bin")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1:] == ["SandboxError bubblewrap"], done.stderr
+    assert not marker.exists()
+
+
 # -- what the worker sees ----------------------------------------------------------------------
 
 
