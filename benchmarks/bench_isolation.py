@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from safehub._isolation import run_isolated  # noqa: E402
+from safehub._run import run_isolated  # noqa: E402
 from safehub._sandbox import Sandbox  # noqa: E402
 from safehub._worker import hubconf as hubconf_helper  # noqa: E402
 from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import safehub  # noqa: E402
-from safehub import _cache, _extract, _refs, _zygote  # noqa: E402
+from safehub import _cache, _extract, _refs  # noqa: E402
+from safehub._run import warm as _zygote  # noqa: E402
 from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path
 
 

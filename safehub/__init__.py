@@ -9,7 +9,7 @@ from ._api import help, list, load
 from ._cache import get_dir, set_dir
 from ._download import download_url_to_file, load_state_dict_from_url
 from ._sandbox import Sandbox, sandbox_report
-from ._zygote import warmup
+from ._run.warm import warmup
 from .errors import SafeHubError
 
 __all__ = [

@@ -229,7 +229,7 @@ def list(  # noqa: A001 - torch.hub's name
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._isolation import run_isolated
+        from ._run import run_isolated
 
         return run_isolated(repo_dir, "list", sandbox=sandbox)
     with _hubconf.prepended_sys_path(str(repo_dir)):
@@ -282,7 +282,7 @@ def help(  # noqa: A001 - torch.hub's name
         force_reload=force_reload, verbose=True, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._isolation import run_isolated
+        from ._run import run_isolated
 
         return run_isolated(repo_dir, "help", model=model, sandbox=sandbox)
     with _hubconf.prepended_sys_path(str(repo_dir)):
@@ -370,7 +370,7 @@ def load(
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._isolation import run_isolated
+        from ._run import run_isolated
 
         return run_isolated(
             repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox

@@ -1,7 +1,7 @@
 """Decoding a worker's result in the parent: weights as data, objects through cloudpickle.
 
-The layout (the one place it is described; the worker's encoders are ``safehub/_worker/weights.py``
-and ``safehub/_worker/objects.py``, and ``tests/unit/test_results_decode.py`` pins them with golden
+The layout (the one place it is described; the worker's encoders are ``worker/weights.py``
+and ``worker/objects.py``, the shared names ``worker/layout.py``, and ``tests/unit/test_results_decode.py`` pins them with golden
 bytes). A result is one or more shards, each in the safetensors layout, so that
 ``safetensors.torch.load`` reads every shard too::
 
@@ -46,7 +46,8 @@ import stat
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import strict_json_loads
+from ._worker.layout import DTYPES, OBJECT_FORMAT, PICKLE_ENTRY
+from ._worker.protocol import strict_json_loads
 from .errors import ResultDecodeError
 
 if TYPE_CHECKING:
@@ -57,22 +58,6 @@ MAX_TENSORS = 1_000_000
 MAX_TOTAL_BYTES = 1024**4
 MAX_NAME_CHARS = 4096
 MAX_NDIM = 64
-OBJECT_FORMAT = "safehub-object"
-PICKLE_ENTRY = "pickle"
-
-# dtype name -> (torch attribute, item size in bytes)
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-}
 
 REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 

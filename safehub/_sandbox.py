@@ -1,23 +1,29 @@
 """Sandbox settings for an isolated call, and the environment a worker may see.
 
-A ``Sandbox`` is plain data: it is validated here, travels to the worker as JSON
-(``to_settings``), and the worker applies it (``safehub/_worker/confine.py``). The parent applies
-its own share: the environment allow-list (``worker_environ``), the private scratch folder, the
-wall-clock timeout and the whole-tree kill (``safehub/_isolation.py``).
+A ``Sandbox`` is plain data: it is validated here, becomes the worker's typed settings
+(``worker_settings``: ``safehub._worker.protocol.WorkerSettings``), and the worker applies them
+(``worker/sandbox/confine.py``). The parent applies its own share: the environment allow-list
+(``worker_environ``), the private scratch folder, the wall-clock timeout and the whole-tree kill
+(``safehub/_run/``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidArgumentError, SandboxError
+from ._worker import ENTRY_SCRIPT
+from ._worker.protocol import WorkerSettings
+from .errors import InvalidArgumentError
 
-# Every layer by name (DESIGN 5; the names of safehub/_worker/layers.py). The first two are
+# Every layer by name (DESIGN 5; the names of worker/sandbox/probe.py, and bubblewrap). The first two are
 # always on; the others are applied wherever the machine allows, unless Sandbox(layers=...)
 # narrows them (to measure or test a degraded machine).
 ALWAYS_ON_LAYERS = ("session", "env_scrub")
@@ -112,13 +118,23 @@ class Sandbox:
         """The layers to apply where available (always-on ones included)."""
         return ALWAYS_ON_LAYERS + (OPTIONAL_LAYERS if self.layers is None else self.layers)
 
-    def to_settings(self) -> dict[str, Any]:
-        """The JSON-able settings the worker receives (and the sandbox layers will read)."""
-        settings = asdict(self)
-        for name in ("extra_read_paths", "env", "require"):
-            settings[name] = list(settings[name])
-        settings["layers"] = list(self.wanted_layers())
-        return settings
+    def worker_settings(self, repo_dir: str, scratch_dir: str) -> WorkerSettings:
+        """What the worker is told: these limits and layers, its folders, and what the parent applies itself."""
+        return WorkerSettings(
+            repo_dir=repo_dir,
+            scratch_dir=scratch_dir,
+            timeout=float(self.timeout),
+            layers=self.wanted_layers(),
+            require=self.require,
+            applied_by_parent=("env_scrub",),
+            memory_limit=self.memory_limit,
+            cpu_time=None if self.cpu_time is None else float(self.cpu_time),
+            max_processes=self.max_processes,
+            max_open_files=self.max_open_files,
+            max_file_size=self.max_file_size,
+            network=self.network,
+            extra_read_paths=self.extra_read_paths,
+        )
 
 
 def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
@@ -132,11 +148,14 @@ def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
 
         missing = [name for name, layer in safehub.sandbox_report().items() if not layer["active"]]
     """
-    from ._worker import layers
+    from . import _bwrap
 
     wanted = (sandbox or Sandbox()).wanted_layers()
     report = {}
-    for name, found in layers.probe(KNOWN_LAYERS).items():
+    found_layers = _probe_worker_layers()
+    found_layers["bubblewrap"] = _bwrap.probe()
+    for name in KNOWN_LAYERS:
+        found = found_layers.get(name, {"available": False, "detail": "not probed"})
         available = bool(found.get("available"))
         active = available and name in wanted
         if name == "bubblewrap":
@@ -145,6 +164,25 @@ def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
             active = bool(report.get("bubblewrap", {}).get("active"))
         report[name] = {"active": active, "available": available, "detail": str(found.get("detail", ""))}
     return report
+
+
+def _probe_worker_layers() -> dict[str, dict[str, Any]]:
+    """The worker's own probe (``worker/sandbox/probe.py``), run in a fresh worker interpreter.
+
+    A subprocess rather than an import: the parent imports no sandbox code, and the probe's
+    throwaway children fork from a small, single-threaded interpreter.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-B", ENTRY_SCRIPT, "--probe"], capture_output=True, timeout=60, env=worker_environ(Sandbox(), "/nonexistent")
+        )
+        found = json.loads(done.stdout) if done.returncode == 0 else None
+        why = f"exit code {done.returncode}: {done.stderr.decode(errors='replace').strip()[-300:]}"
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        found, why = None, str(exc)
+    if not isinstance(found, dict):
+        return {name: {"available": False, "detail": f"the worker's probe failed ({why})"} for name in KNOWN_LAYERS}
+    return found
 
 
 def worker_environ(sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:

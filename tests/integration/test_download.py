@@ -395,7 +395,7 @@ def test_processes_download_once(server, tmp_path):
             )
         _wait_for([tmp_path / f"ready{i}" for i in range(8)], procs, timeout_s=30)
         go.touch()  # all eight start their download at once
-        outputs = [p.communicate(timeout=30) for p in procs]
+        outputs = [p.communicate(timeout=120) for p in procs]  # eight torch imports on a loaded machine
     finally:
         for p in procs:
             if p.poll() is None:

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from tests.local_repos import imported_in_process, write_repo
-from safehub._isolation import OUTPUT_CAP, run_isolated
+from safehub._run import run_isolated
+from safehub._run.output import OUTPUT_CAP
 from safehub._sandbox import Sandbox
 from safehub._worker import hubconf as in_process
 from safehub.errors import (
@@ -162,9 +163,9 @@ HOSTILE_HUBCONF = '''
 
 
     def _frame(fields, buffers=()):
-        header = json.dumps({"v": 2, "kind": "result", **fields}).encode()
+        header = json.dumps({"v": 3, "kind": "result", **fields}).encode()
         lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-        return struct.pack(">4sHHI", b"SHUB", 2, len(buffers), len(header)) + lengths + header + b"".join(buffers)
+        return struct.pack(">4sHHI", b"SHUB", 3, len(buffers), len(header)) + lengths + header + b"".join(buffers)
 
 
     class Canary:
@@ -187,7 +188,7 @@ HOSTILE_HUBCONF = '''
 
 
     def huge_prefix():
-        _send(struct.pack(">4sHHI", b"SHUB", 2, 0, 0xFFFFFFFF), then_sleep=True)
+        _send(struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF), then_sleep=True)
 
 
     def forged_object(canary):
@@ -458,7 +459,7 @@ def test_missing_hubconf(repos):
 
 def test_required_layers_are_checked(repos):
     # Every layer this machine offers can be required; the call then runs as usual.
-    from safehub._worker import layers
+    from safehub._worker.sandbox import probe as layers
 
     available = tuple(n for n, r in layers.probe(("landlock", "seccomp", "rlimits")).items() if r["available"])
     names = run_isolated(repos["pure"], "list", sandbox=Sandbox(require=available))
@@ -475,7 +476,7 @@ def test_a_required_layer_the_machine_lacks_is_an_error(repos, tmp_path):
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
         "from pathlib import Path\n"
-        "from safehub._isolation import run_isolated\n"
+        "from safehub._run import run_isolated\n"
         "from safehub._sandbox import Sandbox\n"
         "from safehub.errors import SandboxError\n"
         "try:\n"
@@ -519,13 +520,14 @@ def test_clean_sys_path_drops_editable_finders_and_stray_entries(tmp_path):
     # hand the repository safehub's parent side; the worker's clean-up drops both.
     code = textwrap.dedent(
         f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("w", {str(Path(__file__).parents[2] / "safehub/_worker/main.py")!r})
+        import importlib, importlib.util, sys
+        spec = importlib.util.spec_from_file_location("w", {str(Path(__file__).parents[2] / "worker/main.py")!r})
         main = importlib.util.module_from_spec(spec); sys.modules["w"] = main; spec.loader.exec_module(main)
+        work = importlib.import_module(main.load_package().__name__ + ".work")
         Finder = type("_EditableFinder", (), {{"__module__": "__editable___safehub_0_1_0_finder"}})
         sys.meta_path.append(Finder)
         sys.path[:0] = ["", {str(tmp_path)!r}, "/tmp"]
-        main._clean_sys_path("/the/repo")
+        work._clean_sys_path("/the/repo")
         print(repr((sys.path, Finder in sys.meta_path)))
         """
     )
@@ -582,7 +584,7 @@ def test_the_parent_dying_takes_the_worker_tree_down(repos, tmp_path, worker_sta
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
         "from pathlib import Path\n"
-        "from safehub._isolation import run_isolated\n"
+        "from safehub._run import run_isolated\n"
         "from safehub._sandbox import Sandbox\n"
         f"run_isolated(Path({str(repos['pure'])!r}), 'load', model='spin', args=({str(pid_file)!r},),"
         " sandbox=Sandbox(timeout=60, layers=()))\n"

@@ -19,10 +19,10 @@ import torch
 
 import safehub
 from tests.local_repos import imported_in_process, write_repo
-from safehub._isolation import run_isolated
+from safehub._run import run_isolated
 from safehub._sandbox import Sandbox
 from safehub._worker import hubconf as in_process
-from safehub._worker import layers
+from safehub._worker.sandbox import probe as layers
 from safehub.errors import ProtocolError, ResultDecodeError, SafeHubError
 
 MIB = 1024 * 1024
@@ -152,10 +152,10 @@ FORGER = '''
 
     def _reply(payloads, sizes=None, seal=True):
         fds = [_memfd(p, seal) for p in payloads]
-        fields = {"v": 2, "kind": "result", "action": "load", "returns": "object", "transport": "memfd",
+        fields = {"v": 3, "kind": "result", "action": "load", "returns": "object", "transport": "memfd",
                   "sizes": [len(p) for p in payloads] if sizes is None else sizes, "fds": len(fds)}
         header = json.dumps(fields).encode()
-        frame = struct.pack(">4sHHI", b"SHUB", 2, 0, len(header)) + header
+        frame = struct.pack(">4sHHI", b"SHUB", 3, 0, len(header)) + header
         sock = socket.socket(fileno=_channel())
         sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         os._exit(0)

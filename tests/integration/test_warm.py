@@ -21,8 +21,10 @@ import psutil
 import pytest
 
 import safehub
-from safehub import _isolation, _launcher, _zygote
-from safehub._isolation import run_isolated
+from safehub import _bwrap
+from safehub._run import call as _isolation
+from safehub._run import run_isolated
+from safehub._run import warm as _zygote
 from safehub._sandbox import ALLOWED_ENV, Sandbox
 from safehub.errors import ResultDecodeError, WorkerTimeoutError
 
@@ -216,7 +218,7 @@ def test_switched_off_no_zygote_starts(repo, monkeypatch):
 ZYGOTE_PARENT = """
 import sys, time
 import safehub
-from safehub import _zygote
+from safehub._run import warm as _zygote
 assert safehub.warmup()
 print(_zygote.current_pid(), flush=True)
 time.sleep(600)
@@ -284,7 +286,7 @@ def test_a_warm_worker_has_the_layers_of_a_cold_one(repo, monkeypatch):
 
 def test_bubblewrap_without_landlock_goes_cold(repo, monkeypatch):
     # Without Landlock only bubblewrap hides the host's files, and only a cold worker gets it.
-    if not _launcher.bwrap_works():
+    if not _bwrap.bwrap_works():
         pytest.skip("bubblewrap cannot run here: no cold path with it to choose")
     reports = []
     real = _isolation._report_missing_layers

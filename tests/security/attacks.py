@@ -109,7 +109,7 @@ def entry():
 
 '''
 
-# Building blocks of a forged reply on the result channel (the frame layout of safehub/_protocol.py).
+# Building blocks of a forged reply on the result channel (the frame layout of worker/protocol.py).
 CHANNEL_LIB = '''
 import pickle
 import socket
@@ -139,12 +139,12 @@ def channel():
 
 
 def frame(fields, buffers=(), nfds=0, kind="result"):
-    header = {"v": 2, "kind": kind, **fields}
+    header = {"v": 3, "kind": kind, **fields}
     if nfds:
         header["fds"] = nfds
     body = json.dumps(header).encode()
     lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-    return struct.pack(">4sHHI", b"SHUB", 2, len(buffers), len(body)) + lengths + body + b"".join(buffers)
+    return struct.pack(">4sHHI", b"SHUB", 3, len(buffers), len(body)) + lengths + body + b"".join(buffers)
 
 
 def weights(header, data=b""):
@@ -1094,7 +1094,7 @@ case("open_files", RESOURCES, """
 
 
 def _flood_check(ctx: Context, run: Run) -> bool:
-    from safehub._isolation import OUTPUT_CAP, OUTPUT_TRUNCATED
+    from safehub._run.output import OUTPUT_CAP, OUTPUT_TRUNCATED
 
     # The cap counts the worker's bytes; each relayed line also gains the "[worker] " prefix.
     return len(run.stdout.encode()) <= OUTPUT_CAP * 1.2 and OUTPUT_TRUNCATED in run.stdout
@@ -1148,12 +1148,12 @@ channel_case("weights_shape_overflow", """
     send(result(weights(header, b"\\0" * 16)))
 """)
 channel_case("frame_header_length_absurd", """
-    send(struct.pack(">4sHHI", b"SHUB", 2, 0, 0xFFFFFFFF) + PICKLE, linger=30)
+    send(struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF) + PICKLE, linger=30)
 """)
 channel_case("frame_buffer_length_absurd", """
-    body = json.dumps({"v": 2, "kind": "result", "action": "load", "returns": "weights",
+    body = json.dumps({"v": 3, "kind": "result", "action": "load", "returns": "weights",
                        "transport": "inline", "sizes": [2**60]}).encode()
-    send(struct.pack(">4sHHI", b"SHUB", 2, 1, len(body)) + struct.pack(">Q", 2**60) + body + PICKLE, linger=30)
+    send(struct.pack(">4sHHI", b"SHUB", 3, 1, len(body)) + struct.pack(">Q", 2**60) + body + PICKLE, linger=30)
 """)
 channel_case("unsealed_memfd", """
     fd = os.memfd_create("weights")

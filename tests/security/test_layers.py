@@ -1,4 +1,4 @@
-"""Attack tests for each OS sandbox layer in ``safehub/_worker`` (landlock, seccomp, namespaces,
+"""Attack tests for each OS sandbox layer in ``worker/sandbox`` (landlock, seccomp, namespaces,
 bubblewrap, limits), loaded by file path exactly as the worker loads them.
 
 Every attack runs in a fresh child interpreter (``python -I -c``) that applies one layer and
@@ -25,12 +25,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-WORKER_DIR = Path(__file__).resolve().parents[2] / "safehub" / "_worker"
+from safehub import _bwrap
+from safehub._worker import grants
+
+WORKER_DIR = Path(__file__).resolve().parents[2] / "worker"
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 NOBODY = 65534
 IS_ROOT = os.geteuid() == 0
@@ -39,14 +43,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _load(name: str):
-    modname = f"_safehub_test_layer_{name}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    spec = importlib.util.spec_from_file_location(modname, WORKER_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = module
-    spec.loader.exec_module(module)
-    return module
+    """A sandbox layer module of the worker, imported in this process (as ``safehub._worker.sandbox``)."""
+    return importlib.import_module(f"safehub._worker.sandbox.{name}")
 
 
 _PROBE: dict | None = None
@@ -55,7 +53,7 @@ _PROBE: dict | None = None
 def probe() -> dict:
     global _PROBE
     if _PROBE is None:
-        _PROBE = _load("layers").probe()
+        _PROBE = {**_load("probe").probe(), "bubblewrap": _bwrap.probe()}
     return _PROBE
 
 
@@ -75,11 +73,15 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
 def load(name):
-    spec = importlib.util.spec_from_file_location("_safehub_layer_" + name, os.path.join(WORKER_DIR, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # The worker package loaded by path, as worker/main.py loads it; then one sandbox module of it.
+    if "_safehub_worker" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_safehub_worker", os.path.join(WORKER_DIR, "__init__.py"), submodule_search_locations=[WORKER_DIR])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["_safehub_worker"] = package
+        spec.loader.exec_module(package)
+    import importlib
+    return importlib.import_module("_safehub_worker." + (name if name == "grants" else "sandbox." + name))
 
 def attempt(fn):
     try:
@@ -227,7 +229,7 @@ def test_probe_reports_every_layer():
 # --- Landlock ------------------------------------------------------------------------------------
 LANDLOCK_APPLY = r"""
 ll = load("landlock")
-read = ll.system_read_paths() + ll.python_read_paths()
+read = load("grants").system_read_paths() + load("grants").python_read_paths()
 applied = ll.restrict(read, ARGS["write"], allow_tcp=ARGS.get("allow_tcp", False))
 """
 
@@ -630,24 +632,20 @@ report(entered=entered, uid=os.getuid(), after=attempt(connect))
 def test_pid_namespace_hides_the_parent():
     require("namespaces")
     code = r"""
-ns = load("namespaces")
+ns, confine = load("namespaces"), load("confine")
 ns.enter(user=True, net=True, ipc=True, pid=True, mount=True)
-def workload():
-    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    report(pid=os.getpid(), pids=pids, parent_visible=os.path.exists("/proc/%d" % ARGS["test_pid"]),
-           kill_parent=attempt(lambda: os.kill(ARGS["test_pid"], 0)))
-    return 5
-status = ns.run_as_pid1(workload)
-report(exit=os.waitstatus_to_exitcode(status), outer_pid=os.getpid())
+confine.fork_into_pid_namespace(confine.Report())  # only the work returns: pid 2, under a small init
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+report(pid=os.getpid(), pids=pids, parent_visible=os.path.exists("/proc/%d" % ARGS["test_pid"]),
+       kill_parent=attempt(lambda: os.kill(ARGS["test_pid"], 0)))
+os._exit(5)
 """
     child = run_child(code, {"test_pid": os.getpid()})
-    assert child.returncode == 0, child
-    first = json.loads(child.stdout.split("SAFEHUB-RESULT ")[1].splitlines()[0])
-    assert first["pid"] == 1
-    assert first["pids"] == [1]
-    assert first["parent_visible"] is False
-    assert denied(first["kill_parent"], 3)  # ESRCH: no such process in this namespace
-    assert child["exit"] == 5
+    assert child.returncode == 5, child  # the process left outside mirrors the work's end
+    assert child["pid"] == 2
+    assert child["pids"] == [1, 2]
+    assert child["parent_visible"] is False
+    assert denied(child["kill_parent"], 3)  # ESRCH: no such process in this namespace
 
 
 def test_pid1_exit_kills_everything_it_started(shared_tmp):
@@ -655,21 +653,21 @@ def test_pid1_exit_kills_everything_it_started(shared_tmp):
     marker = shared_tmp / "orphan-alive"
     code = r"""
 import time
-ns = load("namespaces")
+ns, confine = load("namespaces"), load("confine")
 ns.enter(user=True, net=True, ipc=True, pid=True, mount=True)
-def workload():
-    if os.fork() == 0:          # an orphan-to-be that outlives the workload if it can
-        os.setsid()
-        time.sleep(1.5)
-        open(ARGS["marker"], "w").write("alive")
-        os._exit(0)
-    return 0
-report(exit=os.waitstatus_to_exitcode(ns.run_as_pid1(workload)))
-time.sleep(2.5)
+confine.fork_into_pid_namespace(confine.Report())
+if os.fork() == 0:          # an orphan-to-be that outlives the work if it can
+    os.setsid()
+    time.sleep(1.5)
+    open(ARGS["marker"], "w").write("alive")
+    os._exit(0)
+report(forked=True)
+os._exit(0)                 # the work ends: its init (pid 1) exits, and the kernel kills the namespace
 """
     child = run_child(code, {"marker": str(marker)})
     assert child.returncode == 0, child
-    assert child["exit"] == 0
+    assert child["forked"]
+    time.sleep(2.5)
     assert not marker.exists(), "a process outlived pid 1 of its namespace"
 
 
@@ -715,7 +713,7 @@ def _assert_bwrap_confined(child: Child, layout, listener, *, uid: int, nested_u
     assert denied(child["connect"]), child
     assert child["parent_visible"] is False and child["pid"] == 2 and max(child["pids"]) <= 3, child
     # /home exists inside only when the interpreter lives there (a venv in a user's home).
-    python_under_home = any(p.startswith("/home/") for p in _load("namespaces").python_paths())
+    python_under_home = any(p.startswith("/home/") for p in grants.python_read_paths())
     assert ("home" in child["root_listing"]) == python_under_home, child
     assert child["cap_eff"] == child["cap_prm"] == "0000000000000000", child
     if nested_userns_blocked:
@@ -729,8 +727,7 @@ def _assert_bwrap_confined(child: Child, layout, listener, *, uid: int, nested_u
 
 def test_bwrap_confines_a_worker_run_by_this_user(layout, tcp_listener):
     require("bubblewrap")
-    ns = _load("namespaces")
-    argv = ns.bwrap_argv(layout["repo"], layout["scratch"], env={"PATH": "/usr/bin:/bin", "HOME": str(layout["scratch"])})
+    argv = _bwrap.bwrap_argv(layout["repo"], layout["scratch"], env={"PATH": "/usr/bin:/bin", "HOME": str(layout["scratch"])})
     child = run_child(BWRAP_ATTACK, _bwrap_args(layout, tcp_listener), prefix=argv)
     _assert_bwrap_confined(child, layout, tcp_listener, uid=os.getuid())
 
@@ -741,10 +738,9 @@ def test_bwrap_root_drops_to_an_unprivileged_uid(layout, tcp_listener):
         pytest.skip("bubblewrap: the root-to-uid drop needs a root test run")
     if shutil.which("setpriv") is None:
         pytest.skip("bubblewrap: setpriv (util-linux) not installed for the in-sandbox drop")
-    ns = _load("namespaces")
     os.chown(layout["scratch"], NOBODY, NOBODY)
     layout["scratch"].chmod(0o700)  # private to the worker's uid
-    argv = ns.bwrap_argv(layout["repo"], layout["scratch"], uid=NOBODY, env={"PATH": "/usr/bin:/bin"})
+    argv = _bwrap.bwrap_argv(layout["repo"], layout["scratch"], uid=NOBODY, env={"PATH": "/usr/bin:/bin"})
     child = run_child(BWRAP_ATTACK, _bwrap_args(layout, tcp_listener), prefix=argv)
     # No user namespace in this mode (it would keep the kernel uid at 0), so bwrap cannot
     # forbid nested ones: the seccomp layer does, inside the worker.
@@ -759,10 +755,9 @@ def test_bwrap_run_by_an_unprivileged_user(layout, tcp_listener):
         pytest.skip("bubblewrap: already covered unprivileged by the first bwrap test")
     if not os.path.exists(SYSTEM_PYTHON):
         pytest.skip(f"bubblewrap: no {SYSTEM_PYTHON} for a uid that cannot read this interpreter")
-    ns = _load("namespaces")
     os.chown(layout["scratch"], NOBODY, NOBODY)
     # Built as that user would build it: only a Python it can read (the system one) is bound.
-    argv = ns.bwrap_argv(layout["repo"], layout["scratch"], python_prefixes=["/usr"], env={"PATH": "/usr/bin:/bin"})
+    argv = _bwrap.bwrap_argv(layout["repo"], layout["scratch"], python_prefixes=["/usr"], env={"PATH": "/usr/bin:/bin"})
     child = run_child(BWRAP_ATTACK, _bwrap_args(layout, tcp_listener), prefix=argv, python=SYSTEM_PYTHON, user=NOBODY)
     _assert_bwrap_confined(child, layout, tcp_listener, uid=NOBODY)
 
@@ -959,7 +954,7 @@ import subprocess, signal
 ns = load("namespaces"); ll = load("landlock"); sc = load("seccomp"); lim = load("limits")
 applied = {}
 applied["namespaces"] = ns.enter(user=True, net=True, ipc=True)
-applied["landlock"] = ll.restrict(ll.system_read_paths() + ll.python_read_paths() + [ARGS["repo"]], [ARGS["scratch"]])
+applied["landlock"] = ll.restrict(load("grants").system_read_paths() + load("grants").python_read_paths() + [ARGS["repo"]], [ARGS["scratch"]])
 applied["rlimits"] = lim.apply_rlimits(memory_bytes=2 << 30, cpu_seconds=30, max_open_files=256, max_file_size=64 << 20)
 applied["seccomp"] = sc.install()
 def connect():

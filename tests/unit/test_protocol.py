@@ -12,8 +12,8 @@ import tracemalloc
 
 import pytest
 
-from safehub import _protocol
-from safehub._protocol import FrameEOF, FrameError, FrameTimeout, Limits, recv_frame, send_frame
+from safehub._worker import protocol as _protocol
+from safehub._worker.protocol import FrameEOF, FrameError, FrameTimeout, Limits, recv_frame, send_frame
 
 SOON = 5.0  # seconds: a generous deadline for reads that must succeed
 
@@ -34,7 +34,7 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", version=2, nbuf=None) -> bytes:
+def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", version=3, nbuf=None) -> bytes:
     nbuf = len(buffers) if nbuf is None else nbuf
     lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
     return struct.pack(">4sHHI", magic, version, nbuf, len(header)) + lengths + header + b"".join(buffers)
@@ -45,16 +45,16 @@ def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", versio
 
 GOLDEN_HEAD = (
     b"SHUB"  # magic
-    b"\x00\x02"  # PROTOCOL_VERSION
+    b"\x00\x03"  # PROTOCOL_VERSION
     b"\x00\x01"  # one buffer
     b"\x00\x00\x00\x35"  # header length (53)
     b"\x00\x00\x00\x00\x00\x00\x00\x03"  # the buffer's length
-    b'{"v":2,"kind":"result","action":"list","names":["a"]}'
+    b'{"v":3,"kind":"result","action":"list","names":["a"]}'
 )
 
 
 def test_golden_head_bytes():
-    assert _protocol.PROTOCOL_VERSION == 2
+    assert _protocol.PROTOCOL_VERSION == 3
     head = _protocol.encode_head("result", {"action": "list", "names": ["a"]}, [3])
     assert head == GOLDEN_HEAD
 
@@ -68,7 +68,7 @@ def test_golden_frame_decodes(pair):
 
 def test_fds_field_only_when_fds_are_sent():
     head = _protocol.encode_head("result", {}, [], nfds=2)
-    assert head.endswith(b'{"v":2,"kind":"result","fds":2}')
+    assert head.endswith(b'{"v":3,"kind":"result","fds":2}')
 
 
 def test_reserved_fields_are_refused():
@@ -83,11 +83,11 @@ def test_round_trip_with_buffers(pair):
     a, b = pair
     buffers = [b"", b"\x00" * 10, os.urandom(3 * 1024 * 1024)]
     fields = {"text": "h\u00e9llo \u2603", "n": 3, "nested": {"l": [1, None, True]}}
-    thread = threading.Thread(target=send_frame, args=(a, "request", fields, buffers), kwargs={"deadline": deadline()})
+    thread = threading.Thread(target=send_frame, args=(a, "call", fields, buffers), kwargs={"deadline": deadline()})
     thread.start()
     frame = recv_frame(b, deadline=deadline(), limits=Limits(max_buffer_bytes=4 << 20, max_total_bytes=8 << 20))
     thread.join()
-    assert frame.kind == "request" and frame.fields == fields and frame.buffers == buffers
+    assert frame.kind == "call" and frame.fields == fields and frame.buffers == buffers
 
 
 def test_round_trip_with_fds(pair):
@@ -163,14 +163,14 @@ def test_a_half_sent_frame_times_out(pair):
 def test_send_to_a_peer_that_never_reads_times_out(pair):
     a, _ = pair
     with pytest.raises(FrameTimeout):
-        send_frame(a, "request", {}, [b"x" * (64 * 1024 * 1024)], deadline=deadline(0.3))
+        send_frame(a, "call", {}, [b"x" * (64 * 1024 * 1024)], deadline=deadline(0.3))
 
 
 def test_send_to_a_closed_peer_is_eof(pair):
     a, b = pair
     b.close()
     with pytest.raises(FrameEOF):
-        send_frame(a, "request", {}, [b"x" * 1024 * 1024], deadline=deadline())
+        send_frame(a, "call", {}, [b"x" * 1024 * 1024], deadline=deadline())
 
 
 # -- caps: nothing allocated for what was only announced ---------------------------------------
@@ -179,10 +179,10 @@ def test_send_to_a_closed_peer_is_eof(pair):
 @pytest.mark.parametrize(
     "prefix, match",
     [
-        (struct.pack(">4sHHI", b"SHUB", 2, 0, 0xFFFFFFFF), "header of 4294967295 bytes"),
-        (struct.pack(">4sHHI", b"SHUB", 2, 0xFFFF, 2), "65535 buffers"),
-        (struct.pack(">4sHHI", b"SHUB", 2, 1, 2) + struct.pack(">Q", 2**64 - 1), "buffer of"),
-        (struct.pack(">4sHHI", b"SHUB", 2, 2, 2) + struct.pack(">QQ", 60 << 20, 60 << 20), "total"),
+        (struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF), "header of 4294967295 bytes"),
+        (struct.pack(">4sHHI", b"SHUB", 3, 0xFFFF, 2), "65535 buffers"),
+        (struct.pack(">4sHHI", b"SHUB", 3, 1, 2) + struct.pack(">Q", 2**64 - 1), "buffer of"),
+        (struct.pack(">4sHHI", b"SHUB", 3, 2, 2) + struct.pack(">QQ", 60 << 20, 60 << 20), "total"),
     ],
 )
 def test_huge_announcements_are_refused_without_allocating(pair, prefix, match):
@@ -200,7 +200,7 @@ def test_huge_announcements_are_refused_without_allocating(pair, prefix, match):
 
 def test_announced_buffer_bytes_are_not_preallocated(pair):
     a, b = pair
-    a.sendall(raw_frame(b'{"v":2,"kind":"result"}', nbuf=1)[:12] + struct.pack(">Q", 50 << 20) + b'{"v":2,"kind":"result"}')
+    a.sendall(raw_frame(b'{"v":3,"kind":"result"}', nbuf=1)[:12] + struct.pack(">Q", 50 << 20) + b'{"v":3,"kind":"result"}')
     a.sendall(b"x" * 10)
     tracemalloc.start()
     try:
@@ -218,21 +218,22 @@ def test_announced_buffer_bytes_are_not_preallocated(pair):
 @pytest.mark.parametrize(
     "frame, match",
     [
-        (raw_frame(b'{"v":2,"kind":"result"}', magic=b"HTTP"), "magic"),
+        (raw_frame(b'{"v":3,"kind":"result"}', magic=b"HTTP"), "magic"),
         (raw_frame(b'{"v":1,"kind":"result"}', version=1), "version 1"),  # version 1 frames: refused
+        (raw_frame(b'{"v":2,"kind":"result"}', version=2), "version 2"),  # so are version 2 frames
         (raw_frame(b'{"v":1,"kind":"result"}'), "header version 1"),
         (raw_frame(b'{"v":true,"kind":"result"}'), "header version"),
         (raw_frame(b'{"kind":"result"}'), "header version"),
-        (raw_frame(b'{"v":2}'), "kind"),
-        (raw_frame(b'{"v":2,"kind":7}'), "kind"),
-        (raw_frame(b'{"v":2,"kind":"result"'), "malformed"),
+        (raw_frame(b'{"v":3}'), "kind"),
+        (raw_frame(b'{"v":3,"kind":7}'), "kind"),
+        (raw_frame(b'{"v":3,"kind":"result"'), "malformed"),
         (raw_frame(b"[1, 2]"), "not a JSON object"),
-        (raw_frame(b'{"v":2,"kind":"a","kind":"b"}'), "duplicate"),
-        (raw_frame(b'{"v":2,"kind":"a","x":NaN}'), "malformed"),
-        (raw_frame(b'{"v":2,"kind":"a","x":"\xff"}'), "malformed"),
+        (raw_frame(b'{"v":3,"kind":"a","kind":"b"}'), "duplicate"),
+        (raw_frame(b'{"v":3,"kind":"a","x":NaN}'), "malformed"),
+        (raw_frame(b'{"v":3,"kind":"a","x":"\xff"}'), "malformed"),
         (raw_frame(b"[" * 100_000 + b"]" * 100_000), "malformed"),
-        (raw_frame(b'{"v":2,"kind":"a","fds":"1"}'), "file descriptors"),
-        (raw_frame(b'{"v":2,"kind":"a","fds":1}'), "file descriptors"),
+        (raw_frame(b'{"v":3,"kind":"a","fds":"1"}'), "file descriptors"),
+        (raw_frame(b'{"v":3,"kind":"a","fds":1}'), "file descriptors"),
     ],
 )
 def test_malformed_frames_are_refused(pair, frame, match):
@@ -286,7 +287,7 @@ def test_received_fds_are_close_on_exec(pair):
 
 
 def test_header_is_plain_json():
-    head = _protocol.encode_head("request", {"action": "load", "model": "m\u00e9"})
+    head = _protocol.encode_head("call", {"action": "load", "model": "m\u00e9"})
     header = head[_protocol.PREFIX.size :]
     assert header.isascii()
-    assert json.loads(header) == {"v": 2, "kind": "request", "action": "load", "model": "m\u00e9"}
+    assert json.loads(header) == {"v": 3, "kind": "call", "action": "load", "model": "m\u00e9"}

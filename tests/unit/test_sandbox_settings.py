@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from safehub._worker.protocol import WorkerSettings
 from safehub._sandbox import KNOWN_LAYERS, OPTIONAL_LAYERS, Sandbox, worker_environ
 from safehub.errors import InvalidArgumentError, SandboxError
 
@@ -14,7 +15,17 @@ from safehub.errors import InvalidArgumentError, SandboxError
 def test_defaults_and_settings_are_json():
     sandbox = Sandbox()
     assert sandbox.timeout == 300 and sandbox.memory_limit == 8 * 1024**3 and sandbox.network is False
-    assert json.loads(json.dumps(sandbox.to_settings())) == sandbox.to_settings()
+    settings = sandbox.worker_settings("/repo", "/scratch")
+    assert WorkerSettings.from_json(settings.to_json()) == settings
+    assert settings.repo_dir == "/repo" and settings.timeout == 300.0 and settings.applied_by_parent == ("env_scrub",)
+
+
+def test_worker_settings_refuse_what_they_do_not_declare():
+    good = json.loads(Sandbox().worker_settings("/repo", "/scratch").to_json())
+    for bad in ({**good, "extra": 1}, {**good, "network": "yes"}, {**good, "layers": [1]}, {**good, "memory_limit": 1.5},
+                {k: v for k, v in good.items() if k != "repo_dir"}, [good]):
+        with pytest.raises(ValueError):
+            WorkerSettings.from_dict(bad)
 
 
 def test_frozen_and_keyword_only():
@@ -63,7 +74,7 @@ def test_lists_become_tuples():
 def test_layers_narrow_what_is_applied():
     assert Sandbox().wanted_layers() == KNOWN_LAYERS
     assert Sandbox(layers=("landlock",)).wanted_layers() == ("session", "env_scrub", "landlock")
-    assert Sandbox(layers=["seccomp"]).to_settings()["layers"] == ["session", "env_scrub", "seccomp"]
+    assert Sandbox(layers=["seccomp"]).worker_settings("/r", "/s").layers == ("session", "env_scrub", "seccomp")
     assert set(OPTIONAL_LAYERS) < set(KNOWN_LAYERS)
     for bad in (("session",), ("nope",), "landlock"):
         with pytest.raises(InvalidArgumentError):

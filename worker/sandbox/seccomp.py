@@ -1,7 +1,6 @@
 """seccomp: a deny-list of dangerous system calls, as a hand-assembled classic BPF program.
 
-Standard library only (ctypes); the worker loads this file by path, so it imports nothing of
-safehub. Linux on x86_64 or aarch64 (chosen by ``platform.machine()``).
+Standard library only (ctypes). Linux on x86_64 or aarch64 (chosen by ``platform.machine()``).
 
 The filter is checked by the kernel on every system call, so ``ctypes`` or a C extension
 calling ``syscall()`` directly cannot step around it. Once installed it is inherited by every
@@ -45,6 +44,8 @@ import os
 import platform
 import struct
 import sys
+
+from .libc import libc
 
 __all__ = ["DENIED_SYSCALLS", "action_available", "build_program", "current_mode", "install", "supported"]
 
@@ -340,32 +341,20 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-        _libc.prctl.restype = ctypes.c_int
-    return _libc
-
-
 def action_available(action: int) -> bool:
     """SECCOMP_GET_ACTION_AVAIL for one return action (False where seccomp is missing)."""
     if not supported():
         return False
     nr = _ARCHES[platform.machine()][2]
     value = ctypes.c_uint32(action)
-    return _lib().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0
+    return libc().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0
 
 
 def current_mode() -> int:
     """prctl(PR_GET_SECCOMP): 0 none, 2 filter; -1 when the kernel has no seccomp."""
     if not sys.platform.startswith("linux"):
         return -1
-    res = _lib().prctl(PR_GET_SECCOMP, 0, 0, 0, 0)
+    res = libc().prctl(PR_GET_SECCOMP, 0, 0, 0, 0)
     return res if res >= 0 else -1
 
 
@@ -388,20 +377,20 @@ def install(*, network: bool = False) -> dict:
     program, denied = build_program(network=network, kill_action=kill)
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    libc = _lib()
+    lib = libc()
     # Required for an unprivileged filter; also means no setuid binary ever runs above us.
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
     nr = _ARCHES[platform.machine()][2]
-    res = libc.syscall(
+    res = lib.syscall(
         ctypes.c_long(nr), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog)
     )
     if res != 0:
         err = ctypes.get_errno() if res < 0 else errno.EBUSY
         if res < 0 and err == errno.ENOSYS:
             # Kernels before 3.17 have only the prctl interface (no thread sync there).
-            res = libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
+            res = lib.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
             if res != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")

@@ -1,47 +1,29 @@
 """What each sandbox layer can do on this machine, found cheaply; feeds ``safehub doctor``.
 
-Standard library only. The sibling layer modules are loaded by file path (this file is loaded
-by path too, so no package-relative import is possible). Probes that must *apply* something
+Standard library only. Probes that must *apply* something
 (a user namespace) do it in a forked child that exits at once, so the calling process is never
 changed.
 
 ``probe()`` returns ``{layer: {"available": bool, "detail": str}}`` for the layers of
-DESIGN section 5: session, namespaces, bubblewrap, landlock, seccomp, rlimits, uid_drop,
-env_scrub. A layer that is not needed here (uid_drop when not running as root) is reported
+DESIGN section 5 that the worker applies: session, namespaces, landlock, seccomp, rlimits,
+uid_drop, env_scrub. The parent runs it in a fresh worker interpreter (``main.py --probe``) for
+``safehub doctor``; the zygote calls it for namespaces. A layer that is not needed here (uid_drop when not running as root) is reported
 unavailable with the reason in ``detail``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import stat
-import subprocess
 import sys
 import warnings
 
-__all__ = ["LAYERS", "load_layer", "probe"]
+from . import landlock, limits, namespaces, seccomp
+from .libc import prctl
 
-LAYERS = ("session", "namespaces", "bubblewrap", "landlock", "seccomp", "rlimits", "uid_drop", "env_scrub")
-_HERE = os.path.dirname(os.path.abspath(__file__))
+__all__ = ["LAYERS", "probe"]
 
-
-def load_layer(name: str):
-    """Load a sibling layer module (``landlock``, ``seccomp``, ``namespaces``, ``limits``) by
-    path, under a private name, once."""
-    modname = f"_safehub_layer_{name}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    spec = importlib.util.spec_from_file_location(modname, os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[modname]
-        raise
-    return module
+# bubblewrap is the parent's to probe (safehub/_bwrap.py): the worker runs inside it, never it.
+LAYERS = ("session", "namespaces", "landlock", "seccomp", "rlimits", "uid_drop", "env_scrub")
 
 
 def _in_child(fn, timeout: float = 5.0) -> tuple[bool, str]:
@@ -87,13 +69,9 @@ def _probe_session() -> dict:
         return {"available": False, "detail": "needs Linux (prctl)"}
 
     def session() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
         os.setsid()
-        for option, arg, name in ((1, 9, "PR_SET_PDEATHSIG"), (36, 1, "PR_SET_CHILD_SUBREAPER")):
-            if libc.prctl(option, arg, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), name)
+        for option, arg in ((1, 9), (36, 1)):  # PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER
+            prctl(option, arg)
 
     ok, err = _in_child(session)
     if not ok:
@@ -107,7 +85,7 @@ def _probe_session() -> dict:
 def _probe_namespaces() -> dict:
     if not _linux():
         return {"available": False, "detail": "needs Linux"}
-    ns = load_layer("namespaces")
+    ns = namespaces
     try:
         with open("/proc/sys/user/max_user_namespaces") as f:
             max_ns = int(f.read())
@@ -125,28 +103,8 @@ def _probe_namespaces() -> dict:
     return {"available": False, "detail": f"unshare failed: {err}"}
 
 
-def _probe_bubblewrap() -> dict:
-    path = shutil.which("bwrap")
-    if path is None:
-        return {"available": False, "detail": "bwrap not found on PATH (apt install bubblewrap)"}
-    ns = load_layer("namespaces")
-    feats = ns.bwrap_features(path)
-    version = feats.get("version", "?")
-    argv = [path, "--ro-bind", "/", "/", "--unshare-user", "--unshare-net", "--unshare-pid",
-            "--proc", "/proc", "--dev", "/dev", "--die-with-parent", "--", "true"]
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"available": False, "detail": f"bwrap {version} at {path} did not run: {exc}"}
-    if res.returncode != 0:
-        return {"available": False, "detail": f"bwrap {version} at {path} failed: {res.stderr.strip()[:300]}"}
-    setuid = bool(os.stat(path).st_mode & stat.S_ISUID)
-    mode = "as root (drop inside via setpriv)" if os.geteuid() == 0 else "unprivileged (user namespace)"
-    return {"available": True, "detail": f"bwrap {version} at {path}{' (setuid)' if setuid else ''}, {mode}"}
-
-
 def _probe_landlock() -> dict:
-    ll = load_layer("landlock")
+    ll = landlock
     abi = ll.abi_version()
     if abi <= 0:
         return {"available": False, "detail": "Landlock unsupported (kernel < 5.13, not enabled at boot, or not Linux)"}
@@ -173,7 +131,7 @@ def _probe_landlock() -> dict:
 
 
 def _probe_seccomp() -> dict:
-    sc = load_layer("seccomp")
+    sc = seccomp
     if not sc.supported():
         import platform
 
@@ -200,39 +158,16 @@ def _probe_rlimits() -> dict:
     return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE"}
 
 
-def _blocking_ancestor(path: str, uid: int, gid: int) -> str | None:
-    """The first folder on the way to ``path`` that ``uid`` cannot traverse, by mode bits."""
-    path = os.path.realpath(path)
-    parts = path.split("/")
-    for i in range(2, len(parts) + 1):
-        d = "/".join(parts[:i]) or "/"
-        try:
-            st = os.stat(d)
-        except OSError:
-            return d
-        if not stat.S_ISDIR(st.st_mode):
-            break
-        if st.st_uid == uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid == gid:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            return d
-    return None
-
-
 def _probe_uid_drop(target_uid: int = 65534) -> dict:
     if not _linux():
         return {"available": False, "detail": "needs Linux"}
     if os.geteuid() != 0:
         return {"available": False, "detail": f"not needed: running as uid {os.geteuid()}, RLIMIT_NPROC binds"}
-    lim = load_layer("limits")
+    lim = limits
     ok, err = _in_child(lambda: lim.drop_privileges(target_uid))
     if not ok:
         return {"available": False, "detail": f"drop to {target_uid} failed: {err}"}
-    blocked = _blocking_ancestor(sys.base_prefix, target_uid, target_uid)
+    blocked = limits.untraversable_ancestor(sys.base_prefix, target_uid)
     if blocked:
         return {
             "available": True,
@@ -249,7 +184,6 @@ def _probe_env_scrub() -> dict:
 _PROBES = {
     "session": _probe_session,
     "namespaces": _probe_namespaces,
-    "bubblewrap": _probe_bubblewrap,
     "landlock": _probe_landlock,
     "seccomp": _probe_seccomp,
     "rlimits": _probe_rlimits,
@@ -270,9 +204,3 @@ def probe(layers=LAYERS) -> dict:
         except Exception as exc:  # noqa: BLE001 - a doctor reports, it does not crash
             out[name] = {"available": False, "detail": f"probe failed: {type(exc).__name__}: {exc}"}
     return out
-
-
-if __name__ == "__main__":  # pragma: no cover - manual check
-    import json
-
-    print(json.dumps(probe(), indent=2))

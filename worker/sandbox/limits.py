@@ -1,6 +1,6 @@
 """Resource limits and the uid drop for the worker.
 
-Standard library only; the worker loads this file by path, so it imports nothing of safehub.
+Standard library only.
 
 Facts this layer rests on (checked on Linux 6.18 by tests/security/test_layers.py):
 
@@ -24,8 +24,8 @@ start it, and a worker that drops after starting cannot import any module it has
 yet, nor read a repository cached under ``/root/.cache``. The installation's own modes are
 fine (0755 folders, 0644/0755 files throughout), only ``/root`` blocks. What works:
 
-- bubblewrap run by root with the drop done inside the sandbox (``namespaces.bwrap_argv(uid=,
-  drop_via="setpriv")``): bwrap's root is a fresh tmpfs, /root there holds only the bound
+- bubblewrap run by root with the drop done inside the sandbox (``safehub/_bwrap.py``,
+  ``bwrap_argv(uid=, drop_via="setpriv")``): bwrap's root is a fresh tmpfs, /root there holds only the bound
   interpreter, and the folders leading to it are made 0755;
 - without bubblewrap: in the forked child, as root, ``namespaces.enter(user=False, mount=True,
   ...)``, then ``namespaces.hide_and_rebind("/root", [python prefix, repo, ...])`` (an empty
@@ -34,11 +34,13 @@ fine (0755 folders, 0644/0755 files throughout), only ``/root`` blocks. What wor
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
+import stat
 
-__all__ = ["apply_rlimits", "drop_privileges"]
+from .libc import prctl
+
+__all__ = ["apply_rlimits", "drop_privileges", "untraversable_ancestor"]
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_DUMPABLE = 3
@@ -156,10 +158,7 @@ def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: b
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if no_new_privs:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
     # Verify: every id changed, no capability left, and the way back is closed.
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
         raise RuntimeError(f"uid drop incomplete: {os.getresuid()} {os.getresgid()} {os.getgroups()}")
@@ -180,3 +179,23 @@ def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: b
         "no_new_privs": no_new_privs,
         "regain_blocked": True,
     }
+
+
+def untraversable_ancestor(path: str, uid: int, gid: int | None = None) -> str | None:
+    """The outermost folder above ``path`` that ``uid`` cannot traverse, by its mode bits, or None.
+
+    What a uid drop must cover: root reaches everything, ``uid`` stops at the first folder
+    without its execute bit (``/root`` is 0700 here). A missing folder blocks nothing.
+    """
+    gid = uid if gid is None else gid
+    parts = os.path.realpath(path).split("/")
+    for i in range(2, len(parts)):
+        folder = "/".join(parts[:i])
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        bit = stat.S_IXUSR if st.st_uid == uid else (stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            return folder
+    return None

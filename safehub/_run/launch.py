@@ -1,6 +1,6 @@
 """How a worker is started: forked by the zygote (warm) or as a fresh interpreter (cold).
 
-Warm is the default: the zygote (``safehub/_zygote.py``) forks a worker that enters the same
+Warm is the default: the zygote (``warm.py``) forks a worker that enters the same
 sandbox as a cold one, namespaces included (unshared in the forked, single-threaded child).
 A call goes cold where the warm path would give it less: ``Sandbox(require=("bubblewrap",))``;
 bubblewrap wanted without Landlock (only bubblewrap would hide the host's files then);
@@ -12,28 +12,27 @@ Python, safehub's worker code, the repository (read-only) and its scratch folder
 bound in, fresh /proc, /dev, /tmp and /dev/shm, and new user, pid, ipc, uts, cgroup and network
 namespaces. As root it also drops the worker to uid 65534 (through ``setpriv``), since root is
 exempt from RLIMIT_NPROC. Where bubblewrap is missing or refused, the worker enters the
-namespaces itself (``safehub/_worker/confine.py``).
+namespaces itself (``worker/sandbox/confine.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Union
 
-from . import _log, _zygote
-from ._worker import namespaces
-
-WORKER_MAIN = Path(__file__).resolve().parent / "_worker" / "main.py"
-UNPRIVILEGED_UID = 65534
+from .. import _log
+from .._bwrap import UNPRIVILEGED_UID, bwrap_argv, bwrap_works
+from .._worker import ENTRY_SCRIPT
+from .._worker.protocol import WorkerSettings
+from . import warm
 
 
 class ColdProcess:
-    """A cold worker's Popen, with the interface it shares with ``_zygote.WarmProcess``."""
+    """A cold worker's Popen, with the interface it shares with ``warm.WarmProcess``."""
 
     def __init__(self, popen: subprocess.Popen[bytes], wrapped: bool) -> None:
         self.popen = popen
@@ -55,31 +54,31 @@ class ColdProcess:
         self.popen.kill()
 
 
-WorkerProcess = Union[ColdProcess, "_zygote.WarmProcess"]
+WorkerProcess = Union[ColdProcess, "warm.WarmProcess"]
 
 
-def start_worker(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -> tuple[WorkerProcess, socket.socket]:
+def start_worker(settings: WorkerSettings, environ: dict[str, str], cwd: Path) -> tuple[WorkerProcess, socket.socket]:
     """Start a worker for one call: (its process, the parent's end of its channel).
 
     Raises OSError where even a cold worker cannot start.
     """
-    zygote = _zygote.acquire() if "bubblewrap" not in settings["require"] else None
+    zygote = warm.acquire() if "bubblewrap" not in settings.require else None
     if zygote is not None and _warm_gives_enough(zygote, settings):
         sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             return zygote.spawn(settings, environ, child.fileno()), sock
-        except _zygote.Unavailable as exc:
+        except warm.Unavailable as exc:
             # Whatever it may have forked sees this channel close and ends; this call goes cold.
             sock.close()
-            _zygote.discard(zygote)
+            warm.discard(zygote)
             _log.warning(f"{exc}; this call starts cold")
         finally:
             child.close()
     return _start_cold(settings, environ, cwd)
 
 
-def _warm_gives_enough(zygote: _zygote.Zygote, settings: dict[str, Any]) -> bool:
-    wanted = set(settings["layers"])
+def _warm_gives_enough(zygote: warm.Zygote, settings: WorkerSettings) -> bool:
+    wanted = set(settings.layers)
     if not {"namespaces", "bubblewrap"} <= wanted or not bwrap_works():
         return True
     # bubblewrap hides the host's files; a warm worker relies on Landlock for that.
@@ -89,7 +88,7 @@ def _warm_gives_enough(zygote: _zygote.Zygote, settings: dict[str, Any]) -> bool
     return zygote.namespaces
 
 
-def _start_cold(settings: dict[str, Any], environ: dict[str, str], cwd: Path) -> tuple[ColdProcess, socket.socket]:
+def _start_cold(settings: WorkerSettings, environ: dict[str, str], cwd: Path) -> tuple[ColdProcess, socket.socket]:
     sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         argv, by_launch = worker_argv(settings, child.fileno())
@@ -112,42 +111,23 @@ def _start_cold(settings: dict[str, Any], environ: dict[str, str], cwd: Path) ->
     return ColdProcess(popen, "bubblewrap" in by_launch), sock
 
 
-def worker_argv(settings: dict[str, Any], channel_fd: int) -> tuple[list[str], list[str]]:
+def worker_argv(settings: WorkerSettings, channel_fd: int) -> tuple[list[str], list[str]]:
     """(argv, layers applied by the launch) for a worker with these settings."""
     # -B: a worker never writes .pyc files into the shared repository cache.
-    python = [sys.executable, "-I", "-B", str(WORKER_MAIN), "--channel-fd", str(channel_fd)]
-    wanted = set(settings["layers"])
+    python = [sys.executable, "-I", "-B", ENTRY_SCRIPT, "--channel-fd", str(channel_fd)]
+    wanted = set(settings.layers)
     wrap = {"namespaces", "bubblewrap"} <= wanted and bwrap_works()
     drop = os.geteuid() == 0 and "uid_drop" in wanted
-    tail = ["--repo-dir", settings["repo_dir"], "--parent-pid", "0" if wrap else str(os.getpid())]
+    tail = ["--parent-pid", "0" if wrap else str(os.getpid())]
     if not wrap:
-        return python + tail + ["--settings", _settings_json(settings, [])], []
+        return python + tail + ["--settings", settings.to_json()], []
     applied = ["namespaces", "bubblewrap"] + (["uid_drop"] if drop else [])
-    argv = namespaces.bwrap_argv(
-        settings["repo_dir"],
-        settings["scratch_dir"],
-        read_only_paths=[str(WORKER_MAIN.parent.parent), *settings.get("extra_read_paths", ())],
-        network=bool(settings.get("network")),
+    argv = bwrap_argv(
+        settings.repo_dir,
+        settings.scratch_dir,
+        read_only_paths=[os.path.dirname(ENTRY_SCRIPT), *settings.extra_read_paths],
+        network=settings.network,
         uid=UNPRIVILEGED_UID if drop else None,
     )
-    return argv + python + tail + ["--settings", _settings_json(settings, applied)], applied
-
-
-def _settings_json(settings: dict[str, Any], applied: list[str]) -> str:
-    import json
-
-    return json.dumps({**settings, "applied_by_parent": settings.get("applied_by_parent", []) + applied})
-
-
-@functools.lru_cache(maxsize=1)
-def bwrap_works() -> bool:
-    """bubblewrap is installed and can make its namespaces here (checked once per process)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="safehub-bwrap-probe-") as scratch:
-        try:
-            argv = namespaces.bwrap_argv(scratch, scratch, uid=UNPRIVILEGED_UID if os.geteuid() == 0 else None)
-            done = subprocess.run(argv + [sys.executable, "-I", "-c", "pass"], capture_output=True, timeout=20)
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return False
-    return done.returncode == 0
+    told = settings.replace(applied_by_parent=settings.applied_by_parent + tuple(applied))
+    return argv + python + tail + ["--settings", told.to_json()], applied

@@ -1,7 +1,6 @@
 """Landlock: confine the filesystem, TCP, signals and abstract sockets of this process.
 
-Standard library only (ctypes); the worker loads this file by path, so it imports nothing of
-safehub. Linux only: on another system, or a kernel without Landlock, :func:`abi_version`
+Standard library only (ctypes). Linux only: on another system, or a kernel without Landlock, :func:`abi_version`
 returns 0 and :func:`restrict` applies nothing and says so.
 
 A Landlock domain is inherited by every child and can never be lifted, only narrowed. It
@@ -30,17 +29,16 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import site
 import stat
 import sys
+
+from .libc import check, libc
 
 __all__ = [
     "abi_version",
     "errata",
     "handled_fs_rights",
-    "python_read_paths",
     "restrict",
-    "system_read_paths",
 ]
 
 # Syscall numbers: 444-446 on both x86_64 and aarch64 (the unified numbering from 5.1 on).
@@ -105,27 +103,8 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-        _libc.prctl.restype = ctypes.c_int
-    return _libc
-
-
 def _numbers():
     return _SYSCALLS.get(platform.machine())
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
 
 
 def abi_version() -> int:
@@ -140,10 +119,10 @@ def abi_version() -> int:
     if nums is None:
         return 0
     try:
-        libc = _lib()
+        lib = libc()
     except OSError:
         return 0
-    res = libc.syscall(
+    res = lib.syscall(
         ctypes.c_long(nums[0]), None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION)
     )
     return int(res) if res > 0 else 0
@@ -154,7 +133,7 @@ def errata() -> int:
     nums = _numbers()
     if nums is None or abi_version() < 7:
         return 0
-    res = _lib().syscall(
+    res = libc().syscall(
         ctypes.c_long(nums[0]), None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_ERRATA)
     )
     return int(res) if res >= 0 else 0
@@ -183,35 +162,6 @@ def _dedupe(paths) -> list[str]:
         if p and p not in out:
             out.append(p)
     return out
-
-
-def system_read_paths() -> list[str]:
-    """System folders and files a Python process reads: libraries, loader cache, devices.
-
-    ``/proc`` is included (Python and torch read ``/proc/self/*`` and ``/proc/cpuinfo``); the
-    pid namespace, not Landlock, is what hides other processes' entries.
-    """
-    candidates = [
-        "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin",
-        "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-        "/etc/nsswitch.conf", "/etc/hosts", "/etc/host.conf", "/etc/passwd", "/etc/group",
-        "/proc", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/shm",
-        "/sys/devices/system/cpu", "/sys/fs/cgroup",
-    ]
-    return [p for p in candidates if os.path.lexists(p)]
-
-
-def python_read_paths() -> list[str]:
-    """The running interpreter's installation: prefixes, site-packages, the executable's home."""
-    paths = [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix]
-    try:
-        paths += site.getsitepackages()
-    except AttributeError:  # pragma: no cover - virtualenv's old site.py
-        pass
-    exe = os.path.realpath(sys.executable) if sys.executable else ""
-    if exe:
-        paths.append(os.path.dirname(exe))
-    return _dedupe(os.path.realpath(p) for p in paths if p)
 
 
 def _open_path(path: str) -> int | None:
@@ -262,7 +212,7 @@ def restrict(
     if abi <= 0:
         return {"applied": False, "abi": 0, "reason": "Landlock is not supported by this kernel"}
     create_nr, add_rule_nr, restrict_nr = _numbers()
-    libc = _lib()
+    lib = libc()
 
     fs = handled_fs_rights(abi)
     net = 0
@@ -279,8 +229,8 @@ def restrict(
     # Older ABIs reject unknown trailing fields only when non-zero, but pass the size of what
     # the kernel knows so an ABI < 4 kernel never sees the newer words at all.
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    ruleset_fd = _check(
-        libc.syscall(ctypes.c_long(create_nr), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
+    ruleset_fd = check(
+        lib.syscall(ctypes.c_long(create_nr), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
     applied = {"read": [], "write": [], "exec": [], "skipped": []}
@@ -301,8 +251,8 @@ def restrict(
                     rights &= _FILE_RIGHTS
                 rights &= fs
                 rule = _PathBeneathAttr(rights, fd)
-                _check(
-                    libc.syscall(
+                check(
+                    lib.syscall(
                         ctypes.c_long(add_rule_nr),
                         ctypes.c_int(ruleset_fd),
                         ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
@@ -316,9 +266,9 @@ def restrict(
             applied[kind].append(path)
         # Without no_new_privs, landlock_restrict_self needs CAP_SYS_ADMIN; with it, a setuid
         # program can never run outside the domain with raised privileges.
-        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        _check(
-            libc.syscall(ctypes.c_long(restrict_nr), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)),
+        check(lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        check(
+            lib.syscall(ctypes.c_long(restrict_nr), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)),
             "landlock_restrict_self",
         )
     finally:

@@ -15,8 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-OBJECT_METADATA = {"format": "safehub-object"}
-PICKLE_PART = "pickle"
+from .layout import OBJECT_METADATA, PICKLE_ENTRY as PICKLE_PART
 
 
 def dumps(value: Any, dtype_names: Mapping[str, str]) -> list[tuple[str, str, list[int], int, Any]]:

@@ -1,12 +1,12 @@
 """The warm path's zygote: torch imported once, then a fresh, sandboxed worker forked per call.
 
-Standalone like ``main.py``, which loads this file by path and hands it its own module::
+Started through the entry script::
 
     python -I -B main.py --zygote --control-fd FD --parent-pid PID
 
 argv
     --control-fd   an inherited AF_UNIX stream socket: the only channel to the parent
-                   (``safehub/_zygote.py``)
+                   (``safehub/_run/warm.py``)
     --parent-pid   the parent's pid; the zygote exits when it dies
 
 Environment, working folder, stdio
@@ -16,10 +16,10 @@ Environment, working folder, stdio
     call's settings and environment come in a memfd that only the call's own supervisor reads.
 
 What it holds
-    torch, cloudpickle and the worker's own modules, imported (``main.preload``). It runs no
+    torch, cloudpickle and the worker's own modules, imported (``work.preload``). It runs no
     torch op (libgomp hangs a forked child after a parallel op) and no repository code.
 
-Input and output (``_protocol.py``: READY, SPAWN, SPAWNED, EXITED)
+Input and output (``protocol.py``: READY, SPAWN, SPAWNED, EXITED)
     READY once the imports are done; then, for each SPAWN on the control socket, SPAWNED with a
     pidfd of the new supervisor on the call's reply socket, and EXITED with its wait status once
     the zygote has reaped it.
@@ -27,7 +27,7 @@ Input and output (``_protocol.py``: READY, SPAWN, SPAWNED, EXITED)
 Processes
     Each supervisor sets itself up the way a cold one is started (its own session, stdout and
     stderr on the call's pipes, the call's scratch folder as working folder, the call's
-    environment), then runs ``main.supervise``, like a cold worker's P1: it watches the caller
+    environment), then runs ``supervisor.supervise``, like a cold worker's P1: it watches the caller
     (not the zygote) through the zygote's pidfd of it, forks the work process, which applies the
     same sandbox (``confine.apply_sandbox``), kills whatever is left, and mirrors its end.
 
@@ -46,21 +46,20 @@ import select
 import socket
 import sys
 import time
-from types import ModuleType
 from typing import Any, NoReturn
 
-EXIT_OK = 0
-EXIT_USAGE = 64
-EXIT_SOFTWARE = 70
-EXIT_SUPERVISOR = 71
+from . import protocol, supervisor, work
+from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, EXIT_USAGE, WorkerSettings
+from .sandbox import probe
+from .sandbox.libc import libc
 
 _ARGS = ("--control-fd", "--parent-pid")
 _SEND_TIMEOUT_S = 5.0  # the parent reads every frame at once; a stuck one is given up, not waited on
 _MAX_CALL_BYTES = 64 * 1024 * 1024
 
 
-def main(argv: list[str], worker: ModuleType) -> NoReturn:
-    """Run the zygote; ``worker`` is ``main.py``'s module (``preload``, ``supervise``)."""
+def main(argv: list[str]) -> NoReturn:
+    """Run the zygote: ``--control-fd FD --parent-pid PID``."""
     try:
         opts = dict(zip(argv[::2], argv[1::2]))
         if len(argv) != 2 * len(_ARGS) or sorted(opts) != sorted(_ARGS):
@@ -75,7 +74,7 @@ def main(argv: list[str], worker: ModuleType) -> NoReturn:
         parent_fd = os.pidfd_open(parent_pid)
         if os.getppid() != parent_pid:
             os._exit(EXIT_SUPERVISOR)  # the parent died before the watch took hold
-        zygote = _Zygote(control_fd, parent_fd, worker)
+        zygote = _Zygote(control_fd, parent_fd)
         zygote.serve()
     except BaseException:
         import traceback
@@ -89,14 +88,13 @@ def main(argv: list[str], worker: ModuleType) -> NoReturn:
 class _Zygote:
     """The control loop: fork a supervisor per SPAWN, reap it, report its end."""
 
-    def __init__(self, control_fd: int, parent_fd: int, worker: ModuleType) -> None:
-        self.worker = worker
-        self.protocol = worker.preload()
+    def __init__(self, control_fd: int, parent_fd: int) -> None:
+        work.preload()
         self.control = socket.socket(fileno=control_fd)
         self.parent_fd = parent_fd
         self.calls: dict[int, tuple[int, socket.socket]] = {}  # supervisor pidfd -> (pid, reply socket)
-        spawn_fds = len(self.protocol.SPAWN_FDS)
-        self.limits = self.protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=spawn_fds)
+        spawn_fds = len(protocol.SPAWN_FDS)
+        self.limits = protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=spawn_fds)
 
     def serve(self) -> None:
         namespaces = self._namespaces_work()
@@ -104,7 +102,7 @@ class _Zygote:
         # would otherwise touch (and copy) every page of them.
         gc.freeze()
         _huge_pages()
-        self._send(self.control, self.protocol.READY, {"pid": os.getpid(), "namespaces": namespaces})
+        self._send(self.control, protocol.READY, {"pid": os.getpid(), "namespaces": namespaces})
         # Nothing printed during the imports may sit in a buffer that a worker would then flush.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -130,12 +128,10 @@ class _Zygote:
 
     def _namespaces_work(self) -> bool:
         """Whether a forked child can unshare its namespaces here (tried in a throwaway child)."""
-        layers = self.worker._load_sibling("_safehub_layers", os.path.join(self.worker._HERE, "layers.py"))
-        return bool(layers.probe(("namespaces",))["namespaces"]["available"])
+        return bool(probe.probe(("namespaces",))["namespaces"]["available"])
 
     def _accept(self) -> bool:
         """Serve one SPAWN; False once the parent closed the control socket (or broke the protocol)."""
-        protocol = self.protocol
         try:
             frame = protocol.recv_frame(self.control, deadline=time.monotonic() + _SEND_TIMEOUT_S, limits=self.limits)
         except protocol.FrameError:
@@ -166,13 +162,13 @@ class _Zygote:
         pid, reply = self.calls.pop(pidfd)
         _, status = os.waitpid(pid, 0)  # its pidfd is readable: it has exited, this does not block
         os.close(pidfd)
-        self._send(reply, self.protocol.EXITED, {"status": status})
+        self._send(reply, protocol.EXITED, {"status": status})
         reply.close()
 
     def _send(self, sock: socket.socket, kind: str, fields: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         try:
-            self.protocol.send_frame(sock, kind, fields, fds=fds, deadline=time.monotonic() + _SEND_TIMEOUT_S)
-        except (self.protocol.FrameError, OSError):
+            protocol.send_frame(sock, kind, fields, fds=fds, deadline=time.monotonic() + _SEND_TIMEOUT_S)
+        except (protocol.FrameError, OSError):
             pass  # the caller gave up on this call; its supervisor still watches the caller
 
     def _become_supervisor(
@@ -188,8 +184,8 @@ class _Zygote:
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             call = json.loads(_read_all(call_fd))
-            settings, environ = call["settings"], call["environ"]
-            os.chdir(settings["scratch_dir"])
+            settings, environ = WorkerSettings.from_dict(call["settings"]), call["environ"]
+            os.chdir(settings.scratch_dir)
             os.environ.clear()
             os.environ.update(environ)
             _fresh_process_state()
@@ -198,7 +194,7 @@ class _Zygote:
                 os.write(2, f"safehub worker: the supervisor could not take the call: {exc}\n".encode())
             finally:
                 os._exit(EXIT_SUPERVISOR)
-        self.worker.supervise(channel_fd, self.parent_fd, settings["repo_dir"], settings)
+        supervisor.supervise(channel_fd, self.parent_fd, settings)
 
 
 def _read_all(fd: int) -> bytes:
@@ -221,8 +217,8 @@ def _huge_pages() -> None:
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib = libc()
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             lines = maps.readlines()
     except (OSError, AttributeError):
@@ -235,7 +231,7 @@ def _huge_pages() -> None:
         start, end = (int(x, 16) for x in fields[0].split("-"))
         start, end = (start + _HUGE - 1) & ~(_HUGE - 1), end & ~(_HUGE - 1)
         if end > start:
-            libc.madvise(start, end - start, _MADV_COLLAPSE)  # refused (old kernel, no THP): no harm
+            lib.madvise(start, end - start, _MADV_COLLAPSE)  # refused (old kernel, no THP): no harm
 
 
 _HUGE = 2 * 1024 * 1024

@@ -1,6 +1,6 @@
 """The warm path, parent side: one zygote per process, started on first use, shared by threads.
 
-The zygote (``safehub/_worker/zygote.py``) is a child of this process that has imported torch
+The zygote (``worker/zygote.py``) is a child of this process that has imported torch
 and the worker's code, and runs nothing else; for each isolated call it forks a fresh supervisor
 and work process, which enter the same sandbox as a cold worker (DESIGN 6). This module starts
 it (on the first warm call, or from :func:`warmup`), starts it again when it died or when the
@@ -30,13 +30,16 @@ import threading
 import time
 from typing import IO, Any
 
-from . import _log, _protocol, constants
-from ._sandbox import Sandbox, worker_environ
+from .. import _log, constants
+from .._sandbox import Sandbox, worker_environ
+from .._worker import ENTRY_SCRIPT
+from .._worker import protocol
+from .._worker.protocol import WorkerSettings
 
 START_TIMEOUT_S = 120.0  # python -I plus import torch: about 1.5 s here, far more on a cold disk
 SPAWN_TIMEOUT_S = 10.0
 EXIT_REPORT_S = 2.0  # how long the zygote gets to report a supervisor's end once it is over
-_LIMITS = _protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=1)
+_LIMITS = protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=1)
 _LOG_TAIL = 2000
 
 
@@ -46,7 +49,7 @@ class Unavailable(Exception):
 
 class WarmProcess:
     """A supervisor the zygote forked for one call, with the part of Popen's interface
-    ``_isolation`` uses: ``pid``, ``stdout``, ``stderr``, ``running``, ``wait``, ``kill``.
+    ``process.Worker`` uses: ``pid``, ``stdout``, ``stderr``, ``running``, ``wait``, ``kill``.
 
     It is the zygote's child, not ours: its end shows on a pidfd, and its wait status comes from
     the zygote (EXITED). ``wait`` returns Popen's returncode (negative: the signal), or None when
@@ -72,12 +75,12 @@ class WarmProcess:
         if not _readable(self.pidfd, timeout):
             raise subprocess.TimeoutExpired(f"safehub supervisor {self.pid}", timeout or 0)
         try:
-            frame = _protocol.recv_frame(self.reply, deadline=time.monotonic() + EXIT_REPORT_S, limits=_LIMITS)
+            frame = protocol.recv_frame(self.reply, deadline=time.monotonic() + EXIT_REPORT_S, limits=_LIMITS)
             status = frame.fields.get("status")
-            if frame.kind != _protocol.EXITED or type(status) is not int:
+            if frame.kind != protocol.EXITED or type(status) is not int:
                 raise ValueError(f"expected the supervisor's exit status, got a {frame.kind!r} frame")
             self.returncode = os.waitstatus_to_exitcode(status)
-        except (_protocol.FrameError, ValueError):
+        except (protocol.FrameError, ValueError):
             self.returncode = None  # the zygote died with it, or broke the protocol
         self.ended = True
         self.reply.close()
@@ -106,15 +109,13 @@ class Zygote:
 
     @classmethod
     def start(cls, key: dict[str, str]) -> Zygote:
-        from ._launcher import WORKER_MAIN
-
         home = tempfile.mkdtemp(prefix="safehub-zygote-")  # 0700, empty, removed once it is ready
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_path = os.path.join(home, "start.log")
         try:
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-B", str(WORKER_MAIN), "--zygote",
+                    [sys.executable, "-I", "-B", ENTRY_SCRIPT, "--zygote",
                      "--control-fd", str(child.fileno()), "--parent-pid", str(os.getpid())],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -132,12 +133,12 @@ class Zygote:
         finally:
             child.close()
         try:
-            frame = _protocol.recv_frame(control, deadline=time.monotonic() + START_TIMEOUT_S, limits=_LIMITS)
+            frame = protocol.recv_frame(control, deadline=time.monotonic() + START_TIMEOUT_S, limits=_LIMITS)
             frame.close_fds()
             namespaces = frame.fields.get("namespaces")
-            if frame.kind != _protocol.READY or frame.fields.get("pid") != proc.pid or type(namespaces) is not bool:
-                raise _protocol.FrameError(f"expected READY from pid {proc.pid}, got {frame.kind!r} {frame.fields!r}")
-        except _protocol.FrameError as exc:
+            if frame.kind != protocol.READY or frame.fields.get("pid") != proc.pid or type(namespaces) is not bool:
+                raise protocol.FrameError(f"expected READY from pid {proc.pid}, got {frame.kind!r} {frame.fields!r}")
+        except protocol.FrameError as exc:
             control.close()
             _stop(proc)
             message = f"the zygote did not start: {exc}; exit code {proc.returncode}; its output: {_tail(log_path)}"
@@ -149,7 +150,7 @@ class Zygote:
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
 
-    def spawn(self, settings: dict[str, Any], environ: dict[str, str], channel_fd: int) -> WarmProcess:
+    def spawn(self, settings: WorkerSettings, environ: dict[str, str], channel_fd: int) -> WarmProcess:
         """Have the zygote fork a worker for one call on ``channel_fd``; raise Unavailable if it will not."""
         ours: list[Any] = []  # closed if this fails
         theirs: list[Any] = []  # closed once the zygote has its copies
@@ -166,18 +167,18 @@ class Zygote:
             by_name = {"reply": reply_child.fileno(), "channel": channel_fd, "stdout": out_w, "stderr": err_w,
                        "settings": call_fd}
             with self.send_lock:
-                _protocol.send_frame(
-                    self.control, _protocol.SPAWN, {}, fds=[by_name[name] for name in _protocol.SPAWN_FDS],
+                protocol.send_frame(
+                    self.control, protocol.SPAWN, {}, fds=[by_name[name] for name in protocol.SPAWN_FDS],
                     deadline=time.monotonic() + SPAWN_TIMEOUT_S,
                 )
             # Ours closed before waiting, so the pipes reach EOF when the worker's side is done.
             _close(theirs)
-            frame = _protocol.recv_frame(reply, deadline=time.monotonic() + SPAWN_TIMEOUT_S, limits=_LIMITS)
+            frame = protocol.recv_frame(reply, deadline=time.monotonic() + SPAWN_TIMEOUT_S, limits=_LIMITS)
             pid = frame.fields.get("pid")
-            if frame.kind != _protocol.SPAWNED or type(pid) is not int or len(frame.fds) != 1:
+            if frame.kind != protocol.SPAWNED or type(pid) is not int or len(frame.fds) != 1:
                 frame.close_fds()
-                raise _protocol.FrameError(str(frame.fields.get("error") or f"unexpected {frame.kind!r} frame"))
-        except (_protocol.FrameError, OSError) as exc:
+                raise protocol.FrameError(str(frame.fields.get("error") or f"unexpected {frame.kind!r} frame"))
+        except (protocol.FrameError, OSError) as exc:
             _close(ours + theirs)
             raise Unavailable(f"the zygote did not start the worker: {exc}") from None
         return WarmProcess(pid, frame.fds[0], reply, out_r, err_r)
@@ -189,8 +190,8 @@ class Zygote:
             _retired.append(self)
 
 
-def _call_memfd(settings: dict[str, Any], environ: dict[str, str]) -> int:
-    data = json.dumps({"settings": settings, "environ": environ}).encode()
+def _call_memfd(settings: WorkerSettings, environ: dict[str, str]) -> int:
+    data = json.dumps({"settings": json.loads(settings.to_json()), "environ": environ}).encode()
     fd = os.memfd_create("safehub-call", os.MFD_CLOEXEC)
     view = memoryview(data)
     while view:

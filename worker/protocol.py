@@ -1,8 +1,9 @@
-"""Frames between the parent and the worker: one small versioned module, standard library only.
+"""The parent <-> worker wire format: one small versioned module, standard library only.
 
-The worker loads this file by path (it never imports the ``safehub`` package), so it may import
-nothing but the standard library. Its errors are its own (:class:`FrameError` and subclasses);
-the parent maps them to ``safehub.errors`` at one boundary (``_isolation.py``).
+It lives in the worker's folder because both sides speak it: the worker imports it relatively,
+the parent as ``safehub._worker.protocol`` (with ``layout`` and ``grants``, the only worker
+modules the parent may import). Its errors are its own (:class:`FrameError` and subclasses); the
+parent maps them to ``safehub.errors`` at one boundary (``safehub/_run/channel.py``).
 
 A frame, all integers big-endian::
 
@@ -11,27 +12,35 @@ A frame, all integers big-endian::
     header    a JSON object, ASCII only: {"v": PROTOCOL_VERSION, "kind": str, ["fds": int,] ...fields}
     buffers   raw bytes, back to back, as many and as long as the lengths say
 
-The warm path adds a second conversation, parent <-> zygote (``safehub/_zygote.py`` and
-``safehub/_worker/zygote.py``), in the same frames on their own sockets:
-
-    READY    zygote -> parent, once, on the control socket: {"pid": int, "namespaces": bool}
-             (whether the zygote's children can enter namespaces with unshare)
-    SPAWN    parent -> zygote, on the control socket: no fields; SPAWN_FDS in that order. The
-             settings descriptor is a memfd holding {"settings": {...}, "environ": {...}} as
-             JSON; the zygote hands it to the new supervisor unread.
-    SPAWNED  zygote -> parent, on the call's reply socket: {"pid": int} with one descriptor, a
-             pidfd of the supervisor; or {"error": str} and none when the fork failed
-    EXITED   zygote -> parent, on the reply socket, once the supervisor ended:
-             {"status": int}, its raw wait status; then the zygote closes the reply socket
-
-These kinds travel only on the zygote's own sockets and change nothing a worker's frames mean.
-
 File descriptors (``SCM_RIGHTS`` over the ``AF_UNIX`` socketpair) ride on the bytes of the frame's
 head; the header's ``"fds"`` field (absent means 0) says how many must arrive, and any other
-number is an error. Versioning: a new optional field keeps the version; a change of meaning bumps
-it, and a frame of any other version is refused. Version 2: a load RESULT carries ``"sizes"``
-(one per memfd or buffer: the result's shards) instead of ``"size"``, and an object result is
-the shared layout of ``_results.py`` (storages beside the pickle) instead of bare cloudpickle.
+number is an error.
+
+Messages. Every kind is declared once, in :data:`MESSAGES`, with who sends it and its typed
+fields; :func:`check_message` holds a received frame to its declaration (required fields
+present, every declared field of its type; fields a newer peer adds are ignored). A call is a
+conversation on the call's channel:
+
+    parent -> worker   CALL     {action, model, returns} [+ one buffer: pickle of (args, kwargs)]
+    worker -> parent   ASK      {id, what, args}: the worker needs something mid-call and waits
+    parent -> worker   ANSWER   {id, value} [+ buffers, fds], or
+                       REFUSE   {id, reason}; or the parent ends the call (kills the worker)
+    worker -> parent   RESULT   {action, ...} or ERROR {error, type, message, traceback, ...}: the end
+
+The warm path speaks to its zygote in the same frames, on the zygote's own sockets:
+
+    zygote -> parent   READY    {pid, namespaces}: once, on the control socket
+    parent -> zygote   SPAWN    {}: SPAWN_FDS in that order; the settings descriptor is a memfd
+                                holding {"settings": WorkerSettings, "environ": {...}} as JSON,
+                                which the zygote hands to the new supervisor unread
+    zygote -> parent   SPAWNED  {pid} + a pidfd of the supervisor, or {error} (fork failed)
+    zygote -> parent   EXITED   {status}: its raw wait status, once the supervisor ended
+
+Versioning: a new optional field keeps the version; a change of meaning bumps it, and a frame of
+any other version is refused. Version 2: results as shards (``"sizes"``) in the layout of
+``layout.py``. Version 3: the call is a conversation (CALL replaces REQUEST; ASK, ANSWER,
+REFUSE), every message is declared with typed fields, and the worker's settings are a typed
+structure (:class:`WorkerSettings`).
 
 Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
 ``poll``; every length is checked against :class:`Limits` *before* anything is allocated for it,
@@ -48,25 +57,38 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields as dataclass_fields
 from typing import Any, Iterable, Sequence
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"SHUB"
 PREFIX = struct.Struct(">4sHHI")
 LENGTH = struct.Struct(">Q")
 RESERVED_FIELDS = ("v", "kind", "fds")
 
-# Frame kinds. Parent -> worker: REQUEST. Worker -> parent: RESULT or ERROR.
-REQUEST = "request"
+# Message kinds (declared with their fields in MESSAGES below).
+CALL = "call"
+ASK = "ask"
+ANSWER = "answer"
+REFUSE = "refuse"
 RESULT = "result"
 ERROR = "error"
-# Parent <-> zygote (the warm path): new kinds on their own sockets; the worker's are unchanged.
 READY = "ready"
 SPAWN = "spawn"
 SPAWNED = "spawned"
 EXITED = "exited"
 SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
+
+# How a worker process ends (the supervisor mirrors the work process; the zygote uses the same).
+EXIT_OK = 0  # an answer (RESULT or ERROR) was sent
+EXIT_USAGE = 64  # bad command line
+EXIT_SOFTWARE = 70  # the worker failed outside the repository's code
+EXIT_SUPERVISOR = 71  # the supervisor failed, or its parent was gone
+EXIT_MEANINGS = {
+    EXIT_USAGE: "the worker's command line was refused (a safehub bug)",
+    EXIT_SOFTWARE: "the worker failed outside the repository's code (see its stderr above)",
+    EXIT_SUPERVISOR: "the worker's supervisor failed, or saw its parent gone",
+}
 
 _CHUNK = 1024 * 1024
 _INT_SIZE = array.array("i").itemsize
@@ -297,3 +319,175 @@ def _close_all(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+_NONE = type(None)
+JSON_VALUE = (str, int, float, bool, list, dict, _NONE)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One header field: the JSON types it may have (exact: a bool is not an int) and whether it must be there."""
+
+    types: tuple[type, ...]
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Message:
+    """One kind of frame: who sends it, its fields, and how many buffers and fds it may carry."""
+
+    kind: str
+    sender: str  # "parent", "worker" or "zygote"
+    fields: dict[str, Field]
+    max_buffers: int = 0
+    max_fds: int = 0
+
+
+def _opt(*types: type) -> Field:
+    return Field(types, required=False)
+
+
+MESSAGES: dict[str, Message] = {
+    m.kind: m
+    for m in (
+        Message(CALL, "parent", {"action": Field((str,)), "model": Field((str, _NONE)), "returns": Field((str,))}, max_buffers=1),
+        Message(ASK, "worker", {"id": Field((int,)), "what": Field((str,)), "args": Field((dict,))}),
+        Message(ANSWER, "parent", {"id": Field((int,)), "value": Field(JSON_VALUE)}, max_buffers=4, max_fds=4),
+        Message(REFUSE, "parent", {"id": Field((int,)), "reason": Field((str,))}),
+        Message(
+            RESULT,
+            "worker",
+            {
+                "action": Field((str,)),
+                "entrypoints": _opt(list),
+                "doc": _opt(str, _NONE),
+                "returns": _opt(str),
+                "transport": _opt(str),
+                "sizes": _opt(list),
+                "sandbox": _opt(dict),
+            },
+            max_buffers=1,
+            max_fds=8,
+        ),
+        Message(
+            ERROR,
+            "worker",
+            {
+                "error": Field((str,)),
+                "type": _opt(str),
+                "message": _opt(str),
+                "traceback": _opt(str),
+                "phase": _opt(str),
+                "missing": _opt(list),
+                "model": _opt(str),
+                "layer": _opt(str),
+                "sandbox": _opt(dict),
+            },
+        ),
+        Message(READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
+        Message(SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
+        Message(SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
+        Message(EXITED, "zygote", {"status": Field((int,))}),
+    )
+}
+
+
+def check_message(frame: Frame, expected: Iterable[str]) -> Frame:
+    """Hold a received frame to its declaration: one of the ``expected`` kinds, typed fields,
+    no more buffers or fds than it may carry. Raises FrameError (the frame's fds stay the caller's)."""
+    expected = tuple(expected)
+    if frame.kind not in expected:
+        raise FrameError(f"a {frame.kind[:40]!r} frame where {' or '.join(expected)} was expected")
+    message = MESSAGES[frame.kind]
+    if len(frame.buffers) > message.max_buffers or len(frame.fds) > message.max_fds:
+        raise FrameError(f"a {frame.kind} frame with {len(frame.buffers)} buffers and {len(frame.fds)} fds")
+    for name, spec in message.fields.items():
+        if name not in frame.fields:
+            if spec.required:
+                raise FrameError(f"a {frame.kind} frame without its {name!r} field")
+            continue
+        if type(frame.fields[name]) not in spec.types:
+            raise FrameError(f"a {frame.kind} frame whose {name!r} is a {type(frame.fields[name]).__name__}")
+    return frame
+
+
+# -- the worker's settings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker is told about its call: the sandbox's limits and layers, and its folders.
+
+    The parent makes it (``Sandbox.worker_settings``); it travels as JSON (on the command line of
+    a cold worker, in a memfd through the zygote) and the worker reads it with :meth:`from_json`,
+    which checks every field's type, so both sides agree on one typed structure.
+    """
+
+    repo_dir: str
+    scratch_dir: str
+    timeout: float
+    layers: tuple[str, ...]
+    require: tuple[str, ...] = ()
+    applied_by_parent: tuple[str, ...] = ()
+    memory_limit: int | None = None
+    cpu_time: float | None = None
+    max_processes: int | None = None
+    max_open_files: int | None = None
+    max_file_size: int | None = None
+    network: bool = False
+    extra_read_paths: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> WorkerSettings:
+        return WorkerSettings(**{**asdict(self), **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSettings:
+        return cls.from_dict(strict_json_loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> WorkerSettings:
+        """Raises ValueError on anything but the declared fields with their declared types."""
+        if not isinstance(data, dict):
+            raise ValueError("the worker's settings are not a JSON object")
+        known = {f.name: f for f in dataclass_fields(cls)}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"unknown worker settings: {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            kinds = _SETTING_TYPES[name]
+            if isinstance(value, list) and tuple in kinds:
+                if not all(type(item) is str for item in value):
+                    raise ValueError(f"worker setting {name} must be a list of str")
+                value = tuple(value)
+            elif type(value) not in kinds and not (float in kinds and type(value) is int):
+                raise ValueError(f"worker setting {name} is a {type(value).__name__}")
+            values[name] = value
+        missing = [n for n, f in known.items() if n not in values and f.default is MISSING]
+        if missing:
+            raise ValueError(f"worker settings lack {missing}")
+        return cls(**values)
+
+
+# The JSON types of each setting (tuples travel as lists of str).
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "repo_dir": (str,),
+    "scratch_dir": (str,),
+    "timeout": (float,),
+    "layers": (tuple,),
+    "require": (tuple,),
+    "applied_by_parent": (tuple,),
+    "memory_limit": (int, _NONE),
+    "cpu_time": (float, _NONE),
+    "max_processes": (int, _NONE),
+    "max_open_files": (int, _NONE),
+    "max_file_size": (int, _NONE),
+    "network": (bool,),
+    "extra_read_paths": (tuple,),
+}

@@ -2,7 +2,7 @@
 
 ``apply_sandbox`` is the one hook for the sandbox layers (DESIGN 5). The worker calls it once, in
 the forked, single-threaded work process, after the request arrived and before ``hubconf.py`` is
-imported. Layers go on in this order, each where the machine allows and ``settings["layers"]``
+imported. Layers go on in this order, each where the machine allows and ``settings.layers``
 asks for it:
 
 1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
@@ -19,20 +19,21 @@ asks for it:
 6. seccomp last, since it denies calls the layers before it make (unshare, mount).
 
 A layer that cannot be applied is reported with the reason, never silently skipped; the worker
-then checks ``settings["require"]``.
+then checks ``settings.require``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
 import signal
-import sys
-from types import ModuleType
 from typing import Any, Iterable
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from .. import grants
+from ..protocol import WorkerSettings
+from . import landlock, limits, namespaces, seccomp
+from .libc import check, libc
+
 UNPRIVILEGED_UID = 65534  # "nobody"
 
 
@@ -73,26 +74,14 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _layer(name: str) -> ModuleType:
-    """A sibling layer module, loaded by path under a private name (no package import here)."""
-    modname = f"_safehub_layer_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, os.path.join(_HERE, f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
-
-
-def apply_sandbox(settings: dict[str, Any], *, keep_fds: Iterable[int]) -> Report:
+def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Report:
     """Apply every wanted, available layer; return what is in force.
 
     May fork (pid namespace): then only the child returns; the parent exits with its status.
     """
     report = Report()
-    wanted = set(settings.get("layers", ()))
-    report.applied += settings.get("applied_by_parent", [])
+    wanted = set(settings.layers)
+    report.applied += settings.applied_by_parent
     close_other_fds(keep_fds)
     os.umask(0o077)  # files the worker creates are its own, even in a shared /tmp
     no_core_dumps()
@@ -107,7 +96,7 @@ def apply_sandbox(settings: dict[str, Any], *, keep_fds: Iterable[int]) -> Repor
     elif "namespaces" not in report.applied:
         report.missing["namespaces"] = "switched off by Sandbox(layers=...)"
     if pid_ns:
-        _become_pid1(report)
+        fork_into_pid_namespace(report)
     if drop:
         _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=pid_ns))
     elif is_root and "uid_drop" not in report.applied:
@@ -117,7 +106,7 @@ def apply_sandbox(settings: dict[str, Any], *, keep_fds: Iterable[int]) -> Repor
     if "rlimits" in wanted:
         _attempt(report, "rlimits", lambda: _rlimits(settings))
     if "seccomp" in wanted:
-        _attempt(report, "seccomp", lambda: _layer("seccomp").install(network=bool(settings.get("network"))))
+        _attempt(report, "seccomp", lambda: seccomp.install(network=settings.network))
     for name in ("landlock", "rlimits", "seccomp"):
         if name not in wanted:
             report.missing[name] = "switched off by Sandbox(layers=...)"
@@ -137,15 +126,15 @@ def _attempt(report: Report, name: str, apply: Any) -> bool:
     return True
 
 
-def _enter_namespaces(settings: dict[str, Any], *, keep_root: bool) -> dict[str, Any]:
+def _enter_namespaces(settings: WorkerSettings, *, keep_root: bool) -> dict[str, Any]:
     # Root that will drop its uid needs no user namespace (and must keep CAP_SYS_ADMIN for the
     # mounts of the drop); anyone else gets one, which makes the other namespaces unprivileged.
-    return _layer("namespaces").enter(
-        user=not keep_root, net=not settings.get("network"), ipc=True, pid=True, mount=True, uts=True
+    return namespaces.enter(
+        user=not keep_root, net=not settings.network, ipc=True, pid=True, mount=True, uts=True
     )
 
 
-def _become_pid1(report: Report) -> None:
+def fork_into_pid_namespace(report: Report) -> None:
     """Fork into the new pid namespace: a small init as its pid 1, the work as pid 2.
 
     Only the work returns; the caller, left outside the namespace, mirrors the work's end. The
@@ -153,18 +142,16 @@ def _become_pid1(report: Report) -> None:
     without a handler (``os.kill(os.getpid(), SIGSEGV)``, SIGABRT from ``abort()``), so it
     could not die of them as it does anywhere else.
     """
-    namespaces = _layer("namespaces")
-    libc = namespaces._lib()
     status_r, status_w = os.pipe()
     init = os.fork()
     if init == 0:
         os.close(status_r)
         # When pid 1 exits the kernel kills every process of the namespace: nothing outlives it.
-        libc.prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc().prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         try:
             # A /proc of this namespace only: other processes' entries disappear.
-            namespaces._check(
-                libc.mount(b"proc", b"/proc", b"proc", namespaces.MS_NOSUID | namespaces.MS_NODEV | namespaces.MS_NOEXEC, None),
+            check(
+                libc().mount(b"proc", b"/proc", b"proc", namespaces.MS_NOSUID | namespaces.MS_NODEV | namespaces.MS_NOEXEC, None),
                 "mount(/proc)",
             )
         except OSError as exc:
@@ -199,22 +186,12 @@ def _init(status_w: int) -> None:
     os._exit(0)
 
 
-def _needed_paths(settings: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(read, write): what the worker must reach, as real paths."""
-    landlock = _layer("landlock")
-    read = landlock.python_read_paths() + [_HERE, os.path.dirname(_HERE), settings["repo_dir"]]
-    read += list(settings.get("extra_read_paths", ()))
-    return [os.path.realpath(p) for p in read], [os.path.realpath(settings["scratch_dir"])]
-
-
-def _drop_root(settings: dict[str, Any], *, in_mount_ns: bool) -> dict[str, Any]:
-    namespaces, limits = _layer("namespaces"), _layer("limits")
+def _drop_root(settings: WorkerSettings, *, in_mount_ns: bool) -> dict[str, Any]:
     uid = UNPRIVILEGED_UID
-    read, _ = _needed_paths(settings)
     blocked: dict[str, list[str]] = {}
     # The parent made the scratch folder uid's own, where uid can reach it (the system /tmp).
-    for path in read:
-        top = _blocking_ancestor(path, uid)
+    for path in grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths):
+        top = limits.untraversable_ancestor(path, uid)
         if top is not None:
             blocked.setdefault(top, []).append(path)
     if blocked:
@@ -230,39 +207,17 @@ def _drop_root(settings: dict[str, Any], *, in_mount_ns: bool) -> dict[str, Any]
     return limits.drop_privileges(uid)
 
 
-def _blocking_ancestor(path: str, uid: int) -> str | None:
-    """The outermost folder on the way to ``path`` that ``uid`` cannot traverse."""
-    import stat
-
-    parts = path.split("/")
-    for i in range(2, len(parts)):
-        folder = "/".join(parts[:i])
-        try:
-            st = os.stat(folder)
-        except OSError:
-            return None
-        bit = stat.S_IXUSR if st.st_uid == uid else (stat.S_IXGRP if st.st_gid == uid else stat.S_IXOTH)
-        if not st.st_mode & bit:
-            return folder
-    return None
+def _landlock(settings: WorkerSettings) -> dict[str, Any]:
+    read = grants.system_read_paths() + grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths)
+    return landlock.restrict(read, [os.path.realpath(settings.scratch_dir)], allow_tcp=settings.network)
 
 
-def _landlock(settings: dict[str, Any]) -> dict[str, Any]:
-    landlock = _layer("landlock")
-    read, write = _needed_paths(settings)
-    return landlock.restrict(
-        landlock.system_read_paths() + read,
-        write,
-        allow_tcp=bool(settings.get("network")),
-    )
-
-
-def _rlimits(settings: dict[str, Any]) -> dict[str, Any]:
-    cpu = settings.get("cpu_time")
-    return _layer("limits").apply_rlimits(
-        memory_bytes=settings.get("memory_limit"),
+def _rlimits(settings: WorkerSettings) -> dict[str, Any]:
+    cpu = settings.cpu_time
+    return limits.apply_rlimits(
+        memory_bytes=settings.memory_limit,
         cpu_seconds=None if cpu is None else max(1, int(cpu + 0.999)),
-        max_processes=settings.get("max_processes"),
-        max_open_files=settings.get("max_open_files"),
-        max_file_size=settings.get("max_file_size"),
+        max_processes=settings.max_processes,
+        max_open_files=settings.max_open_files,
+        max_file_size=settings.max_file_size,
     )

@@ -1,6 +1,6 @@
 """Encode a load result in the worker: raw buffers in the safetensors layout, in sealed memfds.
 
-The format is described once, in the docstring of ``safehub/_results.py`` (the parent's decoder);
+The format is described once, in the docstring of ``safehub/_results.py`` (its names in ``layout.py``) (the parent's decoder);
 golden-bytes tests pin this encoder to it. Both ``returns`` modes use it: a weights result holds
 each tensor's own bytes; an object result (``objects.py``) holds each storage's bytes once and
 the pickle of the object's structure. Standard library and torch only; torch is imported lazily,
@@ -20,20 +20,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-# torch dtype name -> format dtype name.
-DTYPE_NAMES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-WEIGHTS_METADATA = {"format": "pt"}
+from .layout import DTYPE_NAMES, WEIGHTS_METADATA
+
 MAX_SHARDS = 4
 # Below this many bytes a shard's thread costs more than it saves.
 SHARD_MIN_BYTES = 64 * 1024 * 1024

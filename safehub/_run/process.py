@@ -1,0 +1,190 @@
+"""One worker process's life in the parent: start, channel, output relay, whole-tree kill, scratch.
+
+:class:`Worker` is a context manager: on enter it makes the call's scratch folder and starts the
+worker (``launch.py``: forked by the zygote or a fresh interpreter); on exit, whatever happened,
+every process of the worker's tree is killed, the relays drained and the scratch folder removed.
+Its channel is where the protocol's own errors (``FrameError`` and kin) become safehub errors:
+a timeout, a crash (with the signal's name), a broken protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .._sandbox import Sandbox, worker_environ
+from .._worker import protocol
+from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
+from . import launch
+from .output import Relay
+from .replies import MAX_INLINE_BYTES, MAX_SHARDS
+from .scratch import make_scratch, remove_tree
+
+EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
+REPLY_LIMITS = protocol.Limits(
+    max_header_bytes=4 * 1024 * 1024,
+    max_buffers=1,
+    max_buffer_bytes=MAX_INLINE_BYTES,
+    max_total_bytes=MAX_INLINE_BYTES,
+    max_fds=MAX_SHARDS,
+)
+
+
+class Worker:
+    """One worker process: started on enter; on exit killed with its whole tree, scratch removed."""
+
+    def __init__(self, repo_dir: Path, sandbox: Sandbox) -> None:
+        self.repo_dir = repo_dir
+        self.sandbox = sandbox
+        self.proc: launch.WorkerProcess | None = None
+        self.sock: socket.socket | None = None
+        self.relays: list[Relay] = []
+        self.scratch_dir: Path | None = None
+        self.deadline = 0.0
+
+    def __enter__(self) -> Worker:
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cleanup()
+
+    def _start(self) -> None:
+        drop = os.geteuid() == 0 and "uid_drop" in self.sandbox.wanted_layers()
+        try:
+            self.scratch_dir = make_scratch(for_dropped_uid=drop)
+            settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir))
+            environ = worker_environ(self.sandbox, str(self.scratch_dir))
+            self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
+        except OSError as exc:
+            raise WorkerError(f"could not start the worker: {exc}") from exc
+        self.deadline = time.monotonic() + self.sandbox.timeout
+        self.relays = [Relay(self.proc.stdout, sys.stdout), Relay(self.proc.stderr, sys.stderr)]
+        for relay in self.relays:
+            relay.start()
+
+    def send(self, kind: str, fields: dict[str, Any], buffers: Sequence[bytes] = (), fds: Sequence[int] = ()) -> None:
+        assert self.sock is not None
+        with self._protocol_errors():
+            protocol.send_frame(self.sock, kind, fields, buffers, fds, deadline=self.deadline)
+
+    def receive(self, expected: tuple[str, ...]) -> protocol.Frame:
+        """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
+        assert self.sock is not None
+        with self._protocol_errors():
+            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=REPLY_LIMITS)
+            try:
+                return protocol.check_message(frame, expected)
+            except protocol.FrameError:
+                frame.close_fds()
+                raise
+
+    @contextlib.contextmanager
+    def _protocol_errors(self) -> Iterator[None]:
+        """The one place protocol errors become safehub errors."""
+        try:
+            yield
+        except protocol.FrameTimeout:
+            raise WorkerTimeoutError(
+                f"the worker ran past its time limit of {self.sandbox.timeout:g} s and was killed",
+                timeout=self.sandbox.timeout,
+            ) from None
+        except protocol.FrameEOF as exc:
+            raise self._hung_up(exc) from None
+        except protocol.FrameError as exc:
+            raise ProtocolError(f"the worker's reply breaks the protocol: {exc}") from None
+
+    def _hung_up(self, exc: Exception) -> WorkerError:
+        """The channel closed: name how the worker ended, if it ends within the grace period."""
+        assert self.proc is not None
+        grace = max(0.05, min(EXIT_GRACE_S, self.deadline - time.monotonic()))
+        try:
+            code = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return ProtocolError(f"the worker closed the channel without answering ({exc})")
+        if code is None:
+            message = "the worker ended before answering; the zygote that forked it did not report its exit status"
+            return WorkerCrashedError(message, exit_code=None, signal_name=None)
+        return crashed_error(code)
+
+    def finish(self) -> None:
+        """After an answer: let the worker exit by itself (its supervisor reaps the tree)."""
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=EXIT_GRACE_S)
+
+    def _cleanup(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None:
+            if self.proc.running():  # only a live (unreaped) pid is ours to kill
+                kill_process_tree(self.proc.pid)
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
+            self.proc.wait()
+        for relay in self.relays:
+            relay.join(timeout=EXIT_GRACE_S)
+        if self.scratch_dir is not None:
+            remove_tree(self.scratch_dir)
+
+
+def crashed_error(returncode: int) -> WorkerCrashedError:
+    """WorkerCrashedError for a Popen returncode (negative: killed by that signal)."""
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        hint = " (out of memory, or killed from outside)" if name == "SIGKILL" else ""
+        message = f"the worker died of {name}({returncode}){hint} before answering"
+        return WorkerCrashedError(message, exit_code=returncode, signal_name=name)
+    meaning = protocol.EXIT_MEANINGS.get(returncode)
+    message = f"the worker exited with code {returncode} before answering"
+    return WorkerCrashedError(f"{message}: {meaning}" if meaning else message, exit_code=returncode, signal_name=None)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def kill_process_tree(pid: int) -> None:
+    """Stop then kill every descendant of ``pid`` until none is left, then ``pid`` itself."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for _ in range(500):
+        try:
+            alive = [p for p in root.children(recursive=True) if _is_alive(p)]
+        except psutil.NoSuchProcess:
+            break
+        if not alive:
+            break
+        for action in ("suspend", "kill"):  # stopped first, so none forks while we go round
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    getattr(proc, action)()
+        time.sleep(0.01)
+    with contextlib.suppress(psutil.Error):
+        root.kill()
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,123 @@
+"""The worker's final answer, read as hostile data: a value, or the safehub error it stands for.
+
+The one place where the worker's RESULT and ERROR frames become return values and exceptions
+(``protocol.py`` declares their fields; this module checks what they mean). Nothing in a reply
+is executed, except the unpickling of an object result, which needs trust (DESIGN 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .._results import decode_object, decode_weights, map_sealed_memfd
+from .._worker import protocol
+from ..errors import (
+    EntrypointNotFoundError,
+    HubconfError,
+    MissingDependenciesError,
+    ProtocolError,
+    RemoteError,
+    ResultDecodeError,
+    SafeHubError,
+    SandboxError,
+)
+
+MAX_PAYLOAD_BYTES = 1024**4  # a memfd is mapped lazily: this only bounds the address space
+MAX_INLINE_BYTES = 2 * 1024**3  # an inline payload is read into memory
+MAX_SHARDS = 8  # memfds with one result (the worker writes one per core, at most 4)
+_MAX_TEXT = 1024 * 1024
+
+
+def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path) -> Any:
+    """Check the reply against the request and decode it; nothing in it is executed but an object result."""
+    if frame.kind == protocol.ERROR:
+        raise _remote_failure(frame.fields, model, repo_dir)
+    if frame.kind != protocol.RESULT:
+        raise ProtocolError(f"the worker sent a {frame.kind!r} frame, expected a result")
+    fields = frame.fields
+    if fields.get("action") != action:
+        raise ProtocolError(f"the worker answered {fields.get('action')!r} to a {action!r} request")
+    if action in ("list", "help") and (frame.buffers or frame.fds):
+        raise ProtocolError(f"the worker's {action} answer carries unexpected data")
+    if action == "list":
+        names = fields.get("entrypoints")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError("the worker's entrypoint list is not a list of str")
+        return names
+    if action == "help":
+        doc = fields.get("doc")
+        if doc is not None and not isinstance(doc, str):
+            raise ProtocolError("the worker's docstring is not a str")
+        return doc
+    if fields.get("returns") != returns:
+        # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
+        raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
+    # Tensors are views on the private mappings, which live as long as they do: never closed here.
+    shards = _payload(frame)
+    if returns == "weights":
+        return decode_weights(shards)
+    return decode_object(shards)
+
+
+def _payload(frame: protocol.Frame) -> list[Any]:
+    """The result's shards: each memfd checked for its seals and mapped, or the one inline buffer."""
+    fields = frame.fields
+    sizes, transport = fields.get("sizes"), fields.get("transport")
+    if type(sizes) is not list or not 1 <= len(sizes) <= MAX_SHARDS or not all(type(n) is int and n >= 0 for n in sizes):
+        raise ProtocolError(f"the worker's result sizes {str(sizes)[:100]} are not 1 to {MAX_SHARDS} counts of bytes")
+    if transport == "memfd" and len(frame.fds) == len(sizes) and not frame.buffers:
+        if sum(sizes) > MAX_PAYLOAD_BYTES:
+            raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
+        shards: list[Any] = []
+        try:
+            for fd, size in zip(frame.fds, sizes):
+                shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
+                if len(shards[-1]) != size:
+                    raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")
+        except BaseException:
+            for shard in shards:
+                shard.close()  # no tensor is on them yet
+            raise
+        return shards
+    if transport == "inline" and len(frame.buffers) == len(sizes) == 1 and not frame.fds:
+        if len(frame.buffers[0]) != sizes[0]:
+            raise ResultDecodeError(f"the worker's result holds {len(frame.buffers[0])} bytes, not {sizes[0]}")
+        return [frame.buffers[0]]
+    raise ProtocolError(f"the worker's result transport {str(transport)[:40]!r} does not match what came with it")
+
+
+def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -> SafeHubError:
+    category = fields.get("error")
+    message, remote_type = _text(fields.get("message")), _text(fields.get("type"))
+    remote_traceback = _text(fields.get("traceback"))
+    if category == "hubconf_missing":
+        return HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+    if category == "missing_dependencies":
+        missing = fields.get("missing")
+        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+            return ProtocolError("the worker's list of missing dependencies is not a list of str")
+        return MissingDependenciesError(f"Missing dependencies: {', '.join(missing)}", missing=missing)
+    if category == "entrypoint_not_found":
+        return EntrypointNotFoundError(f"Cannot find callable {model} in hubconf", model=model)
+    if category == "exception":
+        phase = fields.get("phase")
+        where = {
+            "import": "hubconf.py raised while being imported",
+            "arguments": "the worker could not unpickle the entrypoint's arguments",
+            "call": f"the entrypoint {model!r} raised",
+        }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        return RemoteError(
+            f"{where}: {remote_type}: {message}",
+            remote_type=remote_type,
+            remote_traceback=remote_traceback,
+        )
+    if category == "bad_result":
+        return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
+    if category == "sandbox":
+        return SandboxError(message, layer=_text(fields.get("layer")))
+    return ProtocolError(f"the worker sent an error of unknown category {category!r}")
+
+
+def _text(value: Any) -> str:
+    return value[:_MAX_TEXT] if isinstance(value, str) else ""

@@ -1,0 +1,1 @@
+"""The sandbox layers a worker applies to itself (``confine.apply_sandbox`` is the one hook)."""

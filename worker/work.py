@@ -1,0 +1,351 @@
+"""P2 of a call: the work process. It confines itself, then holds the call's conversation.
+
+It reads the CALL (``protocol.py``), applies the sandbox (``sandbox/confine.py``) before any
+repository code runs, imports hubconf.py from a clean ``sys.path``, lists, documents or calls one
+entrypoint, and ends the conversation with one RESULT or ERROR. Meanwhile the repository's code
+may need something only the parent can give (a fetch, issue 10's broker): :class:`Channel` asks
+for it with ASK and waits for the ANSWER or REFUSE.
+
+Input: CALL {"action": "list"|"help"|"load", "model": str|null, "returns": "object"|"weights"};
+for "load", one buffer: pickle of (args, kwargs). The parent is trusted, so this side unpickles it.
+
+Output: exactly one final frame
+    RESULT {"action": "list", "entrypoints": [str, ...]}
+    RESULT {"action": "help", "doc": str|null}
+    RESULT {"action": "load", "returns": "object"|"weights", "transport": "memfd"|"inline",
+            "sizes": [int, ...]}
+           with the result in the layout described in ``safehub/_results.py`` (safetensors
+           shards): one sealed memfd per size (SCM_RIGHTS; shards are written in parallel) or,
+           where memfds fail, one buffer. A weights result holds tensors only (``weights.py``);
+           an object result holds each torch storage's bytes and the cloudpickle of the
+           object's structure (repository modules pickled by value), whose tensors refer to
+           those storages (``objects.py``).
+    ERROR  {"error": category, "type": str, "message": str, "traceback": str, ...} where category
+           is hubconf_missing, missing_dependencies (+"missing"), entrypoint_not_found (+"model"),
+           exception (the repository's code raised; +"phase": import|arguments|call),
+           bad_result (the result cannot be sent as asked), or sandbox (+"layer": a required
+           layer is unavailable).
+    Both carry "sandbox": {"applied": [...], "missing": {layer: reason}}.
+    stdout and stderr are the repository's own; the parent relays them, marked and capped.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import signal
+import sys
+import time
+from typing import Any, NoReturn
+
+from . import WORKER_DIR, hubconf, protocol
+from .layout import DTYPE_NAMES
+from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
+from .sandbox import confine
+from .sandbox.libc import prctl
+
+_MAX_MESSAGE = 64 * 1024
+_MAX_TRACEBACK = 256 * 1024
+_MAX_DOC = 1024 * 1024
+PR_SET_PDEATHSIG = 1
+# The call's arguments are the parent's (trusted) pickle; an answer is small, or fds.
+_CALL_LIMITS = protocol.Limits(max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40)
+_ANSWER_LIMITS = protocol.Limits(max_buffers=4, max_buffer_bytes=1 << 30, max_total_bytes=1 << 30, max_fds=4)
+
+
+def preload() -> None:
+    """For the zygote: import everything a work process needs, so its forks start with it.
+
+    torch is imported and never used: no op may run before a fork.
+    """
+    from . import objects, weights  # noqa: F401 - imported late by _encode
+    import pickle, select, socket, traceback  # noqa: E401, F401 - what _work imports late
+
+    import cloudpickle  # noqa: F401
+    import torch  # noqa: F401
+
+    _python_roots()
+    # torch's import left a finder per folder it looked in; each work process drops them
+    # (_clean_sys_path), and freeing them there would copy every page they sit on: drop them once.
+    sys.path_importer_cache.clear()
+
+
+def run_work_process(supervisor: int, channel_fd: int, settings: WorkerSettings) -> NoReturn:
+    """Be P2: confine this process, hold the call's conversation, exit with its code."""
+    code = EXIT_SOFTWARE
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the supervisor dies -> so does the work
+        if os.getppid() != supervisor:
+            os._exit(EXIT_SUPERVISOR)
+        code = _work(channel_fd, settings)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        # _exit: no atexit handlers or lingering threads of the repository can delay the end.
+        os._exit(code)
+
+
+def _work(channel_fd: int, settings: WorkerSettings) -> int:
+    import socket
+
+    global _channel
+    sock = socket.socket(fileno=channel_fd)
+    deadline = time.monotonic() + settings.timeout
+    try:
+        call = protocol.check_message(protocol.recv_frame(sock, deadline=deadline, limits=_CALL_LIMITS), (protocol.CALL,))
+    except protocol.FrameError as exc:
+        print(f"safehub worker: no call: {exc}", file=sys.stderr)
+        return EXIT_SOFTWARE
+
+    from . import weights  # noqa: F401 - before Landlock
+
+    report = confine.apply_sandbox(settings, keep_fds=(0, 1, 2, channel_fd))
+    missing = [layer for layer in settings.require if layer not in report.applied]
+    if missing:
+        reasons = "; ".join(f"{name}: {report.missing.get(name, 'not available')}" for name in missing)
+        reply = _error("sandbox", f"required sandbox layer(s) unavailable: {reasons}", layer=missing[0])
+    else:
+        _clean_sys_path(settings.repo_dir)
+        _channel = Channel(sock, deadline)
+        reply = _answer(call.fields, call.buffers, settings.repo_dir)
+    kind, fields, buffers, fds = reply
+    fields["sandbox"] = report.as_fields()
+    try:
+        protocol.send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
+    except (protocol.FrameError, OSError) as exc:
+        print(f"safehub worker: could not send the answer: {exc}", file=sys.stderr)
+        return EXIT_SOFTWARE
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return EXIT_OK
+
+
+class Refused(Exception):
+    """The parent refused what the worker asked for; the message is the parent's reason."""
+
+
+class Channel:
+    """The worker's end of the call's conversation: ask the parent for something, wait for the answer.
+
+    One question at a time (a lock serializes threads of the repository); the answer must carry
+    the question's id. The parent may also end the call instead of answering: the worker is then
+    killed, so a question never outlives its call.
+    """
+
+    def __init__(self, sock: Any, deadline: float) -> None:
+        import threading
+
+        self.sock = sock
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.next_id = 1
+
+    def ask(self, what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+        """(the answer's value, its buffers, its fds: the caller owns them), or raise Refused."""
+        with self.lock:
+            ask_id, self.next_id = self.next_id, self.next_id + 1
+            protocol.send_frame(self.sock, protocol.ASK, {"id": ask_id, "what": what, "args": args}, deadline=self.deadline)
+            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=_ANSWER_LIMITS)
+        try:
+            protocol.check_message(frame, (protocol.ANSWER, protocol.REFUSE))
+            if frame.fields["id"] != ask_id:
+                raise protocol.FrameError(f"an answer to question {frame.fields['id']} where {ask_id} was asked")
+        except protocol.FrameError:
+            frame.close_fds()
+            raise
+        if frame.kind == protocol.REFUSE:
+            raise Refused(frame.fields["reason"])
+        return frame.fields["value"], frame.buffers, frame.fds
+
+
+_channel: Channel | None = None
+
+
+def channel() -> Channel:
+    """The running call's channel (the fetch shims ask through it)."""
+    if _channel is None:
+        raise RuntimeError("no call is running in this process")
+    return _channel
+
+
+Reply = tuple[str, dict[str, Any], list[bytes], list[int]]
+
+
+def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str) -> Reply:
+    action, model, returns = request.get("action"), request.get("model"), request.get("returns")
+    # Only modules imported from here on can be the repository's: looking at just those spares a
+    # forked worker the copy of every page it shares with the zygote that walking them all costs.
+    preloaded = set(sys.modules) if returns == "object" else set()
+    try:
+        module = hubconf.import_hubconf(repo_dir)
+    except hubconf.HubconfMissing as exc:
+        return _error("hubconf_missing", str(exc))
+    except BaseException as exc:
+        return _exception("import", exc)
+    try:
+        if action == "list":
+            return _result({"action": "list", "entrypoints": [str(n) for n in hubconf.list_entrypoints(module)]})
+        entry = hubconf.get_entrypoint(module, model)
+    except hubconf.MissingDependencies as exc:
+        return _error("missing_dependencies", str(exc), missing=[str(m) for m in exc.missing])
+    except hubconf.EntrypointNotFound as exc:
+        return _error("entrypoint_not_found", str(exc), model=str(model))
+    except BaseException as exc:
+        return _exception("import", exc)
+    if action == "help":
+        doc = entry.__doc__
+        doc = doc if doc is None or isinstance(doc, str) else str(doc)
+        return _result({"action": "help", "doc": doc[:_MAX_DOC] if doc else doc})
+    try:
+        import pickle
+
+        args, kwargs = pickle.loads(buffers[0]) if buffers else ((), {})
+    except BaseException as exc:
+        return _exception("arguments", exc)
+    try:
+        value = entry(*args, **kwargs)
+    except BaseException as exc:
+        return _exception("call", exc)
+    try:
+        return _encode(value, returns, repo_dir, preloaded)
+    except BaseException as exc:
+        message = str(exc) if type(exc).__name__ == "NotWeights" else f"the result cannot be sent: {type(exc).__name__}: {exc}"
+        return _error("bad_result", message, type=type(exc).__name__, traceback=_format_traceback(exc))
+
+
+def _encode(value: Any, returns: Any, repo_dir: str, preloaded: set[str]) -> Reply:
+    from . import weights
+    fields: dict[str, Any] = {"action": "load", "returns": returns}
+    if returns == "weights":
+        parts, metadata = weights.weights_parts(weights.collect_tensors(value)), weights.WEIGHTS_METADATA
+    elif returns == "object":
+        import cloudpickle
+
+        from . import objects
+
+        _register_repo_modules(cloudpickle, repo_dir, [m for n, m in list(sys.modules.items()) if n not in preloaded])
+        # The structure is pickled; every storage's bytes travel beside it, never through pickle.
+        parts, metadata = objects.dumps(value, DTYPE_NAMES), objects.OBJECT_METADATA
+    else:
+        raise ValueError(f"unknown returns={returns!r}")
+    try:
+        shards = weights.parts_to_memfds(parts, metadata)
+    except OSError:  # no memfd here (or a sandbox forbids it): send the bytes inline, as one shard
+        payload = weights.parts_to_bytes(parts, metadata)
+        return _result({**fields, "transport": "inline", "sizes": [len(payload)]}, buffers=[payload])
+    return _result({**fields, "transport": "memfd", "sizes": [size for _, size in shards]}, fds=[fd for fd, _ in shards])
+
+
+def _register_repo_modules(cloudpickle: Any, repo_dir: str, modules: list[Any]) -> None:
+    """Pickle every one of ``modules`` loaded from the repository by value, so the parent never imports it."""
+    prefix = os.path.realpath(repo_dir) + os.sep
+    real_folders: dict[str, str] = {}  # one realpath per folder: torch alone brings a thousand modules
+
+    def in_repo(place: Any) -> bool:
+        if not isinstance(place, str):
+            return False
+        folder, name = os.path.split(place)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        return os.path.join(real_folders[folder], name).startswith(prefix)
+
+    for module in modules:
+        try:
+            places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or ())]
+            if any(in_repo(p) for p in places):
+                cloudpickle.register_pickle_by_value(module)
+        except Exception:
+            continue  # an alias under another name (its own entry registers it) or an odd module
+
+
+def _clean_sys_path(repo_dir: str) -> None:
+    """sys.path = the repository, then only standard library and site-packages entries."""
+    roots, stdlib_zip = _python_roots()
+
+    def allowed(entry: Any) -> bool:
+        if not isinstance(entry, str) or not entry:
+            return False  # '' is the working directory
+        real = os.path.realpath(entry)
+        return real == stdlib_zip or any(real == r or real.startswith(r + os.sep) for r in roots)
+
+    # Anything else (the caller's cwd, a checkout, other repositories) could shadow a module.
+    sys.path[:] = [repo_dir] + [entry for entry in sys.path if allowed(entry) and entry != repo_dir]
+    # An editable install of safehub maps the package back to its source tree through a finder.
+    sys.meta_path[:] = [f for f in sys.meta_path if not _module_name(f).startswith("__editable__")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not _module_name(h).startswith("__editable__")]
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+
+
+@functools.lru_cache(maxsize=1)
+def _python_roots() -> tuple[frozenset[str], str]:
+    """(the standard library and site-packages folders, the stdlib zip), as real paths.
+
+    Cached: sysconfig takes milliseconds, and the zygote computes it once for all its forks.
+    """
+    import site
+    import sysconfig
+
+    roots = set(site.getsitepackages())
+    for base, platbase in ((sys.prefix, sys.exec_prefix), (sys.base_prefix, sys.base_exec_prefix)):
+        paths = sysconfig.get_paths(vars={"base": base, "platbase": platbase, "installed_base": base, "installed_platbase": platbase})
+        roots.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    stdlib_zip = os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}{sys.version_info[1]}.zip")
+    return frozenset(os.path.realpath(r) for r in roots), os.path.realpath(stdlib_zip)
+
+
+def _module_name(obj: Any) -> str:
+    name = getattr(obj, "__module__", None) or type(obj).__module__
+    return name if isinstance(name, str) else ""
+
+
+def _result(fields: dict[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> Reply:
+    return ("result", fields, buffers or [], fds or [])
+
+
+def _error(category: str, message: str, **facts: Any) -> Reply:
+    fields = {"error": category, "type": facts.pop("type", ""), "message": _cap(message, _MAX_MESSAGE)}
+    fields["traceback"] = _cap(facts.pop("traceback", ""), _MAX_TRACEBACK, keep_tail=True)
+    fields.update(facts)
+    return ("error", fields, [], [])
+
+
+def _exception(phase: str, exc: BaseException) -> Reply:
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {type(exc).__name__}>"
+    return _error("exception", message, type=type(exc).__name__, traceback=_format_traceback(exc), phase=phase)
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback as text, starting at the repository's frames (the worker's own are noise)."""
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _is_worker_frame(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:
+        return f"<traceback unavailable for {type(exc).__name__}>"
+
+
+def _is_worker_frame(filename: str) -> bool:
+    return filename.startswith(WORKER_DIR + os.sep) or filename.startswith("<frozen importlib")
+
+
+def _cap(text: Any, limit: int, keep_tail: bool = False) -> str:
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return text
+    return "[...]\n" + text[-limit:] if keep_tail else text[:limit] + "[...]"
