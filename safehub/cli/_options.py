@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ._errors import EXIT_USAGE
+
 REPO_HELP = "owner/repo[:ref] (a tag, branch or commit SHA; default: the default branch)"
 
 
@@ -35,6 +37,16 @@ def add_command(subparsers: Any, name: str, *, help: str, description: str, epil
     parser.set_defaults(func=func)
     global_options(parser)
     return parser
+
+
+def add_group(subparsers: Any, name: str, *, help: str, description: str, epilog: str) -> Any:
+    """A command made of actions (``safehub trust add``); returns the subparsers to add them to."""
+    # The group's own func never runs: argparse refuses the group without an action (exit 2).
+    parser = add_command(subparsers, name, func=lambda args: EXIT_USAGE, help=help, description=description,
+                         epilog=epilog)
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", title="actions")
+    actions.required = True
+    return actions
 
 
 def json_option(parser: argparse.ArgumentParser) -> None:

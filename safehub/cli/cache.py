@@ -16,21 +16,19 @@ from typing import Any
 
 from .. import _cache, _refs, constants
 from ._errors import EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, json_option, non_negative_float
+from ._options import add_command, add_group, json_option, non_negative_float
 from ._output import format_age, format_size, note, print_json
 
 
 def register(subparsers: Any) -> None:
-    p = add_command(subparsers, "cache", func=lambda a: EXIT_USAGE, help="list, verify or clean cached repositories",
-                    description="The repositories safehub has cached in the hub dir ($TORCH_HOME/hub).\n"
-                                "Only folders with a safehub record are listed, verified or removed; torch.hub's\n"
-                                "own folders are left alone.",
-                    epilog="examples:\n"
-                           "  safehub cache list\n"
-                           "  safehub cache verify\n"
-                           "  safehub cache clean someone/repo --older-than 30")
-    actions = p.add_subparsers(dest="cache_command", metavar="ACTION", title="actions")
-    actions.required = True
+    actions = add_group(subparsers, "cache", help="list, verify or clean cached repositories",
+                        description="The repositories safehub has cached in the hub dir ($TORCH_HOME/hub).\n"
+                                    "Only folders with a safehub record are listed, verified or removed; torch.hub's\n"
+                                    "own folders are left alone.",
+                        epilog="examples:\n"
+                               "  safehub cache list\n"
+                               "  safehub cache verify\n"
+                               "  safehub cache clean someone/repo --older-than 30")
     q = add_command(actions, "list", func=cmd_cache_list, help="show cached repositories",
                     description="Show each cached repository: folder, repo, ref, commit, size and age.",
                     epilog="examples:\n  safehub cache list\n  safehub cache list --json")

@@ -7,24 +7,23 @@ a repository, so ``add`` and ``remove`` refuse an ``owner/repo:ref``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from .. import _refs, _trust, constants
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, json_option
+from ._options import add_command, add_group, json_option
 from ._output import note, print_json
 
 
 def register(subparsers: Any) -> None:
-    p = add_command(subparsers, "trust", func=lambda a: EXIT_USAGE, help="list, add or remove trusted repositories",
-                    description="Manage torch.hub's trusted_list (in the hub dir, shared with torch.hub).\n"
-                                "Trust is needed only when a repository's code runs outside the sandbox.",
-                    epilog="examples:\n"
-                           "  safehub trust list\n"
-                           "  safehub trust add someone/repo\n"
-                           "  safehub trust remove someone/repo")
-    actions = p.add_subparsers(dest="trust_command", metavar="ACTION", title="actions")
-    actions.required = True
+    actions = add_group(subparsers, "trust", help="list, add or remove trusted repositories",
+                        description="Manage torch.hub's trusted_list (in the hub dir, shared with torch.hub).\n"
+                                    "Trust is needed only when a repository's code runs outside the sandbox.",
+                        epilog="examples:\n"
+                               "  safehub trust list\n"
+                               "  safehub trust add someone/repo\n"
+                               "  safehub trust remove someone/repo")
     q = add_command(actions, "list", func=cmd_trust_list, help="show the trusted repositories",
                     description="Show the entries of trusted_list (owner_repo, torch.hub's format).",
                     epilog="examples:\n  safehub trust list\n  safehub trust list --json")
@@ -62,24 +61,21 @@ def cmd_trust_list(args: argparse.Namespace) -> int:
 
 
 def cmd_trust_add(args: argparse.Namespace) -> int:
-    repo_ref = _repo_without_ref(args.repo)
-    added = _trust.add(repo_ref.owner, repo_ref.repo)
-    if args.json:
-        print_json({"repo": repo_ref.slug, "changed": added, "trusted_list": str(_trust.trusted_list_path())})
-    elif added:
-        print(f"Trusted {repo_ref.slug} (added to {_trust.trusted_list_path()}).")
-    else:
-        print(f"{repo_ref.slug} was already trusted.")
-    return EXIT_OK
+    return _change(args, _trust.add, done="Trusted {repo} (added to {path}).", unchanged="{repo} was already trusted.")
 
 
 def cmd_trust_remove(args: argparse.Namespace) -> int:
+    return _change(args, _trust.remove, done="Removed {repo} from {path}.",
+                   unchanged="{repo} was not in the trusted list.")
+
+
+def _change(args: argparse.Namespace, change: Callable[[str, str], bool], *, done: str, unchanged: str) -> int:
+    """Add or remove ``args.repo``; ``change`` says whether trusted_list changed."""
     repo_ref = _repo_without_ref(args.repo)
-    removed = _trust.remove(repo_ref.owner, repo_ref.repo)
+    changed = change(repo_ref.owner, repo_ref.repo)
+    path = _trust.trusted_list_path()
     if args.json:
-        print_json({"repo": repo_ref.slug, "changed": removed, "trusted_list": str(_trust.trusted_list_path())})
-    elif removed:
-        print(f"Removed {repo_ref.slug} from {_trust.trusted_list_path()}.")
+        print_json({"repo": repo_ref.slug, "changed": changed, "trusted_list": str(path)})
     else:
-        print(f"{repo_ref.slug} was not in the trusted list.")
+        print((done if changed else unchanged).format(repo=repo_ref.slug, path=path))
     return EXIT_OK
