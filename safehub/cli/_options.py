@@ -1,0 +1,105 @@
+"""argparse building blocks the command groups share: adding a command, common options, value types.
+
+A value type raises :class:`argparse.ArgumentTypeError`, so a bad value is a usage error (exit 2)
+with argparse's own message, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import EXIT_USAGE
+
+REPO_HELP = "owner/repo[:ref] (a tag, branch or commit SHA; default: the default branch)"
+
+
+def global_options(parser: argparse.ArgumentParser) -> None:
+    """Options accepted both before and after the sub-command (SUPPRESS keeps one from erasing the other)."""
+    group = parser.add_argument_group("global options")
+    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug messages")
+    group.add_argument("--offline", action="store_true", default=argparse.SUPPRESS,
+                       help="use the cache only, never the network (sets SAFEHUB_OFFLINE=1)")
+    group.add_argument("--hub-dir", metavar="DIR", default=argparse.SUPPRESS,
+                       help="hub dir to use instead of $TORCH_HOME/hub (holds the cache and trusted_list)")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no informational messages or progress bars on stderr (errors still show)")
+
+
+def add_command(subparsers: Any, name: str, *, help: str, description: str, epilog: str,
+                func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A sub-command running ``func``; ``epilog`` holds its examples, shown as written."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    global_options(parser)
+    return parser
+
+
+def add_group(subparsers: Any, name: str, *, help: str, description: str, epilog: str) -> Any:
+    """A command made of actions (``safehub trust add``); returns the subparsers to add them to."""
+    # The group's own func never runs: argparse refuses the group without an action (exit 2).
+    parser = add_command(subparsers, name, func=lambda args: EXIT_USAGE, help=help, description=description,
+                         epilog=epilog)
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", title="actions")
+    actions.required = True
+    return actions
+
+
+def json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+# -- value types -----------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int | None:
+    """``4G``, ``512M``, ``1073741824`` or ``none`` (binary units) to bytes."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if value in ("none", "unlimited"):
+        return None
+    factor = 1
+    if value and value[-1] in "kmgt":
+        factor = 1024 ** ("kmgt".index(value[-1]) + 1)
+        value = value[:-1]
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4G, 512M, or none)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return int(number * factor)
+
+
+def parse_kwarg(text: str) -> tuple[str, Any]:
+    """``k=v``: v as JSON when it parses (3, true, "s", [1, 2]), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. pretrained=true, depth=50)")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (0 or more)")
+    return value

@@ -1,0 +1,54 @@
+"""``safehub lock``: pin repositories to a commit SHA and an archive sha256, in a lock file.
+
+No code of a repository runs (it is fetched, never imported), so no trust is needed. The file is
+what ``list``/``help``/``load --locked`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import _api, _lockfile
+from ._errors import EXIT_OK
+from ._options import REPO_HELP, add_command
+from ._output import atomic_output, check_output_path, note, stdout_to_stderr
+
+
+def register(subparsers: Any) -> None:
+    p = add_command(subparsers, "lock", func=cmd_lock, help="pin repositories to a commit and archive sha256",
+                    description="Resolve each repository to a commit, fetch it (no code runs, no trust needed)\n"
+                                "and print a lock file pinning the commit SHA and the archive's sha256. With\n"
+                                "--locked, list/help/load then use exactly that archive, ask the GitHub API\n"
+                                "nothing, and refuse an archive whose sha256 differs.\n\n"
+                                "A repository already in the cache is pinned as cached; --force-reload fetches\n"
+                                "the ref's current commit first. --output writes exactly the repositories named.",
+                    epilog="examples:\n"
+                           "  safehub lock someone/repo:v1.0 other/repo > safehub.lock\n"
+                           "  safehub lock someone/repo:main --force-reload --output safehub.lock")
+    p.add_argument("repos", metavar="REPO", nargs="+", help=REPO_HELP)
+    p.add_argument("-o", "--output", metavar="FILE", help="write the lock file here instead of stdout")
+    p.add_argument("--skip-validation", action="store_true",
+                   help="do not check that each ref belongs to its repository and not to a fork")
+    p.add_argument("--force-reload", action="store_true", help="fetch again even if cached")
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        check_output_path(output)
+    pins = {}
+    with stdout_to_stderr():
+        for repo in args.repos:
+            key, pin = _api.pin(repo, skip_validation=args.skip_validation, force_reload=args.force_reload)
+            pins[key] = pin
+    text = _lockfile.dumps(pins)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with atomic_output(output) as tmp:
+            tmp.write_text(text)
+        note(f"Wrote {len(pins)} pin(s) to {output}.")
+    return EXIT_OK

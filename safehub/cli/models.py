@@ -1,0 +1,196 @@
+"""``safehub list``, ``help`` and ``load``: a repository's entrypoints, their docstrings, their results.
+
+Each runs ``hubconf.py`` in the sandbox unless ``--no-isolate``; ``load`` writes what the entrypoint
+returns to a file (tensors as .safetensors by default, or the whole object with ``--returns object``).
+torch, safetensors and cloudpickle are imported only when ``load`` writes, so ``safehub --help`` and
+``list`` stay quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .. import _api, errors
+from .._sandbox import Sandbox
+from ._errors import EXIT_OK, EXIT_USAGE, CommandError
+from ._options import REPO_HELP, add_command, json_option, parse_kwarg, parse_size, positive_float
+from ._output import atomic_output, check_output_path, format_size, note, print_json, stdout_to_stderr
+
+_TRUST_FOR_NO_ISOLATE = "trust the repository (adds it to the trusted list); needed only with --no-isolate"
+
+
+def register(subparsers: Any) -> None:
+    p = add_command(subparsers, "list", func=cmd_list, help="list a repository's entrypoints",
+                    description="List the entrypoints (the public callables) of a repository's hubconf.py.\n"
+                                "hubconf.py is imported in the sandbox, so no trust is needed.",
+                    epilog="examples:\n"
+                           "  safehub list pytorch/vision\n"
+                           "  safehub list pytorch/vision:v0.16.0 --json\n"
+                           "  safehub list ./my-models --source local\n"
+                           "  safehub list someone/repo --no-isolate --trust   in-process, as torch.hub.list")
+    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
+    _fetch_options(p, trust_help=_TRUST_FOR_NO_ISOLATE)
+    json_option(p)
+
+    p = add_command(subparsers, "help", func=cmd_help, help="show an entrypoint's docstring",
+                    description="Show the docstring of one entrypoint, read in the sandbox (no trust needed).",
+                    epilog="examples:\n"
+                           "  safehub help pytorch/vision resnet18\n"
+                           "  safehub help pytorch/vision:v0.16.0 resnet18 --json")
+    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
+    p.add_argument("model", metavar="MODEL", help="the entrypoint's name")
+    _fetch_options(p, trust_help=_TRUST_FOR_NO_ISOLATE)
+    json_option(p)
+
+    p = add_command(subparsers, "load", func=cmd_load, help="call an entrypoint and save its weights (or object)",
+                    description="Call an entrypoint and write what it returns to a file.\n\n"
+                                "--returns weights (default): the entrypoint runs in the sandbox; only its tensors\n"
+                                "come back, parsed as data, and are written as a .safetensors file. No code of the\n"
+                                "repository runs outside the sandbox, so no trust is needed: the way to use an\n"
+                                "untrusted repository in CI.\n\n"
+                                "--returns object: the returned object comes back whole and is written with\n"
+                                "torch.save (read it with torch.load(path, weights_only=False)). Its code then runs\n"
+                                "here, so the repository must be trusted (--trust, or `safehub trust add`).",
+                    epilog="examples:\n"
+                           "  safehub load someone/repo:v1.0 net --output net.safetensors\n"
+                           "  safehub load someone/repo net --arg pretrained=true --arg depth=50 --output net.safetensors\n"
+                           "  safehub load someone/repo:v1.0 net --locked safehub.lock --output net.safetensors\n"
+                           "  safehub load someone/repo net --timeout 120 --memory-limit 4G --output net.safetensors\n"
+                           "  safehub load pytorch/vision resnet18 --returns object --trust --output resnet18.pt\n\n"
+                           "--arg values are JSON when they parse (3, 0.5, true, null, \"text\", [1, 2]),\n"
+                           "else plain strings: --arg name=resnet is the string 'resnet'.")
+    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
+    p.add_argument("model", metavar="MODEL", help="the entrypoint's name")
+    p.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
+                   help="a keyword argument for the entrypoint (repeatable)")
+    p.add_argument("--returns", choices=("weights", "object"), default="weights",
+                   help="weights (default): tensors into a .safetensors file; "
+                        "object: torch.save the object (needs trust)")
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="file to write (through a temporary file, renamed when complete)")
+    _fetch_options(p, trust_help="trust the repository (adds it to the trusted list); needed for --returns object")
+    json_option(p)
+
+
+def _fetch_options(parser: argparse.ArgumentParser, *, trust_help: str) -> None:
+    """Where the repository comes from, trust, and the sandbox's limits (read by :func:`_isolate_arg`)."""
+    parser.add_argument("--source", choices=("github", "local"), default="github",
+                        help="github (default): REPO is owner/repo[:ref]; local: REPO is a folder holding hubconf.py")
+    parser.add_argument("--locked", metavar="LOCKFILE",
+                        help="use exactly the commit and archive pinned in LOCKFILE (see `safehub lock`); "
+                             "asks the GitHub API nothing")
+    parser.add_argument("--force-reload", action="store_true", help="download again even if cached")
+    parser.add_argument("--skip-validation", action="store_true",
+                        help="do not check that the ref belongs to the repository and not to a fork "
+                             "(fewer API requests)")
+    parser.add_argument("--trust", dest="trust_repo", action="store_const", const=True, default="check",
+                        help=trust_help)
+    sandbox = parser.add_argument_group("sandbox")
+    sandbox.add_argument("--no-isolate", action="store_true",
+                         help="run hubconf.py in this process, as torch.hub does (needs trust)")
+    sandbox.add_argument("--timeout", metavar="SECONDS", type=positive_float,
+                         help="wall-clock limit for the worker (default 300)")
+    sandbox.add_argument("--memory-limit", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
+                         help="memory limit for the worker, e.g. 4G, 512M, or none (default 8G)")
+
+
+def _isolate_arg(args: argparse.Namespace) -> Any:
+    """False, True, or a Sandbox with the limits given on the command line."""
+    limits = {}
+    if args.timeout is not None:
+        limits["timeout"] = args.timeout
+    memory_limit = getattr(args, "memory_limit", argparse.SUPPRESS)  # None means "no limit"
+    if memory_limit is not argparse.SUPPRESS:
+        limits["memory_limit"] = memory_limit
+    if args.no_isolate:
+        if limits:
+            raise CommandError("--timeout and --memory-limit set the sandbox; they do nothing with --no-isolate.",
+                               exit_code=EXIT_USAGE)
+        return False
+    if not limits:
+        return True
+    try:
+        return Sandbox(**limits)
+    except errors.InvalidArgumentError as exc:
+        raise CommandError(f"Invalid sandbox limit (--timeout, --memory-limit): {exc}",
+                           exit_code=EXIT_USAGE) from exc
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with stdout_to_stderr():
+        names = _api.list(args.repo, force_reload=args.force_reload, skip_validation=args.skip_validation,
+                          trust_repo=args.trust_repo, verbose=args.verbose, source=args.source,
+                          isolate=_isolate_arg(args), lock=args.locked)
+    if args.json:
+        print_json({"repo": args.repo, "entrypoints": names})
+    else:
+        for name in names:
+            print(name)
+    return EXIT_OK
+
+
+def cmd_help(args: argparse.Namespace) -> int:
+    with stdout_to_stderr():
+        doc = _api.help(args.repo, args.model, force_reload=args.force_reload,
+                        skip_validation=args.skip_validation, trust_repo=args.trust_repo,
+                        source=args.source, isolate=_isolate_arg(args), lock=args.locked)
+    if args.json:
+        print_json({"repo": args.repo, "model": args.model, "doc": doc})
+    elif doc:
+        print(doc.rstrip("\n"))
+    else:
+        note(f"{args.model} has no docstring.")
+    return EXIT_OK
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    check_output_path(output)
+    kwargs = dict(args.kwargs or [])
+    with stdout_to_stderr():
+        result = _api.load(args.repo, args.model, source=args.source, trust_repo=args.trust_repo,
+                           force_reload=args.force_reload, verbose=args.verbose,
+                           skip_validation=args.skip_validation, isolate=_isolate_arg(args),
+                           returns=args.returns, lock=args.locked, **kwargs)
+    report: dict[str, Any] = {"repo": args.repo, "model": args.model, "returns": args.returns,
+                              "output": str(output)}
+    if args.returns == "weights":
+        from safetensors.torch import save_file
+
+        tensors = _savable(result)
+        metadata = {"format": "pt", "safehub.repo": str(args.repo), "safehub.model": args.model}
+        with atomic_output(output) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        report["tensors"] = len(tensors)
+        report["elements"] = sum(int(t.numel()) for t in tensors.values())
+        what = f"{len(tensors)} tensors ({report['elements']} values)"
+    else:
+        import cloudpickle
+        import torch
+
+        # cloudpickle: the repository's classes go into the file by value, so reading it back
+        # (torch.load(path, weights_only=False)) needs neither safehub nor the repository.
+        with atomic_output(output) as tmp:
+            torch.save(result, tmp, pickle_module=cloudpickle)
+        what = f"a {type(result).__name__} object"
+    report["bytes"] = output.stat().st_size
+    if args.json:
+        print_json(report)
+    else:
+        print(f"Wrote {what} from {args.repo} {args.model} to {output} ({format_size(report['bytes'])}).")
+    return EXIT_OK
+
+
+def _savable(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors, none sharing storage with another: what safetensors can write."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            tensor = tensor.clone()  # tied weights: safetensors refuses shared storage
+        seen.add(ptr)
+        out[name] = tensor.contiguous()
+    return out
