@@ -154,6 +154,25 @@ def _repo_dir(
     return entry.repo_dir
 
 
+def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: Any, **call: Any) -> Any:
+    """Run ``action`` in a worker, with a broker serving what the repository fetches."""
+    from ._run import run_isolated
+    from ._run.broker import Broker
+
+    def nested(args: dict[str, Any]) -> tuple[Path, str]:
+        # A nested repository's code reaches this process only inside an object result (which
+        # may hold anything its modules made). Its own trust_repo is the repository's word, not
+        # the caller's: never taken as trust.
+        repo_ref = _refs.parse(args.get("github"))
+        _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=returns == "object")
+        entry = _fetch(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
+                       skip_validation=bool(args.get("skip_validation")))
+        return entry.repo_dir, entry.repo_dir.name
+
+    with Broker(sandbox, nested=nested) as broker:
+        return run_isolated(repo_dir, action, returns=returns, sandbox=sandbox, asks=broker.handlers(), view_dir=broker.view.root, **call)
+
+
 def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _lockfile.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
@@ -229,9 +248,7 @@ def list(  # noqa: A001 - torch.hub's name
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._run import run_isolated
-
-        return run_isolated(repo_dir, "list", sandbox=sandbox)
+        return _isolated(repo_dir, "list", sandbox=sandbox, returns="weights", lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
     return _hubconf.list_entrypoints(module)
@@ -282,9 +299,7 @@ def help(  # noqa: A001 - torch.hub's name
         force_reload=force_reload, verbose=True, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._run import run_isolated
-
-        return run_isolated(repo_dir, "help", model=model, sandbox=sandbox)
+        return _isolated(repo_dir, "help", model=model, sandbox=sandbox, returns="weights", lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
     return _entry_in_process(module, model).__doc__
@@ -370,11 +385,7 @@ def load(
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        from ._run import run_isolated
-
-        return run_isolated(
-            repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox
-        )
+        return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox, lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
         entry = _entry_in_process(module, model)

@@ -185,8 +185,11 @@ def _probe_worker_layers() -> dict[str, dict[str, Any]]:
     return found
 
 
-def worker_environ(sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The worker's whole environment: the allow-list of ``environ`` plus HOME and TMPDIR in scratch.
+def worker_environ(
+    sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str] | None = None, *, torch_home: str | None = None
+) -> dict[str, str]:
+    """The worker's whole environment: the allow-list of ``environ`` plus HOME and TMPDIR in scratch,
+    and TORCH_HOME on the call's view of the cache (where torch.hub looks for what it fetched).
 
     Nothing else crosses: tokens, keys, AWS_*, proxies and LD_* stay in the parent.
     """
@@ -198,6 +201,8 @@ def worker_environ(sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str
         if (name in allowed or name.startswith(ALLOWED_ENV_PREFIXES)) and name not in FORBIDDEN_ENV
     }
     env["HOME"] = env["TMPDIR"] = scratch_dir
+    if torch_home is not None:
+        env["TORCH_HOME"] = torch_home
     return env
 
 

@@ -54,7 +54,8 @@ def python_read_paths() -> list[str]:
     return out
 
 
-def worker_read_paths(repo_dir: str, extra_read_paths: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """Everything beyond the system a worker reads: the interpreter, this folder, the repository, extras."""
-    paths = python_read_paths() + [WORKER_DIR, repo_dir, *extra_read_paths]
+def worker_read_paths(repo_dir: str, extra_read_paths: tuple[str, ...] | list[str] = (), view_dir: str | None = None) -> list[str]:
+    """Everything beyond the system a worker reads: the interpreter, this folder, the repository,
+    the call's view of the cache (what the parent fetched for it), extras."""
+    paths = python_read_paths() + [WORKER_DIR, repo_dir, *([view_dir] if view_dir else []), *extra_read_paths]
     return [os.path.realpath(p) for p in paths]

@@ -439,6 +439,7 @@ class WorkerSettings:
     max_file_size: int | None = None
     network: bool = False
     extra_read_paths: tuple[str, ...] = ()
+    view_dir: str | None = None  # the call's view of the cache (fetched files, nested repositories), read-only
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return WorkerSettings(**{**asdict(self), **changes})
@@ -490,4 +491,5 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "max_file_size": (int, _NONE),
     "network": (bool,),
     "extra_read_paths": (tuple,),
+    "view_dir": (str, _NONE),
 }

@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from . import WORKER_DIR, hubconf, protocol
+from . import WORKER_DIR, hubconf, protocol, shims
 from .layout import DTYPE_NAMES
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
@@ -115,7 +115,12 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     else:
         _clean_sys_path(settings.repo_dir)
         _channel = Channel(sock, deadline)
-        reply = _answer(call.fields, call.buffers, settings.repo_dir)
+        repo_dirs = [settings.repo_dir]
+        if settings.view_dir:
+            # From here on, what the repository fetches is asked of the parent (shims.py).
+            repo_dirs.append(os.path.join(settings.view_dir, "repos"))
+            shims.install(ask=_channel.ask, refused=Refused, repo_dirs=list(repo_dirs), view_dir=settings.view_dir, network=settings.network)
+        reply = _answer(call.fields, call.buffers, repo_dirs)
     kind, fields, buffers, fds = reply
     fields["sandbox"] = report.as_fields()
     try:
@@ -180,7 +185,8 @@ def channel() -> Channel:
 Reply = tuple[str, dict[str, Any], list[bytes], list[int]]
 
 
-def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str) -> Reply:
+def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str]) -> Reply:
+    repo_dir = repo_dirs[0]
     action, model, returns = request.get("action"), request.get("model"), request.get("returns")
     # Only modules imported from here on can be the repository's: looking at just those spares a
     # forked worker the copy of every page it shares with the zygote that walking them all costs.
@@ -216,13 +222,13 @@ def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str) -> Rep
     except BaseException as exc:
         return _exception("call", exc)
     try:
-        return _encode(value, returns, repo_dir, preloaded)
+        return _encode(value, returns, repo_dirs, preloaded)
     except BaseException as exc:
         message = str(exc) if type(exc).__name__ == "NotWeights" else f"the result cannot be sent: {type(exc).__name__}: {exc}"
         return _error("bad_result", message, type=type(exc).__name__, traceback=_format_traceback(exc))
 
 
-def _encode(value: Any, returns: Any, repo_dir: str, preloaded: set[str]) -> Reply:
+def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str]) -> Reply:
     from . import weights
     fields: dict[str, Any] = {"action": "load", "returns": returns}
     if returns == "weights":
@@ -232,7 +238,7 @@ def _encode(value: Any, returns: Any, repo_dir: str, preloaded: set[str]) -> Rep
 
         from . import objects
 
-        _register_repo_modules(cloudpickle, repo_dir, [m for n, m in list(sys.modules.items()) if n not in preloaded])
+        _register_repo_modules(cloudpickle, repo_dirs, [m for n, m in list(sys.modules.items()) if n not in preloaded])
         # The structure is pickled; every storage's bytes travel beside it, never through pickle.
         parts, metadata = objects.dumps(value, DTYPE_NAMES), objects.OBJECT_METADATA
     else:
@@ -245,9 +251,10 @@ def _encode(value: Any, returns: Any, repo_dir: str, preloaded: set[str]) -> Rep
     return _result({**fields, "transport": "memfd", "sizes": [size for _, size in shards]}, fds=[fd for fd, _ in shards])
 
 
-def _register_repo_modules(cloudpickle: Any, repo_dir: str, modules: list[Any]) -> None:
-    """Pickle every one of ``modules`` loaded from the repository by value, so the parent never imports it."""
-    prefix = os.path.realpath(repo_dir) + os.sep
+def _register_repo_modules(cloudpickle: Any, repo_dirs: list[str], modules: list[Any]) -> None:
+    """Pickle every one of ``modules`` loaded from the repositories (nested ones too) by value, so
+    the parent never imports them."""
+    prefixes = tuple(os.path.realpath(d) + os.sep for d in repo_dirs)
     real_folders: dict[str, str] = {}  # one realpath per folder: torch alone brings a thousand modules
 
     def in_repo(place: Any) -> bool:
@@ -256,7 +263,7 @@ def _register_repo_modules(cloudpickle: Any, repo_dir: str, modules: list[Any]) 
         folder, name = os.path.split(place)
         if folder not in real_folders:
             real_folders[folder] = os.path.realpath(folder)
-        return os.path.join(real_folders[folder], name).startswith(prefix)
+        return os.path.join(real_folders[folder], name).startswith(prefixes)
 
     for module in modules:
         try:

@@ -44,6 +44,7 @@ def run_isolated(
     returns: str = "object",
     sandbox: Sandbox,
     asks: dict[str, AskHandler] | None = None,
+    view_dir: Path | None = None,
 ) -> Any:
     """Run ``list``, ``help`` or ``load`` for the hubconf.py in ``repo_dir`` in a worker.
 
@@ -58,6 +59,8 @@ def run_isolated(
             never unpickled.
         sandbox: the limits (``Sandbox``).
         asks: handlers for what the worker may ask mid-call (``what`` -> handler); the rest is refused.
+        view_dir: the call's view of the cache (``broker.Broker``): the worker reads it, and its
+            fetch shims are on. None: no view, and the shims stay off.
 
     Raises:
         HubconfError, MissingDependenciesError, EntrypointNotFoundError: as torch.hub would.
@@ -72,7 +75,7 @@ def run_isolated(
     repo_dir = _check_call(repo_dir, action, model, returns, sandbox)
     request = {"action": action, "model": model, "returns": returns}
     buffers = [_dump_args(args, kwargs or {})] if action == "load" and (args or kwargs) else []
-    with Worker(repo_dir, sandbox) as worker:
+    with Worker(repo_dir, sandbox, view_dir) as worker:
         worker.send(protocol.CALL, request, buffers)
         frame = _converse(worker, asks or {})
         try:

@@ -125,7 +125,7 @@ def worker_argv(settings: WorkerSettings, channel_fd: int) -> tuple[list[str], l
     argv = bwrap_argv(
         settings.repo_dir,
         settings.scratch_dir,
-        read_only_paths=[os.path.dirname(ENTRY_SCRIPT), *settings.extra_read_paths],
+        read_only_paths=[os.path.dirname(ENTRY_SCRIPT), *([settings.view_dir] if settings.view_dir else []), *settings.extra_read_paths],
         network=settings.network,
         uid=UNPRIVILEGED_UID if drop else None,
     )

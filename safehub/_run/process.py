@@ -43,9 +43,10 @@ REPLY_LIMITS = protocol.Limits(
 class Worker:
     """One worker process: started on enter; on exit killed with its whole tree, scratch removed."""
 
-    def __init__(self, repo_dir: Path, sandbox: Sandbox) -> None:
+    def __init__(self, repo_dir: Path, sandbox: Sandbox, view_dir: Path | None = None) -> None:
         self.repo_dir = repo_dir
         self.sandbox = sandbox
+        self.view_dir = view_dir
         self.proc: launch.WorkerProcess | None = None
         self.sock: socket.socket | None = None
         self.relays: list[Relay] = []
@@ -67,8 +68,9 @@ class Worker:
         drop = os.geteuid() == 0 and "uid_drop" in self.sandbox.wanted_layers()
         try:
             self.scratch_dir = make_scratch(for_dropped_uid=drop)
-            settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir))
-            environ = worker_environ(self.sandbox, str(self.scratch_dir))
+            view = None if self.view_dir is None else str(self.view_dir)
+            settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir)).replace(view_dir=view)
+            environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc

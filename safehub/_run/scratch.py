@@ -16,16 +16,18 @@ from .._bwrap import UNPRIVILEGED_UID
 SCRATCH_PREFIX = "safehub-worker-"
 
 
-def sweep_stale_scratch() -> None:
-    """Remove scratch folders whose caller died before its cleanup ran (killed, power cut)."""
-    top = Path(tempfile.gettempdir())
+def sweep_stale(top: Path, prefix: str) -> None:
+    """Remove the folders ``<prefix><pid>-...`` in ``top`` whose caller died before its cleanup ran.
+
+    Only folders of this user (and, for root, of the uid its workers drop to); never a link.
+    """
     mine = {os.geteuid(), UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
     try:
-        names = [n for n in os.listdir(top) if n.startswith(SCRATCH_PREFIX)]
+        names = [n for n in os.listdir(top) if n.startswith(prefix)]
     except OSError:
         return
     for name in names:
-        match = re.match(re.escape(SCRATCH_PREFIX) + r"(\d+)-", name)
+        match = re.match(re.escape(prefix) + r"(\d+)-", name)
         path = top / name
         try:
             if not match or path.is_symlink() or path.stat().st_uid not in mine:
@@ -34,6 +36,11 @@ def sweep_stale_scratch() -> None:
             continue
         if not psutil.pid_exists(int(match.group(1))):
             remove_tree(path)
+
+
+def sweep_stale_scratch() -> None:
+    """Remove scratch folders whose caller died before its cleanup ran (killed, power cut)."""
+    sweep_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
 
 
 def remove_tree(path: Path) -> None:
@@ -45,8 +52,6 @@ def remove_tree(path: Path) -> None:
                 with contextlib.suppress(OSError):
                     os.chmod(child, 0o700)
     shutil.rmtree(path, ignore_errors=True)
-
-
 
 
 def make_scratch(*, for_dropped_uid: bool) -> Path:

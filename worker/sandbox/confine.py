@@ -190,7 +190,7 @@ def _drop_root(settings: WorkerSettings, *, in_mount_ns: bool) -> dict[str, Any]
     uid = UNPRIVILEGED_UID
     blocked: dict[str, list[str]] = {}
     # The parent made the scratch folder uid's own, where uid can reach it (the system /tmp).
-    for path in grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths):
+    for path in grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths, settings.view_dir):
         top = limits.untraversable_ancestor(path, uid)
         if top is not None:
             blocked.setdefault(top, []).append(path)
@@ -208,7 +208,7 @@ def _drop_root(settings: WorkerSettings, *, in_mount_ns: bool) -> dict[str, Any]
 
 
 def _landlock(settings: WorkerSettings) -> dict[str, Any]:
-    read = grants.system_read_paths() + grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths)
+    read = grants.system_read_paths() + grants.worker_read_paths(settings.repo_dir, settings.extra_read_paths, settings.view_dir)
     return landlock.restrict(read, [os.path.realpath(settings.scratch_dir)], allow_tcp=settings.network)
 
 

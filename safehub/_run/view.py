@@ -1,0 +1,86 @@
+"""A call's view: the one folder of the cache its worker may read, holding exactly what it fetched.
+
+The worker never sees the hub dir (other repositories, the trusted_list, safehub's records). For
+each call the parent makes ``<hub_dir>/.safehub/views/<pid>-<random>/``, laid out as a
+``TORCH_HOME`` (``hub/checkpoints/``, ``checkpoints/``, ``repos/``), grants the worker read on it
+alone (bubblewrap binds it, Landlock allows it), and links into it each checkpoint or nested
+repository the broker serves. Hard links: the same inode as the cache's file, so a 1 GiB
+checkpoint is not copied (a copy only where a link cannot be made or the worker's uid could not
+read the cache's file). The view is removed when the call ends; a view whose caller died is
+swept by the next call, like a stale scratch folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from .. import _cache
+from .scratch import remove_tree, sweep_stale
+
+VIEWS = "views"
+PLACES = ("hub/checkpoints", "checkpoints", "repos")
+
+
+class CallView:
+    """The view folder of one call (see the module docstring)."""
+
+    def __init__(self) -> None:
+        top = _cache.hub_path() / ".safehub" / VIEWS
+        top.mkdir(parents=True, exist_ok=True)
+        sweep_stale(top, prefix="")
+        self.root = top / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.root.mkdir(mode=0o755)
+        for place in PLACES:
+            (self.root / place).mkdir(mode=0o755, parents=True, exist_ok=True)
+        for folder in [self.root, *(self.root / p for p in PLACES), self.root / "hub"]:
+            folder.chmod(0o755)  # a worker dropped to another uid must traverse it (umask aside)
+
+    def add_file(self, source: Path, place: str, name: str) -> Path:
+        """Show the cache's file ``source`` as ``<place>/<name>``; return that path."""
+        assert place in PLACES[:2] and "/" not in name
+        target = self.root / place / name
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        _link_or_copy(source, target)
+        return target
+
+    def add_tree(self, source_dir: Path, folder: str) -> Path:
+        """Show a repository tree as ``repos/<folder>``: every file linked, folders made; return it."""
+        assert "/" not in folder and folder not in ("", ".", "..")
+        target = self.root / "repos" / folder
+        if target.exists():
+            return target
+        tmp = self.root / "repos" / f".{folder}.{uuid.uuid4().hex[:8]}"
+        for top, dirs, files in os.walk(source_dir):
+            relative = Path(top).relative_to(source_dir)
+            (tmp / relative).mkdir(mode=0o755, parents=True, exist_ok=True)
+            (tmp / relative).chmod(0o755)
+            for name in files:
+                path = Path(top) / name
+                if not path.is_symlink():  # extraction keeps no outside links; inside ones are skipped too
+                    _link_or_copy(path, tmp / relative / name)
+            dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
+        tmp.rename(target)
+        return target
+
+    def remove(self) -> None:
+        remove_tree(self.root)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    mode = source.stat().st_mode
+    # A link shares the cache file's owner and mode: where others may not read it, a worker
+    # dropped to another uid could not either, so it gets a readable copy instead.
+    if mode & stat.S_IROTH:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another filesystem, or links refused: copy
+    shutil.copyfile(source, target)
+    target.chmod(0o644)
