@@ -145,17 +145,21 @@ def decode_object(
 
 
 class _StorageUnpickler(pickle.Unpickler):
-    """cloudpickle's unpickling, with each storage reference resolved to a view on the result's bytes."""
+    """cloudpickle's unpickling, with each storage reference resolved to a view on the result's
+    bytes and each TorchScript reference to what ``torch.jit.load`` makes of its archive."""
 
     def __init__(self, stream: io.BytesIO, places: dict[str, tuple[Any, int, int]]) -> None:
         super().__init__(stream)
         self.places = places
         self.storages: dict[str, Any] = {}  # one per key, so that sharing survives
+        self.scripts: dict[str, Any] = {}  # likewise one script module per archive
         self.bools_checked: set[str] = set()
 
     def persistent_load(self, pid: Any) -> Any:
         import torch
 
+        if type(pid) is tuple and len(pid) == 2 and pid[0] == "torchscript":
+            return self._torchscript(torch, pid[1])
         if type(pid) is not tuple or len(pid) != 3 or pid[0] != "storage":
             raise ResultDecodeError(f"the object's pickle holds an unknown reference ({_describe(pid)})")
         _, key, dtype_name = pid
@@ -175,6 +179,23 @@ class _StorageUnpickler(pickle.Unpickler):
                 raise ResultDecodeError(f"storage {key!r}: BOOL bytes must be 0 or 1")
             self.bools_checked.add(key)
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, DTYPES[dtype_name][0]), _internal=True)
+
+    def _torchscript(self, torch: Any, key: Any) -> Any:
+        """The script module or function saved as archive ``key``, loaded once however often it is referenced."""
+        if type(key) is not str or key not in self.places:
+            raise ResultDecodeError(f"the object's pickle refers to TorchScript archive {_describe(key)}, which the result does not hold")
+        script = self.scripts.get(key)
+        if script is None:
+            buffer, offset, size = self.places[key]
+            with memoryview(buffer) as view:
+                archive = bytes(view[offset : offset + size])  # torch.jit.load reads bytes, never a view
+            try:
+                # No device the worker could name: it had only the CPU.
+                script = self.scripts[key] = torch.jit.load(io.BytesIO(archive), map_location="cpu")
+            except Exception as exc:
+                first_line = str(exc).strip().split("\n")[0][:200]
+                raise ResultDecodeError(f"TorchScript archive {key!r} could not be loaded: {type(exc).__name__}: {first_line}") from None
+        return script
 
 
 def _storage_view(torch: Any, buffer: Any, offset: int, size: int) -> Any:
