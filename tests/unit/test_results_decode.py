@@ -490,14 +490,15 @@ class SwishNet(torch.nn.Module):
         return self.block(swish(self.linear(x)))
 
 
-def test_torchscript_round_trip_gives_the_same_outputs():
+@pytest.mark.parametrize("count", [1, "inline"])
+def test_torchscript_round_trip_gives_the_same_outputs(count):
     net = SwishNet()
     traced = torch.jit.trace(torch.nn.Linear(4, 2), torch.ones(1, 4))
     value = {"net": net, "fn": swish, "again": swish, "traced": traced}
     parts = objects.dumps(value, encoder.DTYPE_NAMES)
     # linear's two storages, then the archives of swish and of the scripted block, then traced's.
     assert [p[0] for p in parts] == ["0", "1", "2", "3", "4", "pickle"]
-    got = round_trip(value)
+    got = round_trip(value, count)
     x = torch.randn(3, 4)
     assert torch.equal(got["net"](x), net(x)) and torch.equal(got["traced"](x), traced(x))
     assert torch.equal(got["fn"](x), swish(x))
