@@ -26,13 +26,20 @@ object   ``"format": "safehub-object"`` in every shard, and every entry U8 of on
          storage is the persistent id ("storage", key, D): D is the dtype a tensor reads it
          with, and the storage's size and address are multiples of D's item size. Unpickling
          rebuilds each storage once, as a view on its bytes, so tensors that shared a storage in
-         the worker (tied weights, views) share it here.
+         the worker (tied weights, views) share it here. TorchScript, which does not pickle
+         (a ``torch.jit.ScriptModule``, including a traced one, or a ``ScriptFunction``), is the
+         persistent id ("torchscript", key) and its entry the ``torch.jit.save`` archive (a zip
+         of its compiled code and its own tensors); keys number storages and archives together.
+         Each archive is read with ``torch.jit.load`` once and comes back as a ScriptModule (a
+         function as one whose ``forward`` it is; torch's own saving drops its default
+         arguments). Its weights are copies, shared with nothing outside it.
 
 Buffers are private (copy-on-write) mappings of the worker's sealed memfds: tensors are views on
 them, no copy is made, the caller may write them, and a mapping lives as long as any tensor on
 it. An object result *is* unpickled, which runs code the repository chose: that is why
 ``returns="object"`` needs trust (DESIGN 2); its storage references are still checked like
-everything else the worker sends.
+everything else the worker sends. Loading its TorchScript runs the repository's compiled code
+too, which needs no trust beyond that pickle's; a malformed archive is a ResultDecodeError.
 """
 
 from __future__ import annotations
@@ -145,17 +152,21 @@ def decode_object(
 
 
 class _StorageUnpickler(pickle.Unpickler):
-    """cloudpickle's unpickling, with each storage reference resolved to a view on the result's bytes."""
+    """cloudpickle's unpickling, with each storage reference resolved to a view on the result's
+    bytes and each TorchScript reference to what ``torch.jit.load`` makes of its archive."""
 
     def __init__(self, stream: io.BytesIO, places: dict[str, tuple[Any, int, int]]) -> None:
         super().__init__(stream)
         self.places = places
         self.storages: dict[str, Any] = {}  # one per key, so that sharing survives
+        self.scripts: dict[str, Any] = {}  # likewise one script module per archive
         self.bools_checked: set[str] = set()
 
     def persistent_load(self, pid: Any) -> Any:
         import torch
 
+        if type(pid) is tuple and len(pid) == 2 and pid[0] == "torchscript":
+            return self._torchscript(torch, pid[1])
         if type(pid) is not tuple or len(pid) != 3 or pid[0] != "storage":
             raise ResultDecodeError(f"the object's pickle holds an unknown reference ({_describe(pid)})")
         _, key, dtype_name = pid
@@ -175,6 +186,37 @@ class _StorageUnpickler(pickle.Unpickler):
                 raise ResultDecodeError(f"storage {key!r}: BOOL bytes must be 0 or 1")
             self.bools_checked.add(key)
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, DTYPES[dtype_name][0]), _internal=True)
+
+    def _torchscript(self, torch: Any, key: Any) -> Any:
+        """The script module or function saved as archive ``key``, loaded once however often it is referenced."""
+        if type(key) is not str or key not in self.places:
+            raise ResultDecodeError(f"the object's pickle refers to TorchScript archive {_describe(key)}, which the result does not hold")
+        script = self.scripts.get(key)
+        if script is None:
+            buffer, offset, size = self.places[key]
+            # From a file object torch.jit.load holds the whole archive twice (read(), then a C++
+            # copy) while it builds the tensors; from a path it reads each record straight into
+            # its tensor. So the archive is copied once, into a memfd of ours, and loaded by its
+            # /proc path: the parent's peak is the weights twice over instead of three times.
+            fd = os.memfd_create("safehub-torchscript", os.MFD_CLOEXEC)
+            try:
+                with memoryview(buffer) as view:
+                    _write_all(fd, view[offset : offset + size])
+                # No device the worker could name: it had only the CPU.
+                script = self.scripts[key] = torch.jit.load(f"/proc/self/fd/{fd}", map_location="cpu")
+            except Exception as exc:
+                first_line = str(exc).strip().split("\n")[0][:200]
+                raise ResultDecodeError(f"TorchScript archive {key!r} could not be loaded: {type(exc).__name__}: {first_line}") from None
+            finally:
+                os.close(fd)
+        return script
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    with data:
+        written = 0
+        while written < len(data):  # Linux writes at most ~2 GiB per call
+            written += os.write(fd, data[written : written + (1 << 30)])
 
 
 def _storage_view(torch: Any, buffer: Any, offset: int, size: int) -> Any:

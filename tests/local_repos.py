@@ -23,11 +23,14 @@ def write_repo(root: Path, files: dict[str, str]) -> Path:
 
 @contextlib.contextmanager
 def imported_in_process(repo: Path) -> Iterator[ModuleType]:
-    """Import a hubconf here the way torch.hub does, then forget every module it brought in."""
+    """Import a hubconf here the way torch.hub does, then forget every module it brought in
+    (but torch's own, which it imports lazily, e.g. on a first ``torch.jit.trace``, and which
+    register operators that cannot be registered twice)."""
     before = set(sys.modules)
     try:
         with in_process.prepended_sys_path(str(repo)):
             yield in_process.import_hubconf(str(repo))
     finally:
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            if name != "torch" and not name.startswith("torch."):
+                del sys.modules[name]

@@ -23,7 +23,7 @@ Layout::
     zygote.py      the warm path: torch imported once, a supervisor forked per call
     hubconf.py     import hubconf.py, check dependencies, find entrypoints (parent uses it in-process too)
     weights.py     encode tensors as data (the safetensors-like layout) into sealed memfds
-    objects.py     encode an object: cloudpickle of its structure, storages beside it
+    objects.py     encode an object: cloudpickle of its structure, storages and TorchScript archives beside it
     protocol.py    the wire format, versioned (shared with the parent)
     layout.py      dtype names and result metadata (shared with the parent)
     grants.py      read paths of the sandbox (shared with the parent)

@@ -469,6 +469,65 @@ def test_torch_save_of_a_decoded_state_dict(tmp_path):
     assert same(dict(loaded), {k: v.detach() for k, v in got.state_dict().items()})
 
 
+# TorchScript: torch.jit's own archive as a part of its own, loaded back with torch.jit.load.
+
+
+@torch.jit.script
+def swish(x):
+    return x.mul(torch.sigmoid(x))
+
+
+class SwishNet(torch.nn.Module):
+    """An eager module whose forward calls a module-level scripted function (gen-efficientnet's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.linear = torch.nn.Linear(4, 4)
+        self.block = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+
+    def forward(self, x):
+        return self.block(swish(self.linear(x)))
+
+
+@pytest.mark.parametrize("count", [1, "inline"])
+def test_torchscript_round_trip_gives_the_same_outputs(count):
+    net = SwishNet()
+    traced = torch.jit.trace(torch.nn.Linear(4, 2), torch.ones(1, 4))
+    value = {"net": net, "fn": swish, "again": swish, "traced": traced}
+    parts = objects.dumps(value, encoder.DTYPE_NAMES)
+    # linear's two storages, then the archives of swish and of the scripted block, then traced's.
+    assert [p[0] for p in parts] == ["0", "1", "2", "3", "4", "pickle"]
+    got = round_trip(value, count)
+    x = torch.randn(3, 4)
+    assert torch.equal(got["net"](x), net(x)) and torch.equal(got["traced"](x), traced(x))
+    assert torch.equal(got["fn"](x), swish(x))
+    assert got["again"] is got["fn"]  # one archive, one loaded script, however often referenced
+    assert isinstance(got["net"].block, torch.jit.ScriptModule) and got["net"].block is not net.block
+    # The scripted block's weights came through jit's archive, as copies the caller owns.
+    assert all(torch.equal(a, b) for a, b in zip(got["net"].block.parameters(), net.block.parameters()))
+    got["net"](x).sum().backward()
+    assert all(p.grad is not None for p in got["net"].block.parameters())
+
+
+@pytest.mark.parametrize(
+    "archive, pid, match",
+    [
+        (b"not a zip archive", ("torchscript", "0"), "TorchScript archive '0' could not be loaded"),
+        (b"PK\x03\x04" + b"\0" * 60, ("torchscript", "0"), "TorchScript archive '0' could not be loaded"),
+        (None, ("torchscript", "0"), "TorchScript archive '0' could not be loaded"),  # a truncated real one
+        (b"", ("torchscript", "7"), "TorchScript archive '7', which the result does not hold"),
+        (b"", ("torchscript", 0), "TorchScript archive 0, which"),
+        (b"", ("torchscript", "0", "F32"), "unknown reference"),
+    ],
+)
+def test_malformed_torchscript_archives_are_refused(archive, pid, match):
+    if archive is None:
+        archive = swish.save_to_buffer()[:-100]
+    with pytest.raises(ResultDecodeError, match=match):
+        decode_object(forge([Ref(pid)], {"0": archive}))
+
+
 # Forged object results: what a hostile worker could send, each refused with a decode error.
 
 
