@@ -7,6 +7,7 @@ once and costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,24 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
         return entry.repo_dir, entry.repo_dir.name
 
     with Broker(sandbox, nested=nested) as broker:
+        if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
+            # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
+            # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.
+            _log.info(f"{repo_dir} is private to root: the sandbox reads a copy of it")
+            repo_dir = broker.view.add_tree(Path(repo_dir), f"local-{Path(repo_dir).name}")
         return run_isolated(repo_dir, action, returns=returns, sandbox=sandbox, asks=broker.handlers(), view_dir=broker.view.root, **call)
+
+
+def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
+    """Whether a user other than the owner can read every file and folder of ``tree`` (by mode bits)."""
+    for count, (top, dirs, files) in enumerate(os.walk(tree)):
+        if count > limit or os.stat(top).st_mode & 0o005 != 0o005:
+            return False
+        for name in files:
+            with contextlib.suppress(OSError):
+                if not os.lstat(os.path.join(top, name)).st_mode & 0o004:
+                    return False
+    return True
 
 
 def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _lockfile.Pin]:

@@ -21,6 +21,10 @@ class HubconfMissing(Exception):
     """The folder has no hubconf.py."""
 
 
+class HubconfUnreadable(HubconfMissing):
+    pass
+
+
 class MissingDependencies(Exception):
     def __init__(self, missing: list[str]) -> None:
         super().__init__(f"Missing dependencies: {', '.join(missing)}")
@@ -36,6 +40,16 @@ class EntrypointNotFound(Exception):
 def import_hubconf(repo_dir: str, module_name: str = MODULE_HUBCONF) -> ModuleType:
     """Import ``repo_dir/hubconf.py`` the way torch.hub does (same module name, same sys.path)."""
     path = os.path.join(repo_dir, MODULE_HUBCONF)
+    try:
+        os.stat(path)
+    except PermissionError:
+        # Not missing: this process may not look (a private folder, or the sandbox's rules).
+        raise HubconfUnreadable(
+            f"The sandbox cannot read {path}: permission denied to uid {os.getuid()}. A folder on its "
+            "way is private (mode 0700?); make it readable, or move the repository."
+        ) from None
+    except OSError:
+        pass
     if not os.path.isfile(path):
         raise HubconfMissing(f"No {MODULE_HUBCONF} in {repo_dir}")
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -193,6 +193,8 @@ def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str])
     preloaded = set(sys.modules) if returns == "object" else set()
     try:
         module = hubconf.import_hubconf(repo_dir)
+    except hubconf.HubconfUnreadable as exc:
+        return _error("hubconf_unreadable", str(exc))
     except hubconf.HubconfMissing as exc:
         return _error("hubconf_missing", str(exc))
     except BaseException as exc:

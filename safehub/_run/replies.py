@@ -93,6 +93,8 @@ def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -
     remote_traceback = _text(fields.get("traceback"))
     if category == "hubconf_missing":
         return HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+    if category == "hubconf_unreadable":
+        return HubconfError(message or f"The sandbox cannot read {repo_dir}", repo_dir=str(repo_dir))
     if category == "missing_dependencies":
         missing = fields.get("missing")
         if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):

@@ -271,3 +271,29 @@ def test_a_nested_local_load_stays_inside_the_repository(nested, tmp_path):
     elsewhere = write_repo(tmp_path / "elsewhere", {"hubconf.py": "def anything():\n    return 1\n"})
     with pytest.raises(RemoteError, match="inside the repository's own folder"):
         safehub.load(nested, "local_outside", path=str(elsewhere), source="local", isolate=SANDBOX, trust_repo=True)
+
+
+# -- private folders as root -------------------------------------------------------------------
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="only root's worker drops to another uid; the root run covers it")
+
+
+@ROOT_ONLY
+def test_a_private_local_folder_loads_as_it_does_in_process(tmp_path):
+    private = tmp_path / "private"
+    write_repo(private, {"hubconf.py": "dependencies = []\ndef hi():\n    return 'hi from a private folder'\n"})
+    private.chmod(0o700)  # what mktemp -d and tempfile.mkdtemp() make
+    assert safehub.load(str(private), "hi", source="local", trust_repo=True) == "hi from a private folder"
+    assert safehub.load(str(private), "hi", source="local", isolate=SANDBOX, trust_repo=True) == "hi from a private folder"
+    assert oct(private.stat().st_mode & 0o777) == "0o700"  # the caller's folder is left as it was
+
+
+@ROOT_ONLY
+def test_what_the_sandbox_cannot_read_is_named(tmp_path):
+    from safehub._run import run_isolated
+    from safehub.errors import HubconfError
+
+    private = write_repo(tmp_path / "private", {"hubconf.py": "dependencies = []\n"})
+    private.chmod(0o700)
+    with pytest.raises(HubconfError, match=r"cannot read .*hubconf.py: permission denied to uid 65534"):
+        run_isolated(private, "list", sandbox=SANDBOX)  # no view to copy it into
