@@ -228,9 +228,25 @@ def _download_to(url: str, path: Path, hash_prefix: str | None, progress: bool, 
 
 
 def _digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a cached file; remembered beside the cache, so a 1 GiB checkpoint is
+    hashed once, not on every load (a changed size, mtime or inode means a new file)."""
+    import json
+
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        memo = _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(memo.read_text())
+            if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
+                return st.st_size, known["sha256"]
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-        return os.fstat(f.fileno()).st_size, digest
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "sha256": digest}))
+        os.replace(tmp, memo)
+    return st.st_size, digest
 
 
 def _torch_home() -> Path:
