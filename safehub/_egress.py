@@ -145,6 +145,7 @@ class CheckedResponse:
         self._max_file_bytes, self._budget = policy.max_file_bytes, budget
         self._size = 0
         self._sha256 = hashlib.sha256()
+        self._closed = False
 
     def geturl(self) -> str:
         return self.final_url
@@ -158,8 +159,8 @@ class CheckedResponse:
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             return b"".join(iter(functools.partial(self.read, constants.READ_CHUNK), b""))
-        if n == 0 or self.record is not None:
-            return b""
+        if n == 0 or self.record is not None or self._closed:
+            return b""  # after close(), an empty read must not pass for the end of the body
         # One byte past a cap is enough to see it passed; never buffer more than that.
         n = min(n, self._max_file_bytes - self._size + 1, self._budget.remaining_bytes() + 1)
         data = self._response.read(n)
@@ -180,6 +181,7 @@ class CheckedResponse:
         return data
 
     def close(self) -> None:
+        self._closed = True
         self._response.close()
         self._conn.close()
 

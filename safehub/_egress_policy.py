@@ -283,11 +283,13 @@ def is_github_endpoint(url: str) -> bool:
 def _lookup(resolver: Resolver, target: Target, deadline: Deadline) -> list[str]:
     # getaddrinfo takes no timeout; a small shared pool runs it so the call's deadline still
     # holds, and the pool's size bounds the threads a flood of slow lookups can tie up.
+    import concurrent.futures
+
     deadline.check(target.url)
     future = _resolver_pool().submit(lambda: list(resolver(target.host, target.port)))
     try:
         return future.result(timeout=deadline.remaining())
-    except OSError as exc:  # concurrent.futures.TimeoutError is TimeoutError, an OSError
+    except (OSError, concurrent.futures.TimeoutError) as exc:  # the latter is an OSError from 3.11 on
         if not future.done():
             future.cancel()
             raise deadline.error(target.url) from None
