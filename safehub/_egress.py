@@ -116,7 +116,14 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
         if location is None:
             return _final(url, target, conn, response, policy, budget)
         conn.close()
-        current, previous = urllib.parse.urljoin(target.url, location.strip()), target
+        try:
+            current, previous = urllib.parse.urljoin(target.url, location.strip()), target
+        except ValueError:  # urljoin parses the Location, and a broken one raises
+            raise FetchRefusedError(
+                f"Refusing to fetch {url}: {target.url} redirects to {location[:200]!r}, not a URL.",
+                url=url,
+                reason="redirect",
+            ) from None
     raise FetchRefusedError(
         f"Refusing to fetch {url}: it redirects more than {policy.max_redirects} times.",
         url=url,

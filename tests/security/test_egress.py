@@ -211,6 +211,7 @@ def test_the_configured_github_endpoints_are_always_allowed(github):
         "file:///etc/passwd",
         "gopher://127.0.0.1:{canary}/_PING",
         "http://user:pw@127.0.0.1:{canary}/",
+        "http://[::1:{canary}/",  # not even a URL
     ],
 )
 def test_a_redirect_from_an_allowed_server_to_a_refused_address_is_refused(location, server, canaries):
@@ -218,8 +219,8 @@ def test_a_redirect_from_an_allowed_server_to_a_refused_address_is_refused(locat
     url = server.redirect("/r", location.format(canary=v4.port))
     with pytest.raises(FetchRefusedError) as info:
         fetch(url, allow(server))
-    assert info.value.reason in ("address", "host", "scheme", "url")
-    assert "a redirect from" in str(info.value)
+    assert info.value.reason in ("address", "host", "scheme", "url", "redirect")
+    assert "redirect" in str(info.value)
     assert [r.path for r in server.requests] == ["/r"]  # the attack ran: the redirect was served
     assert v4.connections() == 0 and v6.connections() == 0
 
