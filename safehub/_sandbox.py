@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._egress_policy import normalize_allow_hosts
 from .errors import InvalidArgumentError, SandboxError
 
 # Every layer by name (DESIGN 5; the names of safehub/_worker/layers.py). The first two are
@@ -107,6 +106,8 @@ class Sandbox:
             raise InvalidArgumentError(f"Sandbox(network=...) must be True or False, not {self.network!r}")
         if type(self.fetch) is not bool:
             raise InvalidArgumentError(f"Sandbox(fetch=...) must be True or False, not {self.fetch!r}")
+        from ._egress_policy import normalize_allow_hosts  # here: `import safehub` stays quick
+
         allow_hosts = _as_tuple("allow_hosts", self.allow_hosts)
         object.__setattr__(self, "allow_hosts", normalize_allow_hosts(allow_hosts, source="Sandbox(allow_hosts=...)"))
         object.__setattr__(self, "extra_read_paths", _read_paths(self.extra_read_paths))
