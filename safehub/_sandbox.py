@@ -71,6 +71,11 @@ class Sandbox:
             :data:`ALLOWED_ENV`). Enforced. ``GITHUB_TOKEN`` is never passed.
         require: layer names (:data:`KNOWN_LAYERS`) that must be active; a call fails with
             :class:`~safehub.errors.SandboxError` rather than run with fewer.
+        fetch: let the parent fetch URLs the repository's code asks for (DESIGN 4b); False
+            refuses every fetch.
+        allow_hosts: ``host`` or ``host:port`` entries the parent may fetch from although they
+            resolve to a loopback or private address (a local mirror); added to
+            ``SAFEHUB_ALLOW_HOSTS``. Everything else must resolve to public addresses only.
         layers: None (default) applies every layer this machine offers. A tuple of
             :data:`OPTIONAL_LAYERS` applies only those (the always-on layers stay): for
             testing and measuring a degraded machine, e.g. ``layers=("landlock", "seccomp",
@@ -92,6 +97,8 @@ class Sandbox:
     env: tuple[str, ...] = ()
     require: tuple[str, ...] = ()
     layers: tuple[str, ...] | None = None
+    fetch: bool = True
+    allow_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive_number("timeout", self.timeout)
@@ -103,6 +110,12 @@ class Sandbox:
         _positive_int("max_file_size", self.max_file_size, optional=True)
         if type(self.network) is not bool:
             raise InvalidArgumentError(f"Sandbox(network=...) must be True or False, not {self.network!r}")
+        if type(self.fetch) is not bool:
+            raise InvalidArgumentError(f"Sandbox(fetch=...) must be True or False, not {self.fetch!r}")
+        from ._egress_policy import normalize_allow_hosts  # here: `import safehub` stays quick
+
+        allow_hosts = _as_tuple("allow_hosts", self.allow_hosts)
+        object.__setattr__(self, "allow_hosts", normalize_allow_hosts(allow_hosts, source="Sandbox(allow_hosts=...)"))
         object.__setattr__(self, "extra_read_paths", _read_paths(self.extra_read_paths))
         object.__setattr__(self, "env", _env_names(self.env))
         object.__setattr__(self, "require", _layers("require", self.require, KNOWN_LAYERS))

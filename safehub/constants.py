@@ -34,6 +34,15 @@ API_MAX_PAGES = 100
 # How many branches a commit is compared against before it is called a fork commit.
 MAX_BRANCHES_COMPARED = 20
 
+# The fetch broker (DESIGN 4b): what the parent fetches for one isolated call, at most.
+MAX_FETCH_URL_LENGTH = 4096
+MAX_FETCH_REDIRECTS = 5
+MAX_FETCHES_PER_CALL = 64
+MAX_FETCH_FILE_BYTES = 32 * 1024**3
+MAX_FETCH_CALL_BYTES = 64 * 1024**3
+# Per socket operation; the call's own deadline bounds the whole fetch.
+FETCH_IO_TIMEOUT_S = HTTP_TIMEOUT_S
+
 # safehub's own state inside the hub dir: metadata and locks, hidden from torch.hub.
 STATE_DIR_NAME = ".safehub"
 LOCK_LOG_EVERY_S = 5.0
@@ -54,6 +63,11 @@ _COMPUTED = {
     "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),
     # Isolated calls fork their workers from a warm zygote unless this is 0/false/no/off.
     "SAFEHUB_WARM": lambda: (_env("SAFEHUB_WARM") or "1").strip().lower() not in ("0", "false", "no", "off"),
+    # Hosts ("host" or "host:port", comma-separated) the fetch broker may reach even on a
+    # loopback or private address: a local mirror, a test server. Validated where it is used.
+    "SAFEHUB_ALLOW_HOSTS": lambda: tuple(
+        entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
+    ),
     "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")

@@ -18,7 +18,8 @@ message.
     ├── OfflineError (RuntimeError)           SAFEHUB_OFFLINE=1 and the cache lacks something
     ├── DownloadError (RuntimeError)          a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
-    │   └── HashMismatchError                 the sha256 does not match
+    │   ├── HashMismatchError                 the sha256 does not match
+    │   └── FetchRefusedError                 the fetch policy refused a URL, address or cap
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
@@ -114,6 +115,17 @@ class IncompleteDownloadError(DownloadError):
 
 class HashMismatchError(DownloadError):
     """The file's sha256 does not match. Attributes: ``expected``, ``actual``."""
+
+
+class FetchRefusedError(DownloadError):
+    """The parent refused a fetch made for a worker (DESIGN 4b). Attributes: ``url``, ``reason``.
+
+    ``reason`` is one of ``"disabled"`` (``Sandbox(fetch=False)``), ``"url"`` (malformed, too long,
+    odd characters, credentials in it), ``"scheme"``, ``"host"`` (a ``localhost`` name),
+    ``"address"`` (the host resolves to a loopback, private or otherwise non-public address),
+    ``"resolve"`` (no address), ``"redirect"`` (too many, or https to http), ``"file_size"``,
+    ``"call_bytes"``, ``"fetch_count"``, ``"deadline"`` or ``"response"`` (a malformed answer).
+    """
 
 
 class ArchiveError(SafeHubError, ValueError):

@@ -11,7 +11,7 @@ pytest_plugins = ["tests.fixtures_github"]
 
 # Where GitHub would be if a test forgot the emulator: a closed loopback port, so it fails fast.
 _NOWHERE = "http://127.0.0.1:9"
-_SCRUBBED = ("GITHUB_TOKEN", "SAFEHUB_OFFLINE", "TORCH_HUB", "XDG_CACHE_HOME")
+_SCRUBBED = ("GITHUB_TOKEN", "SAFEHUB_ALLOW_HOSTS", "SAFEHUB_OFFLINE", "TORCH_HUB", "XDG_CACHE_HOME")
 
 
 @pytest.fixture(autouse=True)

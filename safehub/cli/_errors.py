@@ -110,6 +110,7 @@ ERROR_TABLE: tuple[Rule, ...] = (
     Rule(errors.LockFileError, EXIT_INTEGRITY, _plain),
     Rule(errors.ForkCommitError, EXIT_INTEGRITY, _plain),
     Rule(errors.ArchiveError, EXIT_INTEGRITY, _plain),
+    Rule(errors.FetchRefusedError, EXIT_INTEGRITY, _plain),  # a rule of the fetch policy: no retry cures it
     # A name to fix, not a failure a retry would cure.
     Rule(errors.RepoNotFoundError, EXIT_ERROR, _plain),
     Rule(errors.RefNotFoundError, EXIT_ERROR, _plain),

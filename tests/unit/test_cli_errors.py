@@ -29,6 +29,7 @@ EXPECTED = {
     "DownloadError": cli.EXIT_NETWORK,
     "IncompleteDownloadError": cli.EXIT_NETWORK,
     "HashMismatchError": cli.EXIT_INTEGRITY,
+    "FetchRefusedError": cli.EXIT_INTEGRITY,
     "ArchiveError": cli.EXIT_INTEGRITY,
     "LockFileError": cli.EXIT_INTEGRITY,
     "UntrustedRepoError": cli.EXIT_UNTRUSTED,
