@@ -19,7 +19,7 @@ The broker is the worker's way out, so it is strict. URLs: http and https only, 
 ``_egress`` (no loopback, private, link-local or otherwise non-global address unless allowed)
 checked on every address and redirect. Names: a plain file name, never a path, a link or a
 hidden or lock file. Caps: fetches per call, bytes per GET, URL length. Every fetch is recorded
-(:class:`FetchRecord`) and logged; ``recording()`` hands them to a caller (the CLI's --json).
+(:class:`BrokeredFetch`) and logged; ``recording()`` hands them to a caller (the CLI's --json).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _log, constants
+from .. import _cache, _egress, _log, constants
 from .._sandbox import Sandbox
 from .call import AskHandler, Refusal
 from .view import CallView
@@ -47,11 +47,11 @@ MAX_URL_CHARS = 8192
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,254}\Z")
 _RESERVED_SUFFIXES = (".lock", ".partial")
 
-_recorded: contextvars.ContextVar[list[FetchRecord] | None] = contextvars.ContextVar("safehub_fetches", default=None)
+_recorded: contextvars.ContextVar[list[BrokeredFetch] | None] = contextvars.ContextVar("safehub_fetches", default=None)
 
 
 @dataclass(frozen=True)
-class FetchRecord:
+class BrokeredFetch:
     """One thing a worker fetched: what it asked for, what it got, and whether the cache had it."""
 
     kind: str  # "file", "get" or "repo"
@@ -67,9 +67,9 @@ class FetchRecord:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[FetchRecord]]:
+def recording() -> Iterator[list[BrokeredFetch]]:
     """Collect the fetches of every isolated call made inside the block (this thread or task)."""
-    fetches: list[FetchRecord] = []
+    fetches: list[BrokeredFetch] = []
     token = _recorded.set(fetches)
     try:
         yield fetches
@@ -83,12 +83,15 @@ NestedRepo = Callable[[dict[str, Any]], tuple[Path, str]]  # args -> (repository
 class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
-    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, open_url: Callable[..., Any] | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None) -> None:
         self.sandbox = sandbox
         self.nested = nested
-        self.open_url = open_url
+        # One policy, budget and deadline for the whole call: every connection of every fetch.
+        self.policy = _egress.FetchPolicy.for_sandbox(sandbox)
+        self.budget = _egress.CallBudget()
+        self.deadline = _egress.Deadline(sandbox.timeout)
         self.view = CallView()
-        self.records: list[FetchRecord] = []
+        self.records: list[BrokeredFetch] = []
         self.count = 0
 
     def close(self) -> None:
@@ -102,6 +105,10 @@ class Broker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def open_url(self, url: str) -> Any:
+        """A response for ``url`` under the call's policy (addresses checked and pinned, caps)."""
+        return _egress.open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline)
 
     def handlers(self) -> dict[str, AskHandler]:
         return {"fetch": self.fetch, "get": self.get, "repo": self.repo}
@@ -127,7 +134,7 @@ class Broker:
             with _told_to_the_worker():
                 _download_to(url, path, hash_prefix, bool(progress), self.open_url)
         size, digest = _digest(path)
-        self._record(FetchRecord("file", url, url, size, digest, cached, str(path)))
+        self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path)))
         return {"path": str(self.view.add_file(path, place, name))}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
@@ -143,11 +150,11 @@ class Broker:
         except BaseException:
             os.close(fd)
             raise
-        self._record(FetchRecord("get", url, value["url"], size, digest, False))
+        self._record(BrokeredFetch("get", url, value["url"], size, digest, False))
         return value, [], [fd]
 
     def repo(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
-        if not getattr(self.sandbox, "fetch", True):
+        if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
         if self.nested is None:
             raise Refusal("nested hub repositories are not served here")
@@ -161,13 +168,13 @@ class Broker:
             repo_dir, folder = self.nested(args)
         except SafeHubError as exc:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
-        self._record(FetchRecord("repo", github, github, 0, "", True, str(repo_dir)))
+        self._record(BrokeredFetch("repo", github, github, 0, "", True, str(repo_dir)))
         return {"path": str(self.view.add_tree(repo_dir, folder))}, [], []
 
     # -- rules ---------------------------------------------------------------------------------
 
     def _url(self, args: dict[str, Any]) -> str:
-        if not getattr(self.sandbox, "fetch", True):
+        if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
         self._count()
         url = args.get("url")
@@ -211,7 +218,7 @@ def _get_into(url: str, fd: int, open_url: Any) -> tuple[dict[str, Any], int, st
     from .. import _http
 
     try:
-        response = (open_url or _http.open_url)(url)
+        response = open_url(url)
     except _http.HTTPStatus as exc:
         body = exc.body[:MAX_GET_BYTES]
         os.write(fd, body)

@@ -149,13 +149,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output_path(output)
     kwargs = dict(args.kwargs or [])
-    with stdout_to_stderr():
+    from .._run.broker import recording
+
+    with stdout_to_stderr(), recording() as fetches:
         result = _api.load(args.repo, args.model, source=args.source, trust_repo=args.trust_repo,
                            force_reload=args.force_reload, verbose=args.verbose,
                            skip_validation=args.skip_validation, isolate=_isolate_arg(args),
                            returns=args.returns, lock=args.locked, **kwargs)
     report: dict[str, Any] = {"repo": args.repo, "model": args.model, "returns": args.returns,
-                              "output": str(output)}
+                              "output": str(output), "fetches": [f.as_dict() for f in fetches]}
     if args.returns == "weights":
         from safetensors.torch import save_file
 
