@@ -29,9 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import filelock
-
-from . import _log, constants
+from . import _filelock, constants
 from ._refs import RepoRef, ResolvedRef
 from .errors import SafeHubError
 
@@ -159,20 +157,9 @@ def lookup(repo_ref: RepoRef) -> CacheEntry | None:
 
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
-    """Hold the file lock ``name``, saying so in the log every few seconds while waiting."""
-    lock = filelock.FileLock(str(_inside(_state_dir("locks"), name + ".lock")))
-    started = time.monotonic()
-    while True:
-        try:
-            lock.acquire(timeout=constants.LOCK_LOG_EVERY_S)
-            break
-        except filelock.Timeout:
-            _log.info(f"Still waiting for the lock on {name} ({time.monotonic() - started:.0f} s); "
-                      "another process is downloading it.")
-    try:
+    """Hold the lock ``<hub_dir>/.safehub/locks/<name>.lock`` (a cache folder's, or the trusted list's)."""
+    with _filelock.locked(_inside(_state_dir("locks"), name + ".lock"), name):
         yield
-    finally:
-        lock.release()
 
 
 def _fsync_dir(path: Path) -> None:

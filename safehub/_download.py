@@ -5,8 +5,8 @@ Differences from torch.hub, all deliberate:
 - The body goes to a temporary file beside ``dst`` whose name is unique to the process, and is
   renamed into place only after its length (Content-Length) and hash prefix check out. Every
   failure, Ctrl-C included, removes the temporary file and leaves ``dst`` as it was.
-- A file lock on ``dst + ".lock"`` makes parallel callers (threads and processes) download once;
-  the waiters log every few seconds so a stuck lock is visible.
+- A file lock on ``dst + ".lock"`` (``_filelock.locked``) makes parallel callers (threads and
+  processes) download once; the waiters log every few seconds so a stuck lock is visible.
 - ``load_state_dict_from_url`` defaults to ``weights_only=True``, checks ``file_name``, and opens
   the legacy single-file zip format with the same rules as repository archives.
 - HTTP failures raise :class:`~safehub.errors.DownloadError` with the status and URL; a hash
@@ -27,14 +27,11 @@ import urllib.parse
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import filelock
 from tqdm import tqdm
 
-from . import _extract, _http, constants
+from . import _extract, _filelock, _http
 from .errors import DownloadError, HashMismatchError, InvalidArgumentError
 
 logger = logging.getLogger("safehub")
@@ -94,7 +91,7 @@ def download_url_to_file(
     if not dst_path.parent.is_dir():
         # As torch.hub; filelock would otherwise create the missing folders for the lock file.
         raise FileNotFoundError(errno.ENOENT, "No such directory", str(dst_path.parent))
-    with _locked(dst_path):
+    with _filelock.locked(f"{dst_path}.lock", str(dst_path)):
         _download(url, dst_path, hash_prefix, progress)
 
 
@@ -163,7 +160,7 @@ def load_state_dict_from_url(
     model_path.mkdir(parents=True, exist_ok=True)
     cached_file = model_path / filename
 
-    with _locked(cached_file):
+    with _filelock.locked(f"{cached_file}.lock", str(cached_file)):
         # Another caller may have finished the download while this one waited for the lock.
         if not cached_file.exists():
             sys.stderr.write(f'Downloading: "{url}" to {cached_file}\n')
@@ -220,27 +217,6 @@ def _hash_prefix(filename: str, check_hash: bool) -> str | None:
         logger.warning("check_hash=True but %r has no '-<sha256 prefix>.' part; the hash is not checked", filename)
         return None
     return match.group(1)
-
-
-# --- locking --------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(path: pathlib.Path) -> Iterator[None]:
-    """Hold ``path + ".lock"``, logging while another thread or process holds it."""
-    lock_path = f"{path}.lock"
-    lock = filelock.FileLock(lock_path)
-    every_s = constants.LOCK_LOG_EVERY_S
-    while True:
-        try:
-            lock.acquire(timeout=every_s)
-            break
-        except filelock.Timeout:
-            logger.info("waiting for lock on %s", lock_path)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 # --- the download itself (the caller holds the lock) ------------------------------------------
