@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _filelock, constants
+from . import _filelock, _stale, constants
 from ._refs import RepoRef, ResolvedRef
 from .errors import SafeHubError
 
@@ -187,24 +187,6 @@ def _remove_record(folder: str) -> None:
         _fsync_dir(_state_dir("repos"))
 
 
-def _sweep_tmp(tmp_root: Path) -> None:
-    # Leftovers of crashed installs: their names start with the pid that made them.
-    for child in tmp_root.iterdir():
-        pid = child.name.split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(child, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 Fetcher = Callable[[BinaryIO], tuple[int, str]]
 Extractor = Callable[[Path, Path], Path]
 
@@ -225,7 +207,8 @@ def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force:
             if entry is not None:
                 return entry
         tmp_root = _state_dir("tmp")
-        _sweep_tmp(tmp_root)
+        # Leftovers of installs whose process died: their names start with its pid.
+        _stale.sweep(tmp_root, "", owners={os.geteuid()})
         work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{folder}.", dir=tmp_root))
         try:
             archive_path = work / "archive.zip"
