@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _extract, _github, _lockfile, _log, _refs, _trust, constants
+from . import _cache, _extract, _github, _pins, _log, _refs, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
@@ -78,7 +78,7 @@ def _fetch(
     lock: str | os.PathLike[str] | None = None,
 ) -> _cache.CacheEntry:
     """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
-    pin = _lockfile.pin_for(lock, repo_ref) if lock is not None else None
+    pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
 
     def cached() -> _cache.CacheEntry | None:
         entry = _cache.lookup(repo_ref)
@@ -154,11 +154,11 @@ def _repo_dir(
     return entry.repo_dir
 
 
-def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _lockfile.Pin]:
+def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _pins.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
     entry = _fetch(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
-    return str(repo_ref), _lockfile.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
+    return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
 
 
 def _import_in_process(repo_dir: Path) -> Any:

@@ -241,7 +241,7 @@ def _fetch_into(url: str, out: Any, progress: bool) -> str:
     """Stream ``url`` into ``out``; return the body's sha256 hex."""
     try:
         response = _http.open_url(url)
-    except _http.HTTPStatus as exc:
+    except _http.HTTPStatusError as exc:
         raise _status_error(exc) from None
     with response:
         length = response.headers.get("Content-Length")
@@ -258,7 +258,7 @@ def _fetch_into(url: str, out: Any, progress: bool) -> str:
     return digest
 
 
-def _status_error(exc: _http.HTTPStatus) -> DownloadError:
+def _status_error(exc: _http.HTTPStatusError) -> DownloadError:
     advice = _STATUS_ADVICE.get(exc.status)
     if advice is None:
         advice = "the server failed; try again later" if exc.status >= 500 else "check the URL"

@@ -52,7 +52,7 @@ def api_get(path: str, *, repo: str | None = None) -> Any:
     try:
         with _http.open_url(url, _api_headers()) as response:
             body = response.read(64 * 1024 * 1024)
-    except _http.HTTPStatus as exc:
+    except _http.HTTPStatusError as exc:
         raise _translate(exc, repo) from None
     try:
         return json.loads(body)
@@ -65,7 +65,7 @@ def api_get(path: str, *, repo: str | None = None) -> Any:
         ) from exc
 
 
-def _translate(exc: _http.HTTPStatus, repo: str | None) -> GitHubError:
+def _translate(exc: _http.HTTPStatusError, repo: str | None) -> GitHubError:
     headers = {k.lower(): v for k, v in exc.headers.items()}
     message = _message(exc.body)
     where = f" for {repo}" if repo else ""
@@ -203,7 +203,7 @@ def download_archive(
             return _http.stream_to_file(
                 response, out, max_bytes=constants.MAX_ARCHIVE_BYTES, on_chunk=on_chunk
             )
-    except _http.HTTPStatus as exc:
+    except _http.HTTPStatusError as exc:
         if exc.status == 404:
             raise RefNotFoundError(
                 f"GitHub has no archive of {owner}/{repo} at {commit_sha[:12]}. If the repository "

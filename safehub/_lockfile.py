@@ -1,82 +1,9 @@
-"""Lock files: each repository ref pinned to a commit SHA and the sha256 of its archive.
+"""Compatibility alias: the pin-file module is now :mod:`safehub._pins`.
 
-Like pip's hash-checking mode: with a lock, a load downloads exactly the pinned commit, needs no
-API request, and refuses an archive whose sha256 differs. The file is JSON::
-
-    {"version": 1,
-     "repos": {"owner/repo:ref": {"ref": "main", "commit_sha": "…40 hex…",
-                                  "archive_sha256": "…64 hex…"}}}
-
-Keys are the repository strings as the user wrote them (``owner/repo`` for the default branch);
-``ref`` is what the key resolved to, which names the cache folder.
+Kept only for ``safehub/cli.py``, which is being split into a package on another branch; remove
+this file once the CLI imports ``_pins``.
 """
 
-from __future__ import annotations
+from ._pins import LOCK_VERSION, Pin, dumps, pin_for, read
 
-import json
-import os
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from ._refs import RepoRef, parse
-from .errors import LockFileError
-
-LOCK_VERSION = 1
-_SHA1 = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Pin:
-    ref: str
-    commit_sha: str
-    archive_sha256: str
-
-
-def _key(repo_ref: RepoRef) -> str:
-    return str(repo_ref)
-
-
-def read(path: str | os.PathLike[str]) -> dict[str, Pin]:
-    """Read and check a lock file; every entry must be well formed."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise LockFileError(f"Lock file {path} does not exist. Make one with `safehub lock REPO... > {path}`.",
-                            path=str(path), repo=None) from None
-    except (OSError, ValueError) as exc:
-        raise LockFileError(f"Cannot read lock file {path}: {exc}", path=str(path), repo=None) from None
-    if not isinstance(data, dict) or data.get("version") != LOCK_VERSION or not isinstance(data.get("repos"), dict):
-        raise LockFileError(f"{path} is not a safehub lock file of version {LOCK_VERSION}.", path=str(path), repo=None)
-    pins: dict[str, Pin] = {}
-    for key, value in data["repos"].items():
-        try:
-            repo_ref = parse(key)
-            pin = Pin(**value)
-        except (TypeError, ValueError) as exc:
-            raise LockFileError(f"Bad entry {key!r} in {path}: {exc}", path=str(path), repo=key) from None
-        bad_ref = repo_ref.ref is not None and repo_ref.ref != pin.ref
-        if bad_ref or not _SHA1.fullmatch(pin.commit_sha) or not _SHA256.fullmatch(pin.archive_sha256):
-            raise LockFileError(f"Bad entry {key!r} in {path}: wrong ref or hashes.", path=str(path), repo=key)
-        pins[_key(repo_ref)] = pin
-    return pins
-
-
-def dumps(pins: dict[str, Pin]) -> str:
-    return json.dumps({"version": LOCK_VERSION, "repos": {k: asdict(v) for k, v in sorted(pins.items())}},
-                      indent=2) + "\n"
-
-
-def pin_for(path: str | os.PathLike[str], repo_ref: RepoRef) -> Pin:
-    """The pin of ``repo_ref`` in the lock file at ``path``, or LockFileError naming the fix."""
-    pins = read(path)
-    try:
-        return pins[_key(repo_ref)]
-    except KeyError:
-        raise LockFileError(
-            f"{path} has no entry for {repo_ref}. Add it with `safehub lock {repo_ref}` (and merge "
-            "the output into the lock file), or load without --locked.",
-            path=str(path),
-            repo=str(repo_ref),
-        ) from None
+__all__ = ["LOCK_VERSION", "Pin", "dumps", "pin_for", "read"]

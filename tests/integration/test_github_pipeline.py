@@ -229,12 +229,12 @@ def test_missing_dependencies(make_repo):
 
 
 def test_lock_file_round_trip_and_tampering(repo, github, tmp_path):
-    from safehub import _api, _lockfile
+    from safehub import _api, _pins
     from safehub.errors import HashMismatchError, LockFileError
 
     key, pin = _api.pin("acme/models")
     lock = tmp_path / "safehub.lock"
-    lock.write_text(_lockfile.dumps({key: pin}))
+    lock.write_text(_pins.dumps({key: pin}))
     assert pin.commit_sha == repo.head_sha("main") and pin.ref == "main"
 
     # The branch moves on; a locked load still gets the pinned commit, asking the API nothing.
@@ -244,8 +244,8 @@ def test_lock_file_round_trip_and_tampering(repo, github, tmp_path):
     assert github.requests("api") == []
 
     # An archive that no longer matches its pin is refused; the old tree stays as it was.
-    tampered = {key: _lockfile.Pin(pin.ref, pin.commit_sha, "0" * 64)}
-    lock.write_text(_lockfile.dumps(tampered))
+    tampered = {key: _pins.Pin(pin.ref, pin.commit_sha, "0" * 64)}
+    lock.write_text(_pins.dumps(tampered))
     with pytest.raises(HashMismatchError, match="lock file pins"):
         load("acme/models", lock=lock, force_reload=True)
     entry = _cache.lookup(safehub._refs.parse("acme/models"))
