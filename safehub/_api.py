@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _extract, _github, _pins, _log, _refs, _trust, constants
+from . import _cache, _fetch, _log, _pins, _refs, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
     EntrypointNotFoundError,
-    HashMismatchError,
     HubconfError,
     InvalidArgumentError,
     MissingDependenciesError,
@@ -69,7 +68,7 @@ def _local_dir(path: object) -> Path:
     return repo_dir
 
 
-def _fetch(
+def _cache_entry(
     repo_ref: RepoRef,
     *,
     force_reload: bool,
@@ -79,17 +78,8 @@ def _fetch(
 ) -> _cache.CacheEntry:
     """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
     pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
-
-    def cached() -> _cache.CacheEntry | None:
-        entry = _cache.lookup(repo_ref)
-        if entry is not None and pin is not None and (entry.commit_sha, entry.archive_sha256) != (
-            pin.commit_sha, pin.archive_sha256
-        ):
-            return None
-        return entry
-
     if not force_reload:
-        entry = cached()
+        entry = _fetch.cached(repo_ref, pin)
         if entry is not None:
             _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
             return entry
@@ -99,35 +89,10 @@ def _fetch(
             f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
         )
     if pin is not None:
-        # The lock was made with validation; a locked load asks the API nothing.
-        resolved = _refs.ResolvedRef(repo_ref.owner, repo_ref.repo, pin.ref, pin.commit_sha,
-                                     "locked", repo_ref.ref is None)
+        resolved = pin.resolved(repo_ref)  # a locked load asks the API nothing: the pin names the commit
     else:
         resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
-
-    def fetch(out: Any) -> tuple[int, str]:
-        url = _github.archive_url(resolved.owner, resolved.repo, resolved.commit_sha)
-        # torch.hub prints this line whatever `verbose` says; only the bar follows `verbose`.
-        _log.info(f'Downloading: "{url}" to {_cache.get_dir()}')
-        with _log.progress(str(repo_ref), verbose=verbose) as on_chunk:
-            size, sha256 = _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out,
-                                                    on_chunk=on_chunk)
-        if pin is not None and sha256 != pin.archive_sha256:
-            raise HashMismatchError(
-                f"The archive of {repo_ref} at {pin.commit_sha[:12]} has sha256 {sha256}, but the "
-                f"lock file pins {pin.archive_sha256}. It was not installed. If the change is "
-                "expected, run `safehub lock` again; otherwise treat it as tampering.",
-                url=url, expected=pin.archive_sha256, actual=sha256,
-            )
-        return size, sha256
-
-    return _cache.install(
-        resolved,
-        fetch,
-        lambda zip_path, dest_dir: _extract.extract_zip(zip_path, dest_dir),
-        force=force_reload,
-        already_there=cached,
-    )
+    return _fetch.fetch_repo(resolved, force_reload=force_reload, verbose=verbose, pin=pin)
 
 
 def _repo_dir(
@@ -149,7 +114,7 @@ def _repo_dir(
         return _local_dir(repo_or_dir)
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
-    entry = _fetch(repo_ref, force_reload=force_reload, verbose=verbose,
+    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
                    skip_validation=skip_validation, lock=lock)
     return entry.repo_dir
 
@@ -157,7 +122,7 @@ def _repo_dir(
 def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _pins.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
-    entry = _fetch(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
     return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
 
 

@@ -42,13 +42,17 @@ class RepoRef:
 
 @dataclass(frozen=True)
 class ResolvedRef:
-    """What the ref resolved to. ``ref`` names the cache folder (the default branch if none given)."""
+    """What the ref resolved to. ``ref`` names the cache folder (the default branch if none given).
+
+    ``commit_sha`` is None when validation was skipped: no API was asked, and the archive of
+    ``ref`` tells the commit once downloaded.
+    """
 
     owner: str
     repo: str
     ref: str
-    commit_sha: str
-    kind: str  # "branch", "tag", "commit", or "ref" when validation was skipped
+    commit_sha: str | None
+    kind: str  # "branch", "tag", "commit", "locked", or "ref" when validation was skipped
     is_default_branch: bool
 
 
