@@ -18,6 +18,7 @@ from .errors import (
     EntrypointNotFoundError,
     HubconfError,
     InvalidArgumentError,
+    LockFileError,
     MissingDependenciesError,
     OfflineError,
 )
@@ -37,6 +38,16 @@ _TRUST_ARG_DOC = """trust_repo (bool or str): ``"check"``, ``True`` or ``False``
 
             With no terminal on standard input, a prompt is replaced by
             :class:`~safehub.errors.UntrustedRepoError`. Default is ``"check"``."""
+
+
+_SKIP_ARG_DOC = """skip_validation (bool, optional): if ``False``, safehub resolves the ref through
+            the GitHub API and checks that the commit belongs to the repository itself and not to
+            a fork (set ``GITHUB_TOKEN`` for a higher rate limit). If ``True``, as torch.hub: no
+            API request and no token; the archive of the ref is downloaded from the web host and
+            its commit read from the archive's zip comment (an archive without one is cached with
+            an unknown commit, and a warning). With no ref, the default branch is torch.hub's
+            guess: ``main`` if it exists, else ``master``. A folder already cached for the ref is
+            reused unless ``force_reload``, whichever way it was fetched. Default is ``False``."""
 
 
 def _sandbox_of(isolate: object) -> Any:
@@ -123,6 +134,13 @@ def pin(github: str, *, skip_validation: bool = False, force_reload: bool = Fals
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
     entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    if entry.commit_sha == _cache.UNKNOWN_COMMIT:
+        raise LockFileError(
+            f"Cannot pin {repo_ref}: its cached archive (fetched with skip_validation) named no commit. "
+            "Fetch it again with validation: `safehub lock --force-reload` without --skip-validation.",
+            path=None,
+            repo=str(repo_ref),
+        )
     return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
 
 
@@ -164,9 +182,7 @@ def list(  # noqa: A001 - torch.hub's name
             With ``source="local"``, a folder holding a ``hubconf.py``.
         force_reload (bool, optional): whether to discard the existing cache and force a fresh
             download. Default is ``False``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. This makes requests to the GitHub API; set
-            ``GITHUB_TOKEN`` for a higher rate limit. Default is ``False``.
+        {skip}
         {trust}
         verbose (bool, optional): If ``False``, mute messages about hitting local caches.
             Default is ``True``.
@@ -221,8 +237,7 @@ def help(  # noqa: A001 - torch.hub's name
         model (str): a string of entrypoint name defined in repo's ``hubconf.py``
         force_reload (bool, optional): whether to discard the existing cache and force a fresh
             download. Default is ``False``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. Default is ``False``.
+        {skip}
         {trust}
         source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
         isolate (bool or Sandbox, optional): read the docstring in a sandboxed worker; then no
@@ -293,8 +308,7 @@ def load(
             unconditionally. Does not have any effect if ``source = 'local'``. Default is ``False``.
         verbose (bool, optional): If ``False``, mute messages about hitting local caches.
             Default is ``True``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. Default is ``False``.
+        {skip}
         isolate (bool or Sandbox, optional): ``False`` runs ``hubconf.py`` in this process, as
             torch.hub does. ``True`` (or a :class:`Sandbox`) runs it in a sandboxed worker
             process and brings back only the result. Default is ``False``.
@@ -347,5 +361,5 @@ def load(
 
 
 for _function in (list, help, load):
-    _function.__doc__ = (_function.__doc__ or "").replace("{trust}", _TRUST_ARG_DOC)
+    _function.__doc__ = (_function.__doc__ or "").replace("{trust}", _TRUST_ARG_DOC).replace("{skip}", _SKIP_ARG_DOC)
 del _function

@@ -5,11 +5,17 @@ torch.hub's "Downloading" line and a progress bar), check its sha256 against the
 file is used, extract it with :mod:`safehub._extract` (no escapes, caps), and install it with
 :mod:`safehub._cache` (one rename, the record last). Of many processes that miss the cache at
 once, the first downloads and the others find its install once they hold the lock.
+
+The archive is fetched by commit SHA, except with ``skip_validation`` (no API request, as
+torch.hub): then by ref, and the commit is the one ``git archive`` wrote into the zip comment
+(GitHub's zipballs carry it). An archive with no SHA there is installed with an unknown commit
+(:data:`safehub._cache.UNKNOWN_COMMIT`) and a warning, since torch.hub would load it too.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from . import _cache, _extract, _github, _log
@@ -53,6 +59,8 @@ def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bo
             extract_dir = work_dir / "extract"
             extract_dir.mkdir()
             tree_dir = _extract.extract_zip(archive_path, extract_dir)
+            if resolved.commit_sha is None:
+                resolved = replace(resolved, commit_sha=_commit_named_by(archive_path, resolved))
             return _cache.install(resolved, tree_dir, archive_sha256=archive_sha256)
 
 
@@ -79,6 +87,19 @@ def _download(resolved: ResolvedRef, archive_path: Path, *, verbose: bool) -> st
         out.flush()
         os.fsync(out.fileno())
     return sha256
+
+
+def _commit_named_by(archive_path: Path, resolved: ResolvedRef) -> str | None:
+    """With skip_validation the API told no commit: the archive's zip comment does, as git archive writes it."""
+    commit_sha = _extract.commit_in_comment(archive_path)
+    if commit_sha is None:
+        # Refusing would fail loads torch.hub makes (a mirror that rewrites archives); the record
+        # says the commit is unknown instead, and `safehub lock` refuses to pin it.
+        _log.warning(
+            f"The archive of {_label(resolved)} names no commit (its zip comment holds no SHA); it is "
+            "cached with an unknown commit. Load it without skip_validation to record one."
+        )
+    return commit_sha
 
 
 def _check_pin(resolved: ResolvedRef, pin: Pin, archive_sha256: str) -> None:
