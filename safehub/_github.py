@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
