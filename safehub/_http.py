@@ -62,6 +62,11 @@ class HTTPStatusError(Exception):
         return f"HTTP {self.status} from {self.url}"
 
 
+# The old name, kept only for safehub/_run/broker.py (on main, another branch's) until it says
+# HTTPStatusError; remove then, so nothing shadows the stdlib's http.HTTPStatus.
+HTTPStatus = HTTPStatusError
+
+
 def open_url(
     url: str,
     headers: Mapping[str, str] | None = None,
