@@ -126,7 +126,7 @@ def _repo_dir(
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
     entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
-                   skip_validation=skip_validation, lock=lock)
+                         skip_validation=skip_validation, lock=lock)
     return entry.repo_dir
 
 
