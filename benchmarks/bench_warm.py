@@ -108,13 +108,11 @@ def install(repo: str, files: dict[str, str], tmp: Path) -> Path:
         for name, text in files.items():
             zf.writestr(f"bench-{repo}-0123456/{name}", textwrap.dedent(text))
 
-    def fetch(out: Any) -> tuple[int, str]:
-        data = archive.read_bytes()
-        out.write(data)
-        return len(data), hashlib.sha256(data).hexdigest()
-
     resolved = _refs.ResolvedRef("bench", repo, "main", "0" * 40, "ref", False)
-    entry = _cache.install(resolved, fetch, _extract.extract_zip)
+    folder = _cache.folder_name(resolved.owner, resolved.repo, resolved.ref)
+    with _cache.locked(folder), _cache.work_dir(folder) as work_dir:
+        tree_dir = _extract.extract_zip(archive, work_dir)
+        entry = _cache.install(resolved, tree_dir, archive_sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
     return entry.repo_dir
 
 

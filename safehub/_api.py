@@ -12,14 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _extract, _github, _lockfile, _log, _refs, _trust, constants
+from . import _cache, _fetch, _log, _pins, _refs, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
     EntrypointNotFoundError,
-    HashMismatchError,
     HubconfError,
     InvalidArgumentError,
+    LockFileError,
     MissingDependenciesError,
     OfflineError,
 )
@@ -39,6 +39,16 @@ _TRUST_ARG_DOC = """trust_repo (bool or str): ``"check"``, ``True`` or ``False``
 
             With no terminal on standard input, a prompt is replaced by
             :class:`~safehub.errors.UntrustedRepoError`. Default is ``"check"``."""
+
+
+_SKIP_ARG_DOC = """skip_validation (bool, optional): if ``False``, safehub resolves the ref through
+            the GitHub API and checks that the commit belongs to the repository itself and not to
+            a fork (set ``GITHUB_TOKEN`` for a higher rate limit). If ``True``, as torch.hub: no
+            API request and no token; the archive of the ref is downloaded from the web host and
+            its commit read from the archive's zip comment (an archive without one is cached with
+            an unknown commit, and a warning). With no ref, the default branch is torch.hub's
+            guess: ``main`` if it exists, else ``master``. A folder already cached for the ref is
+            reused unless ``force_reload``, whichever way it was fetched. Default is ``False``."""
 
 
 def _sandbox_of(isolate: object) -> Any:
@@ -70,7 +80,7 @@ def _local_dir(path: object) -> Path:
     return repo_dir
 
 
-def _fetch(
+def _cache_entry(
     repo_ref: RepoRef,
     *,
     force_reload: bool,
@@ -79,18 +89,9 @@ def _fetch(
     lock: str | os.PathLike[str] | None = None,
 ) -> _cache.CacheEntry:
     """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
-    pin = _lockfile.pin_for(lock, repo_ref) if lock is not None else None
-
-    def cached() -> _cache.CacheEntry | None:
-        entry = _cache.lookup(repo_ref)
-        if entry is not None and pin is not None and (entry.commit_sha, entry.archive_sha256) != (
-            pin.commit_sha, pin.archive_sha256
-        ):
-            return None
-        return entry
-
+    pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
     if not force_reload:
-        entry = cached()
+        entry = _fetch.cached(repo_ref, pin)
         if entry is not None:
             _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
             return entry
@@ -100,35 +101,10 @@ def _fetch(
             f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
         )
     if pin is not None:
-        # The lock was made with validation; a locked load asks the API nothing.
-        resolved = _refs.ResolvedRef(repo_ref.owner, repo_ref.repo, pin.ref, pin.commit_sha,
-                                     "locked", repo_ref.ref is None)
+        resolved = pin.resolved(repo_ref)  # a locked load asks the API nothing: the pin names the commit
     else:
         resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
-
-    def fetch(out: Any) -> tuple[int, str]:
-        url = _github.archive_url(resolved.owner, resolved.repo, resolved.commit_sha)
-        # torch.hub prints this line whatever `verbose` says; only the bar follows `verbose`.
-        _log.info(f'Downloading: "{url}" to {_cache.get_dir()}')
-        with _log.progress(str(repo_ref), verbose=verbose) as on_chunk:
-            size, sha256 = _github.download_archive(resolved.owner, resolved.repo, resolved.commit_sha, out,
-                                                    on_chunk=on_chunk)
-        if pin is not None and sha256 != pin.archive_sha256:
-            raise HashMismatchError(
-                f"The archive of {repo_ref} at {pin.commit_sha[:12]} has sha256 {sha256}, but the "
-                f"lock file pins {pin.archive_sha256}. It was not installed. If the change is "
-                "expected, run `safehub lock` again; otherwise treat it as tampering.",
-                url=url, expected=pin.archive_sha256, actual=sha256,
-            )
-        return size, sha256
-
-    return _cache.install(
-        resolved,
-        fetch,
-        lambda zip_path, dest_dir: _extract.extract_zip(zip_path, dest_dir),
-        force=force_reload,
-        already_there=cached,
-    )
+    return _fetch.fetch_repo(resolved, force_reload=force_reload, verbose=verbose, pin=pin)
 
 
 def _repo_dir(
@@ -150,8 +126,8 @@ def _repo_dir(
         return _local_dir(repo_or_dir)
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
-    entry = _fetch(repo_ref, force_reload=force_reload, verbose=verbose,
-                   skip_validation=skip_validation, lock=lock)
+    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
+                         skip_validation=skip_validation, lock=lock)
     return entry.repo_dir
 
 
@@ -166,7 +142,7 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
         # the caller's: never taken as trust.
         repo_ref = _refs.parse(args.get("github"))
         _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=returns == "object")
-        entry = _fetch(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
+        entry = _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
                        skip_validation=bool(args.get("skip_validation")))
         return entry.repo_dir, entry.repo_dir.name
 
@@ -191,11 +167,18 @@ def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
     return True
 
 
-def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _lockfile.Pin]:
+def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _pins.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
-    entry = _fetch(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
-    return str(repo_ref), _lockfile.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
+    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    if entry.commit_sha == _cache.UNKNOWN_COMMIT:
+        raise LockFileError(
+            f"Cannot pin {repo_ref}: its cached archive (fetched with skip_validation) named no commit. "
+            "Fetch it again with validation: `safehub lock --force-reload` without --skip-validation.",
+            path=None,
+            repo=str(repo_ref),
+        )
+    return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
 
 
 def _import_in_process(repo_dir: Path) -> Any:
@@ -236,9 +219,7 @@ def list(  # noqa: A001 - torch.hub's name
             With ``source="local"``, a folder holding a ``hubconf.py``.
         force_reload (bool, optional): whether to discard the existing cache and force a fresh
             download. Default is ``False``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. This makes requests to the GitHub API; set
-            ``GITHUB_TOKEN`` for a higher rate limit. Default is ``False``.
+        {skip}
         {trust}
         verbose (bool, optional): If ``False``, mute messages about hitting local caches.
             Default is ``True``.
@@ -291,8 +272,7 @@ def help(  # noqa: A001 - torch.hub's name
         model (str): a string of entrypoint name defined in repo's ``hubconf.py``
         force_reload (bool, optional): whether to discard the existing cache and force a fresh
             download. Default is ``False``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. Default is ``False``.
+        {skip}
         {trust}
         source (str, optional): ``"github"`` or ``"local"``. Default is ``"github"``.
         isolate (bool or Sandbox, optional): read the docstring in a sandboxed worker; then no
@@ -361,8 +341,7 @@ def load(
             unconditionally. Does not have any effect if ``source = 'local'``. Default is ``False``.
         verbose (bool, optional): If ``False``, mute messages about hitting local caches.
             Default is ``True``.
-        skip_validation (bool, optional): if ``False``, safehub checks that the ref belongs to
-            the repository itself and not to a fork. Default is ``False``.
+        {skip}
         isolate (bool or Sandbox, optional): ``False`` runs ``hubconf.py`` in this process, as
             torch.hub does. ``True`` (or a :class:`Sandbox`) runs it in a sandboxed worker
             process and brings back only the result. Default is ``False``.
@@ -411,5 +390,5 @@ def load(
 
 
 for _function in (list, help, load):
-    _function.__doc__ = (_function.__doc__ or "").replace("{trust}", _TRUST_ARG_DOC)
+    _function.__doc__ = (_function.__doc__ or "").replace("{trust}", _TRUST_ARG_DOC).replace("{skip}", _SKIP_ARG_DOC)
 del _function

@@ -10,6 +10,7 @@ tools share one cache. safehub's own state lives in ``<hub_dir>/.safehub/``:
 
 An install writes the tree first and the record last, and removes the record before touching an
 old tree, so a crash at any point leaves either a served tree with a true record, or no record.
+Getting a tree to install (download, pin check, extraction) is the fetch step's, in ``_fetch``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import filelock
-
-from . import _log, constants
+from . import _filelock, _stale, constants
 from ._refs import RepoRef, ResolvedRef
 from .errors import SafeHubError
 
@@ -89,6 +88,10 @@ def _inside(root: Path, name: str) -> Path:
     if path.parent != root.resolve():
         raise SafeHubError(f"Refusing a cache path outside {root}: {name!r}")
     return path
+
+
+# The commit of a tree fetched with skip_validation from an archive whose zip comment names none.
+UNKNOWN_COMMIT = ""
 
 
 @dataclass(frozen=True)
@@ -159,20 +162,9 @@ def lookup(repo_ref: RepoRef) -> CacheEntry | None:
 
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
-    """Hold the file lock ``name``, saying so in the log every few seconds while waiting."""
-    lock = filelock.FileLock(str(_inside(_state_dir("locks"), name + ".lock")))
-    started = time.monotonic()
-    while True:
-        try:
-            lock.acquire(timeout=constants.LOCK_LOG_EVERY_S)
-            break
-        except filelock.Timeout:
-            _log.info(f"Still waiting for the lock on {name} ({time.monotonic() - started:.0f} s); "
-                      "another process is downloading it.")
-    try:
+    """Hold the lock ``<hub_dir>/.safehub/locks/<name>.lock`` (a cache folder's, or the trusted list's)."""
+    with _filelock.locked(_inside(_state_dir("locks"), name + ".lock"), name):
         yield
-    finally:
-        lock.release()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,78 +192,53 @@ def _remove_record(folder: str) -> None:
         _fsync_dir(_state_dir("repos"))
 
 
-def _sweep_tmp(tmp_root: Path) -> None:
-    # Leftovers of crashed installs: their names start with the pid that made them.
-    for child in tmp_root.iterdir():
-        pid = child.name.split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(child, ignore_errors=True)
+@contextlib.contextmanager
+def work_dir(folder: str) -> Iterator[Path]:
+    """A fresh private folder in ``<hub_dir>/.safehub/tmp`` for work on ``folder``; removed on exit.
 
-
-def _pid_alive(pid: int) -> bool:
+    Its name starts with this process's pid, so if the process dies before the cleanup runs, the
+    next work_dir() (of any process) removes it.
+    """
+    tmp_root = _state_dir("tmp")
+    _stale.sweep(tmp_root, "", owners={os.geteuid()})
+    work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{folder}.", dir=tmp_root))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-Fetcher = Callable[[BinaryIO], tuple[int, str]]
-Extractor = Callable[[Path, Path], Path]
+def install(resolved: ResolvedRef, tree_dir: Path, *, archive_sha256: str) -> CacheEntry:
+    """Move the extracted ``tree_dir`` into the cache folder of ``resolved`` and record it.
 
-
-def install(resolved: ResolvedRef, fetch: Fetcher, extract: Extractor, *, force: bool = False,
-            already_there: Callable[[], CacheEntry | None] | None = None) -> CacheEntry:
-    """Download and extract ``resolved`` into its cache folder, atomically, under its lock.
-
-    ``fetch(out)`` writes the archive and returns (bytes, sha256); ``extract(zip_path, dest_dir)``
-    returns the extracted top folder. ``already_there()`` is asked again once the lock is held,
-    so of many processes asking at once only the first downloads.
+    The caller holds ``locked(folder)`` and extracted ``tree_dir`` inside a :func:`work_dir`, so
+    the move is one rename on one filesystem. A ``resolved.commit_sha`` of None is recorded as
+    :data:`UNKNOWN_COMMIT`.
     """
     folder = folder_name(resolved.owner, resolved.repo, resolved.ref)
     target = _inside(hub_path(), folder)
-    with locked(folder):
-        if not force and already_there is not None:
-            entry = already_there()
-            if entry is not None:
-                return entry
-        tmp_root = _state_dir("tmp")
-        _sweep_tmp(tmp_root)
-        work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{folder}.", dir=tmp_root))
-        try:
-            archive_path = work / "archive.zip"
-            with open(archive_path, "wb") as out:
-                _, archive_sha256 = fetch(out)
-                out.flush()
-                os.fsync(out.fileno())
-            extract_dir = work / "extract"
-            extract_dir.mkdir()
-            tree = extract(archive_path, extract_dir)
-            tree_sha256 = tree_digest(tree)
-            # The old record goes first: from here until the new one is written nothing is served.
-            _remove_record(folder)
-            if target.exists() or target.is_symlink():
-                os.rename(target, work / "old")
-            os.rename(tree, target)
-            _fsync_dir(target.parent)
-            entry = CacheEntry(
-                owner=resolved.owner,
-                repo=resolved.repo,
-                ref=resolved.ref,
-                commit_sha=resolved.commit_sha,
-                kind=resolved.kind,
-                is_default_branch=resolved.is_default_branch,
-                archive_sha256=archive_sha256,
-                tree_sha256=tree_sha256,
-                fetched_at=time.time(),
-                folder=folder,
-            )
-            _write_record(entry)
-            return entry
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    tree_sha256 = tree_digest(tree_dir)
+    with work_dir(folder) as trash:
+        # The old record goes first: from here until the new one is written nothing is served.
+        _remove_record(folder)
+        if target.exists() or target.is_symlink():
+            os.rename(target, trash / "old")
+        os.rename(tree_dir, target)
+        _fsync_dir(target.parent)
+        entry = CacheEntry(
+            owner=resolved.owner,
+            repo=resolved.repo,
+            ref=resolved.ref,
+            commit_sha=resolved.commit_sha or UNKNOWN_COMMIT,
+            kind=resolved.kind,
+            is_default_branch=resolved.is_default_branch,
+            archive_sha256=archive_sha256,
+            tree_sha256=tree_sha256,
+            fetched_at=time.time(),
+            folder=folder,
+        )
+        _write_record(entry)
+    return entry
 
 
 def tree_digest(root: Path) -> str:

@@ -5,8 +5,8 @@ Differences from torch.hub, all deliberate:
 - The body goes to a temporary file beside ``dst`` whose name is unique to the process, and is
   renamed into place only after its length (Content-Length) and hash prefix check out. Every
   failure, Ctrl-C included, removes the temporary file and leaves ``dst`` as it was.
-- A file lock on ``dst + ".lock"`` makes parallel callers (threads and processes) download once;
-  the waiters log every few seconds so a stuck lock is visible.
+- A file lock on ``dst + ".lock"`` (``_filelock.locked``) makes parallel callers (threads and
+  processes) download once; the waiters log every few seconds so a stuck lock is visible.
 - ``load_state_dict_from_url`` defaults to ``weights_only=True``, checks ``file_name``, and opens
   the legacy single-file zip format with the same rules as repository archives.
 - HTTP failures raise :class:`~safehub.errors.DownloadError` with the status and URL; a hash
@@ -27,14 +27,12 @@ import urllib.parse
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-import filelock
 from tqdm import tqdm
 
-from . import _extract, _http, constants
+from . import _extract, _filelock, _http
 from .errors import DownloadError, HashMismatchError, InvalidArgumentError
 
 logger = logging.getLogger("safehub")
@@ -90,12 +88,22 @@ def download_url_to_file(
         ... )
 
     """
-    dst_path = pathlib.Path(os.path.expanduser(dst))
-    if not dst_path.parent.is_dir():
+    fetch_to(url, pathlib.Path(os.path.expanduser(dst)), hash_prefix, progress)
+
+
+def fetch_to(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bool, *,
+             open_url: Callable[[str], Any] | None = None, unless_present: bool = False) -> bool:
+    """``download_url_to_file`` with the connection chosen by the caller (the fetch broker's
+    policy), and with ``unless_present`` a file another process finished meanwhile kept as it
+    is: parallel callers then download once. True when this call downloaded."""
+    if not dst.parent.is_dir():
         # As torch.hub; filelock would otherwise create the missing folders for the lock file.
-        raise FileNotFoundError(errno.ENOENT, "No such directory", str(dst_path.parent))
-    with _locked(dst_path):
-        _download(url, dst_path, hash_prefix, progress)
+        raise FileNotFoundError(errno.ENOENT, "No such directory", str(dst.parent))
+    with _filelock.locked(f"{dst}.lock", str(dst)):
+        if unless_present and dst.is_file():
+            return False
+        _download(url, dst, hash_prefix, progress, open_url)
+    return True
 
 
 def load_state_dict_from_url(
@@ -163,7 +171,7 @@ def load_state_dict_from_url(
     model_path.mkdir(parents=True, exist_ok=True)
     cached_file = model_path / filename
 
-    with _locked(cached_file):
+    with _filelock.locked(f"{cached_file}.lock", str(cached_file)):
         # Another caller may have finished the download while this one waited for the lock.
         if not cached_file.exists():
             sys.stderr.write(f'Downloading: "{url}" to {cached_file}\n')
@@ -222,37 +230,17 @@ def _hash_prefix(filename: str, check_hash: bool) -> str | None:
     return match.group(1)
 
 
-# --- locking --------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(path: pathlib.Path) -> Iterator[None]:
-    """Hold ``path + ".lock"``, logging while another thread or process holds it."""
-    lock_path = f"{path}.lock"
-    lock = filelock.FileLock(lock_path)
-    every_s = constants.LOCK_LOG_EVERY_S
-    while True:
-        try:
-            lock.acquire(timeout=every_s)
-            break
-        except filelock.Timeout:
-            logger.info("waiting for lock on %s", lock_path)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 # --- the download itself (the caller holds the lock) ------------------------------------------
 
 
-def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bool) -> None:
+def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bool,
+              open_url: Callable[[str], Any] | None = None) -> None:
     # Unique to this process and call, so a crashed or parallel download never shares the file.
     tmp_path = dst.with_name(f"{dst.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch_into(url, out, progress)
+            digest = _fetch_into(url, out, progress, open_url)
         _check_hash(url, digest, hash_prefix)
         os.replace(tmp_path, dst)
     except BaseException:
@@ -261,11 +249,11 @@ def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bo
         raise
 
 
-def _fetch_into(url: str, out: Any, progress: bool) -> str:
+def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None) -> str:
     """Stream ``url`` into ``out``; return the body's sha256 hex."""
     try:
-        response = _http.open_url(url)
-    except _http.HTTPStatus as exc:
+        response = (open_url or _http.open_url)(url)
+    except _http.HTTPStatusError as exc:
         raise _status_error(exc) from None
     with response:
         length = response.headers.get("Content-Length")
@@ -282,7 +270,7 @@ def _fetch_into(url: str, out: Any, progress: bool) -> str:
     return digest
 
 
-def _status_error(exc: _http.HTTPStatus) -> DownloadError:
+def _status_error(exc: _http.HTTPStatusError) -> DownloadError:
     advice = _STATUS_ADVICE.get(exc.status)
     if advice is None:
         advice = "the server failed; try again later" if exc.status >= 500 else "check the URL"

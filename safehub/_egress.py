@@ -43,7 +43,7 @@ from typing import Any
 from . import _egress_policy, constants
 from ._egress_limits import CallBudget, Deadline, FetchRecord
 from ._egress_policy import IPAddress, Resolver, Target
-from ._http import HTTPStatus
+from ._http import HTTPStatusError
 from .errors import FetchRefusedError, NetworkError
 
 __all__ = ["CallBudget", "CheckedResponse", "Deadline", "FetchPolicy", "FetchRecord", "open_checked"]
@@ -97,7 +97,7 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
     Raises:
         FetchRefusedError: the policy refused the URL, an address, a redirect or a cap, or the
             deadline passed (``reason`` says which).
-        HTTPStatus: the final answer has a status of 300 or more (as ``_http.open_url``).
+        HTTPStatusError: the final answer has a status of 300 or more (as ``_http.open_url``).
         NetworkError: the host could not be resolved or reached, or TLS failed.
     """
     if not policy.enabled:
@@ -252,7 +252,7 @@ def _final(url: str, target: Target, conn: http.client.HTTPConnection, response:
                 body = response.read(_ERROR_BODY_BYTES)
             except (OSError, http.client.HTTPException, FetchRefusedError):
                 body = b""
-            raise HTTPStatus(target.url, response.status, dict(response.headers), body)
+            raise HTTPStatusError(target.url, response.status, dict(response.headers), body)
         lengths = {value.strip() for value in response.headers.get_all("Content-Length") or ()}
         if len(lengths) > 1 or not all(value.isdigit() for value in lengths):
             # Prevents a body whose length two readers would read differently.

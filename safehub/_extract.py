@@ -28,6 +28,7 @@ MAX_LINK_TARGET_BYTES = 4096
 
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_COMMIT_COMMENT = re.compile(rb"[0-9a-f]{40}")
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -113,6 +114,16 @@ def extract_zip(
     top_dir = dest_dir / top
     _check_links_stay_inside(top_dir, [m for m in members if m.kind == "symlink"], dest_dir)
     return top_dir
+
+
+def commit_in_comment(zip_path: str | os.PathLike[str]) -> str | None:
+    """The commit SHA that ``git archive`` (and so GitHub's zipball) writes as the zip comment, or None.
+
+    Only a comment that is exactly 40 lowercase hex digits counts; anything else is no commit.
+    """
+    with _open_zip(zip_path, constants.MAX_ARCHIVE_MEMBERS) as zf:
+        comment = zf.comment
+    return comment.decode("ascii") if _COMMIT_COMMENT.fullmatch(comment) else None
 
 
 # --- opening ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -52,7 +53,7 @@ def api_get(path: str, *, repo: str | None = None) -> Any:
     try:
         with _http.open_url(url, _api_headers()) as response:
             body = response.read(64 * 1024 * 1024)
-    except _http.HTTPStatus as exc:
+    except _http.HTTPStatusError as exc:
         raise _translate(exc, repo) from None
     try:
         return json.loads(body)
@@ -65,7 +66,7 @@ def api_get(path: str, *, repo: str | None = None) -> Any:
         ) from exc
 
 
-def _translate(exc: _http.HTTPStatus, repo: str | None) -> GitHubError:
+def _translate(exc: _http.HTTPStatusError, repo: str | None) -> GitHubError:
     headers = {k.lower(): v for k, v in exc.headers.items()}
     message = _message(exc.body)
     where = f" for {repo}" if repo else ""
@@ -183,33 +184,75 @@ def compare_status(owner: str, repo: str, base: str, head: str) -> str:
     return str(data.get("status", "unknown")) if isinstance(data, dict) else "unknown"
 
 
-def archive_url(owner: str, repo: str, commit_sha: str) -> str:
-    return f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/zipball/{commit_sha}"
+def guess_default_branch(owner: str, repo: str) -> str:
+    """torch.hub's guess of the default branch, for ``skip_validation``: no API request, no token.
+
+    ``main`` if ``{SAFEHUB_GITHUB_URL}/{owner}/{repo}/tree/main/`` exists, else ``master``
+    (torch.hub's ``_parse_repo_info``). A repository whose default branch is neither then fails
+    at its archive, as with torch.hub.
+    """
+    url = f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/tree/main/"
+    _check_online(url)
+    try:
+        with _http.open_url(url):
+            return "main"
+    except _http.HTTPStatusError as exc:
+        if exc.status == 404:
+            return "master"
+        raise _translate(exc, f"{owner}/{repo}") from None
+
+
+def archive_url(owner: str, repo: str, ref: str) -> str:
+    """The zipball of ``ref`` (a commit SHA, or with skip_validation a branch or tag) on the web host."""
+    return f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/zipball/{_quote(ref)}"
 
 
 def download_archive(
     owner: str,
     repo: str,
-    commit_sha: str,
+    ref: str,
     out: BinaryIO,
     *,
     on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[int, str]:
-    """Stream the zipball of ``commit_sha`` into ``out``; return (bytes, sha256). No token is sent."""
-    url = archive_url(owner, repo, commit_sha)
+    """Stream the zipball of ``ref`` into ``out``; return (bytes, sha256). No token is sent.
+
+    ``ref`` is the resolved commit SHA, or with skip_validation the ref as given. A name that is
+    both a branch and a tag gets GitHub's 300 Multiple Choices; then the branch is downloaded,
+    with a warning, as torch.hub does.
+    """
+    try:
+        response = _open_archive(owner, repo, ref)
+    except _http.HTTPStatusError as exc:
+        if exc.status != 300:
+            raise
+        warnings.warn(
+            f"The ref {ref} of {owner}/{repo} is both a branch and a tag; using the branch, as "
+            "torch.hub does. Pass refs/heads/NAME or refs/tags/NAME to choose.",
+            UserWarning,
+            stacklevel=2,
+        )
+        response = _open_archive(owner, repo, f"refs/heads/{ref}")
+    with response:
+        return _http.stream_to_file(response, out, max_bytes=constants.MAX_ARCHIVE_BYTES, on_chunk=on_chunk)
+
+
+def _open_archive(owner: str, repo: str, ref: str) -> Any:
+    """The archive's response, ready to stream; a 300 stays an HTTPStatusError for the caller."""
+    url = archive_url(owner, repo, ref)
     _check_online(url)
     try:
-        with _http.open_url(url) as response:
-            return _http.stream_to_file(
-                response, out, max_bytes=constants.MAX_ARCHIVE_BYTES, on_chunk=on_chunk
-            )
-    except _http.HTTPStatus as exc:
+        return _http.open_url(url)
+    except _http.HTTPStatusError as exc:
+        if exc.status == 300:
+            raise
         if exc.status == 404:
             raise RefNotFoundError(
-                f"GitHub has no archive of {owner}/{repo} at {commit_sha[:12]}. If the repository "
-                "is private, the archive host needs credentials safehub does not send.",
+                f"GitHub has no archive of {owner}/{repo} at {ref}: the repository or the ref "
+                "does not exist. If the repository is private, the archive host needs credentials "
+                "safehub does not send.",
                 repo=f"{owner}/{repo}",
-                ref=commit_sha,
+                ref=ref,
                 url=exc.url,
                 status=404,
             ) from None

@@ -50,7 +50,7 @@ _OPENER = urllib.request.build_opener(_OriginScopedRedirects())
 
 
 @dataclass
-class HTTPStatus(Exception):
+class HTTPStatusError(Exception):
     """A non-success answer, kept raw for the caller to translate (GitHub rules live elsewhere)."""
 
     url: str
@@ -62,6 +62,9 @@ class HTTPStatus(Exception):
         return f"HTTP {self.status} from {self.url}"
 
 
+# The old name, kept only for safehub/_run/broker.py (on main, another branch's) until it says
+
+
 def open_url(
     url: str,
     headers: Mapping[str, str] | None = None,
@@ -70,7 +73,7 @@ def open_url(
     """Open ``url`` and return the response for streaming; the caller closes it.
 
     Raises:
-        HTTPStatus: the server answered with a status of 300 or more (after redirects).
+        HTTPStatusError: the server answered with a status of 300 or more (after redirects).
         NetworkError: the host could not be reached or the connection failed.
     """
     parts = urllib.parse.urlsplit(url)
@@ -87,7 +90,7 @@ def open_url(
             body = b""
         finally:
             exc.close()
-        raise HTTPStatus(exc.url or url, exc.code, dict(exc.headers or {}), body) from None
+        raise HTTPStatusError(exc.url or url, exc.code, dict(exc.headers or {}), body) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, socket.timeout) as exc:
         reason = getattr(exc, "reason", exc)
         raise NetworkError(

@@ -19,6 +19,7 @@ _OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,38}")
 # Repository names: letters, digits, '.', '-', '_', at most 100.
 _REPO_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _HEX_RE = re.compile(r"[0-9a-f]{4,40}")
+_FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
 # Bytes git refuses in a ref name (git check-ref-format): controls, space, ~ ^ : ? * [ \ and DEL.
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
 _MAX_REF_LEN = 255
@@ -42,13 +43,17 @@ class RepoRef:
 
 @dataclass(frozen=True)
 class ResolvedRef:
-    """What the ref resolved to. ``ref`` names the cache folder (the default branch if none given)."""
+    """What the ref resolved to. ``ref`` names the cache folder (the default branch if none given).
+
+    ``commit_sha`` is None when validation was skipped: no API was asked, and the archive of
+    ``ref`` tells the commit once downloaded.
+    """
 
     owner: str
     repo: str
     ref: str
-    commit_sha: str
-    kind: str  # "branch", "tag", "commit", or "ref" when validation was skipped
+    commit_sha: str | None
+    kind: str  # "branch", "tag", "commit", "locked", or "ref" when validation was skipped
     is_default_branch: bool
 
 
@@ -110,19 +115,18 @@ def check_ref_name(ref: str, value: str) -> None:
 def resolve(repo_ref: RepoRef, *, skip_validation: bool = False) -> ResolvedRef:
     """Resolve the ref to a full commit SHA through the GitHub API.
 
-    Unless ``skip_validation``, the commit must be held by a branch or tag of the repository itself:
-    GitHub serves a fork's commits through the parent repository's URLs, so a SHA alone proves
-    nothing about who wrote it.
+    The commit must be held by a branch or tag of the repository itself: GitHub serves a fork's
+    commits through the parent repository's URLs, so a SHA alone proves nothing about who wrote it.
+    With ``skip_validation``, nothing is asked (see :func:`_unvalidated`).
     """
     owner, repo = repo_ref.owner, repo_ref.repo
+    if skip_validation:
+        return _unvalidated(repo_ref)
     default_branch: str | None = None
     ref = repo_ref.ref
     if ref is None:
         default_branch = _github.get_repo(owner, repo)["default_branch"]
         ref = default_branch
-    if skip_validation:
-        sha = _github.get_commit(owner, repo, ref)["sha"]
-        return ResolvedRef(owner, repo, ref, sha, "ref", repo_ref.ref is None)
 
     branches = {b["name"]: b["commit"]["sha"] for b in _github.iter_branches(owner, repo)}
     tags = {t["name"]: t["commit"]["sha"] for t in _github.iter_tags(owner, repo)}
@@ -169,3 +173,16 @@ def resolve(repo_ref: RepoRef, *, skip_validation: bool = False) -> ResolvedRef:
         url=None,
         status=None,
     )
+
+
+def _unvalidated(repo_ref: RepoRef) -> ResolvedRef:
+    """torch.hub's ``skip_validation=True``: no API request, so no token sent and no rate limit spent.
+
+    The archive is then downloaded by ref, and its zip comment tells the commit. With no ref, the
+    default branch is torch.hub's guess: ``main`` if the web host has a ``tree/main``, else
+    ``master`` (:func:`_github.guess_default_branch`).
+    """
+    owner, repo = repo_ref.owner, repo_ref.repo
+    ref = repo_ref.ref if repo_ref.ref is not None else _github.guess_default_branch(owner, repo)
+    commit_sha = ref if _FULL_SHA_RE.fullmatch(ref) else None
+    return ResolvedRef(owner, repo, ref, commit_sha, "ref", repo_ref.ref is None)

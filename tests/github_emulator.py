@@ -10,7 +10,9 @@ codeload.github.com)::
 API answers mirror GitHub's REST shapes (repos, branches, tags, commits, compare; paginated with
 ``Link`` headers pointing at ``/repositories/{id}/...`` like GitHub). The web origin redirects
 ``/{o}/{r}/zipball/{ref}`` to codeload, which serves ``git archive`` zips whose top folder is
-``{owner}-{repo}-{sha7}/``. Faults (rate limits, 401, 500, slow or cut-off bodies, corrupt zips,
+``{owner}-{repo}-{sha7}/`` and whose zip comment is the full commit SHA (git archive writes it, and
+so does GitHub); it also answers ``/{o}/{r}/tree/{ref}`` (200 or 404), which torch.hub probes.
+Faults (rate limits, 401, 500, slow or cut-off bodies, corrupt zips, zips without their comment,
 cross-origin API redirects) are switched on with ``set_fault``. Every request is logged.
 
 Standard library only; every server runs in daemon threads.
@@ -38,7 +40,7 @@ MAX_SLOW_DELAY = 5.0
 SERVERS = ("api", "web", "codeload")
 TARGETS = ("api", "web", "codeload", "files")  # "files" = /files/* on the web origin
 GATE_FAULTS = ("rate_limit", "unauthorized", "server_error", "redirect_api")
-BODY_FAULTS = ("slow", "cut_off", "corrupt")
+BODY_FAULTS = ("slow", "cut_off", "corrupt", "no_comment")
 # Where each fault applies unless set_fault(..., server=...) says otherwise (None = everywhere).
 DEFAULT_FAULT_TARGETS: dict[str, tuple[str, ...] | None] = {
     "rate_limit": ("api",),
@@ -48,6 +50,7 @@ DEFAULT_FAULT_TARGETS: dict[str, tuple[str, ...] | None] = {
     "slow": ("codeload", "files"),
     "cut_off": ("codeload", "files"),
     "corrupt": ("codeload", "files"),
+    "no_comment": ("codeload",),
 }
 _HEX_REF = re.compile(r"[0-9a-fA-F]{4,40}")
 # Characters git forbids in ref names (and rev-parse syntax we must not let through).
@@ -291,7 +294,9 @@ class GitHubEmulator:
         ``server``: "api" | "web" | "codeload" | "files" | a list of those | None for all
         (default: see DEFAULT_FAULT_TARGETS). ``path_prefix``: only requests whose path starts so.
         Options: rate_limit(status=403, retry_after=None), server_error(status=500),
-        slow(delay=0.05, chunk=CHUNK), cut_off(after=len//2), corrupt(offset=len//2, length=16).
+        slow(delay=0.05, chunk=CHUNK), cut_off(after=len//2), corrupt(offset=len//2, length=16),
+        no_comment() (the zip without its comment, so without its commit SHA, as an archive
+        repacked by a mirror would come).
         """
         if kind not in DEFAULT_FAULT_TARGETS:
             raise ValueError(f"unknown fault {kind!r}")
@@ -518,12 +523,18 @@ class GitHubEmulator:
             # Answers API paths too, so an API request redirected here (redirect_api) succeeds.
             return self._route_api(path, query)
         parts = path.strip("/").split("/")
-        if len(parts) >= 3 and parts[2] == "zipball":
+        if len(parts) >= 3 and parts[2] in ("zipball", "tree"):
             try:
                 repo = self.repo(parts[0], parts[1])
             except KeyError:
                 return Response.text(404, "Not Found")
-            return self._zipball_redirect(repo, "/".join(parts[3:]) or repo.default_branch)
+            ref = "/".join(parts[3:]) or repo.default_branch
+            if parts[2] == "tree":
+                # The web page of a ref: torch.hub probes /tree/main/ to guess the default branch.
+                if self._resolve(repo, ref) is None:
+                    return Response.text(404, "Not Found")
+                return Response.text(200, f"<html>{repo.full_name} at {ref}</html>", "text/html; charset=utf-8")
+            return self._zipball_redirect(repo, ref)
         return Response.text(404, "Not Found")
 
     def _route_codeload(self, path: str) -> Response:
@@ -615,6 +626,8 @@ class GitHubEmulator:
                 offset = min(corrupt.opts.get("offset", len(body) // 2), max(len(body) - length, 0))
                 mid = bytes(b ^ 0xFF for b in body[offset:offset + length])
                 body = body[:offset] + mid + body[offset + len(mid):]
+            if self._take_fault(("no_comment",), target, path) is not None:
+                body = _without_zip_comment(body)
             slow = self._take_fault(("slow",), target, path)
             cut = self._take_fault(("cut_off",), target, path)
         handler.send_response(response.status)
@@ -673,6 +686,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _without_zip_comment(body: bytes) -> bytes:
+    """A zip with its comment cut off: the end record's comment length set to 0, the comment dropped."""
+    end = body.rfind(b"PK\x05\x06")
+    if end < 0 or len(body) < end + 22:
+        return body  # not a zip: nothing to strip
+    return body[:end + 20] + b"\x00\x00"
 
 
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -219,7 +219,7 @@ def _get_into(url: str, fd: int, open_url: Any) -> tuple[dict[str, Any], int, st
 
     try:
         response = open_url(url)
-    except _http.HTTPStatus as exc:
+    except _http.HTTPStatusError as exc:
         body = exc.body[:MAX_GET_BYTES]
         os.write(fd, body)
         return {"status": exc.status, "url": exc.url, "headers": _safe_headers(exc.headers)}, len(body), hashlib.sha256(body).hexdigest()
@@ -231,7 +231,8 @@ def _get_into(url: str, fd: int, open_url: Any) -> tuple[dict[str, Any], int, st
 def _download_to(url: str, path: Path, hash_prefix: str | None, progress: bool, open_url: Any) -> None:
     from .. import _download
 
-    _download.download_url_to_file(url, str(path), hash_prefix, progress)
+    # unless_present: parallel calls (threads, processes) fetching one checkpoint download it once.
+    _download.fetch_to(url, path, hash_prefix, progress, open_url=open_url, unless_present=True)
 
 
 def _digest(path: Path) -> tuple[int, str]:

@@ -2,56 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import shutil
 import tempfile
 from pathlib import Path
 
-import psutil
-
+from .. import _stale
 from .._bwrap import UNPRIVILEGED_UID
+from .._stale import remove_tree
 
 SCRATCH_PREFIX = "safehub-worker-"
 
 
-def sweep_stale(top: Path, prefix: str) -> None:
-    """Remove the folders ``<prefix><pid>-...`` in ``top`` whose caller died before its cleanup ran.
-
-    Only folders of this user (and, for root, of the uid its workers drop to); never a link.
-    """
-    mine = {os.geteuid(), UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
-    try:
-        names = [n for n in os.listdir(top) if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        match = re.match(re.escape(prefix) + r"(\d+)-", name)
-        path = top / name
-        try:
-            if not match or path.is_symlink() or path.stat().st_uid not in mine:
-                continue  # another user's, or not one of ours
-        except OSError:
-            continue
-        if not psutil.pid_exists(int(match.group(1))):
-            remove_tree(path)
+def owners() -> set[int]:
+    """The uids whose stale folders this process may remove: its own, and for root the workers' uid."""
+    return {os.geteuid(), UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
 
 
 def sweep_stale_scratch() -> None:
     """Remove scratch folders whose caller died before its cleanup ran (killed, power cut)."""
-    sweep_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove the scratch folder, even where the worker took permissions away (never follows links)."""
-    for top, dirs, _ in os.walk(path):
-        for name in dirs:
-            child = os.path.join(top, name)
-            if not os.path.islink(child):
-                with contextlib.suppress(OSError):
-                    os.chmod(child, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    _stale.sweep(tempfile.gettempdir(), SCRATCH_PREFIX, owners())
 
 
 def make_scratch(*, for_dropped_uid: bool) -> Path:

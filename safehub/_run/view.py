@@ -19,8 +19,9 @@ import stat
 import uuid
 from pathlib import Path
 
-from .. import _cache
-from .scratch import remove_tree, sweep_stale
+from .. import _cache, _stale
+from .._stale import remove_tree
+from .scratch import owners
 
 VIEWS = "views"
 PLACES = ("hub/checkpoints", "checkpoints", "repos")
@@ -32,7 +33,7 @@ class CallView:
     def __init__(self) -> None:
         top = _cache.hub_path() / ".safehub" / VIEWS
         top.mkdir(parents=True, exist_ok=True)
-        sweep_stale(top, prefix="")
+        _stale.sweep(top, "", owners())
         self.root = top / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.root.mkdir(mode=0o755)
         for place in PLACES:

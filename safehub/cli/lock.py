@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import _api, _lockfile
+from .. import _api, _pins
 from ._errors import EXIT_OK
 from ._options import REPO_HELP, add_command
 from ._output import atomic_output, check_output_path, note, stdout_to_stderr
@@ -44,7 +44,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         for repo in args.repos:
             key, pin = _api.pin(repo, skip_validation=args.skip_validation, force_reload=args.force_reload)
             pins[key] = pin
-    text = _lockfile.dumps(pins)
+    text = _pins.dumps(pins)
     if output is None:
         sys.stdout.write(text)
     else:

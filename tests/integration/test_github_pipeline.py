@@ -122,6 +122,94 @@ def test_skip_validation_uses_fewer_requests(repo, github):
     assert not any("/branches" in p or "/tags" in p for p in api)
 
 
+def record_of(folder: str) -> dict:
+    with open(os.path.join(safehub.get_dir(), ".safehub", "repos", f"{folder}.json")) as f:
+        return json.load(f)
+
+
+def assert_no_api_and_no_token(github) -> None:
+    assert github.requests("api") == []
+    assert github.requests(), "nothing was fetched at all"
+    for request in github.requests():
+        assert "authorization" not in request.headers, request.path
+
+
+def test_skip_validation_asks_the_api_nothing_and_sends_no_token(repo, github, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "secret-token")
+    github.clear_log()
+    assert load("acme/models:main", skip_validation=True) == "v1"
+    assert_no_api_and_no_token(github)
+    assert [r.path for r in github.requests("web")] == ["/acme/models/zipball/main"]
+    record = record_of("acme_models_main")
+    # The commit comes from the archive's zip comment, as git archive and GitHub write it.
+    assert record["commit_sha"] == repo.head_sha("main") and record["kind"] == "ref"
+
+    # As torch.hub, the folder is reused until force_reload; force_reload still asks no API.
+    repo.commit("v2", {"hubconf.py": hubconf("v2")})
+    github.clear_log()
+    assert load("acme/models:main", skip_validation=True) == "v1"
+    assert github.requests() == []
+    assert load("acme/models:main", skip_validation=True, force_reload=True) == "v2"
+    assert_no_api_and_no_token(github)
+    assert record_of("acme_models_main")["commit_sha"] == repo.head_sha("main")
+
+
+def test_skip_validation_reuses_what_a_validated_load_cached(repo, github):
+    assert load("acme/models:main") == "v1"
+    github.clear_log()
+    assert load("acme/models:main", skip_validation=True) == "v1"
+    assert github.requests() == []
+
+
+def test_skip_validation_guesses_the_default_branch_as_torch_hub(repo, make_repo, github, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "secret-token")
+    legacy = make_repo("acme", "legacy", {"hubconf.py": hubconf("legacy")}, default_branch="master")
+    github.clear_log()
+    assert load("acme/models", skip_validation=True) == "v1"
+    assert load("acme/legacy", skip_validation=True) == "legacy"
+    assert_no_api_and_no_token(github)
+    probes = [r.path for r in github.requests("web") if "/tree/" in r.path]
+    assert probes == ["/acme/models/tree/main/", "/acme/legacy/tree/main/"]
+    assert record_of("acme_models_main")["is_default_branch"]
+    assert record_of("acme_legacy_master")["commit_sha"] == legacy.head_sha("master")
+    github.clear_log()
+    assert load("acme/legacy", skip_validation=True) == "legacy"
+    assert github.requests() == [], "the default branch's folder is found with no network"
+
+
+def test_skip_validation_prefers_the_branch_of_an_ambiguous_name(repo, github):
+    repo.tag("main")  # a tag named like the branch, left at v1
+    repo.commit("v2", {"hubconf.py": hubconf("v2")})
+    with pytest.warns(UserWarning, match="both a branch and a tag"):
+        assert load("acme/models:main", skip_validation=True) == "v2"
+    assert_no_api_and_no_token(github)
+    assert record_of("acme_models_main")["commit_sha"] == repo.head_sha("main")
+
+
+def test_skip_validation_unknown_ref_caches_nothing(repo, github):
+    with pytest.raises(RefNotFoundError, match="no archive of acme/models at nope"):
+        load("acme/models:nope", skip_validation=True)
+    assert github.requests("api") == []
+    assert cache_records() == []
+
+
+def test_skip_validation_archive_without_a_commit(repo, github, caplog):
+    from safehub import _api
+    from safehub.errors import LockFileError
+
+    github.set_fault("no_comment")
+    with caplog.at_level("WARNING", logger="safehub"):
+        assert load("acme/models:main", skip_validation=True) == "v1"
+    assert any("names no commit" in r.getMessage() for r in caplog.records)
+    # Loaded as torch.hub would; the record says the commit is unknown, and a pin needs one.
+    assert record_of("acme_models_main")["commit_sha"] == ""
+    with pytest.raises(LockFileError, match="named no commit"):
+        _api.pin("acme/models:main", skip_validation=True)
+    github.clear_faults()
+    key, pin = _api.pin("acme/models:main", force_reload=True)
+    assert pin.commit_sha == repo.head_sha("main")
+
+
 def test_rate_limit(repo, github):
     github.set_fault("rate_limit")
     with pytest.raises(RateLimitError, match="GITHUB_TOKEN") as info:
@@ -229,12 +317,12 @@ def test_missing_dependencies(make_repo):
 
 
 def test_lock_file_round_trip_and_tampering(repo, github, tmp_path):
-    from safehub import _api, _lockfile
+    from safehub import _api, _pins
     from safehub.errors import HashMismatchError, LockFileError
 
     key, pin = _api.pin("acme/models")
     lock = tmp_path / "safehub.lock"
-    lock.write_text(_lockfile.dumps({key: pin}))
+    lock.write_text(_pins.dumps({key: pin}))
     assert pin.commit_sha == repo.head_sha("main") and pin.ref == "main"
 
     # The branch moves on; a locked load still gets the pinned commit, asking the API nothing.
@@ -244,8 +332,8 @@ def test_lock_file_round_trip_and_tampering(repo, github, tmp_path):
     assert github.requests("api") == []
 
     # An archive that no longer matches its pin is refused; the old tree stays as it was.
-    tampered = {key: _lockfile.Pin(pin.ref, pin.commit_sha, "0" * 64)}
-    lock.write_text(_lockfile.dumps(tampered))
+    tampered = {key: _pins.Pin(pin.ref, pin.commit_sha, "0" * 64)}
+    lock.write_text(_pins.dumps(tampered))
     with pytest.raises(HashMismatchError, match="lock file pins"):
         load("acme/models", lock=lock, force_reload=True)
     entry = _cache.lookup(safehub._refs.parse("acme/models"))

@@ -506,7 +506,7 @@ def test_stream_to_file_reads_a_checked_response_and_the_record_matches(server):
 
 
 def test_an_error_status_is_raised_as_for_open_url(server):
-    with pytest.raises(_http.HTTPStatus) as info:
+    with pytest.raises(_http.HTTPStatusError) as info:
         fetch(server.url("/missing"), allow(server))
     assert info.value.status == 404
 
@@ -546,7 +546,7 @@ def test_descriptors_stay_bounded_whatever_the_fetches_do(server, canaries):
         fetch(ok, allow(server), budget)
         for url, policy in ((big, allow(server, max_file_bytes=1000)), (loop, allow(server)),
                             (to_canary, allow(server)), (server.url("/missing"), allow(server))):
-            with pytest.raises((FetchRefusedError, _http.HTTPStatus)):
+            with pytest.raises((FetchRefusedError, _http.HTTPStatusError)):
                 fetch(url, policy, budget)
     assert len(server.requests) == 10 * (1 + 1 + 6 + 1 + 1)  # every fetch really ran
     assert client_sockets_to(server.port) == 0

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safehub._extract import extract_single_file, extract_zip
+from safehub._extract import commit_in_comment, extract_single_file, extract_zip
 from safehub.errors import ArchiveError
 
 TOP = "owner-repo-abc1234"
@@ -410,3 +410,32 @@ def test_stream_cap_stops_past_the_limit(tmp_path, monkeypatch):
     with pytest.raises(ArchiveError, match="size limit while writing member 'owner-repo-abc1234/zeros'"):
         extract_zip(zip_path, tmp_path / "dest", max_bytes=10 * 1024 * 1024)
     assert (tmp_path / "dest" / TOP / "zeros").stat().st_size <= 10 * 1024 * 1024
+
+
+# --- the commit in the zip comment (git archive writes it; skip_validation reads it) ------------
+
+
+@pytest.mark.parametrize(
+    ("comment", "expected"),
+    [
+        (b"0123456789abcdef0123456789abcdef01234567", "0123456789abcdef0123456789abcdef01234567"),
+        (b"", None),
+        (b"0123456789ABCDEF0123456789ABCDEF01234567", None),  # git writes lowercase only
+        (b"0123456789abcdef", None),  # a short SHA names no commit for sure
+        (b"0123456789abcdef0123456789abcdef01234567\n", None),
+        (b"made by a mirror", None),
+    ],
+)
+def test_commit_in_comment(tmp_path, comment, expected):
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("top/hubconf.py", "x = 1\n")
+        zf.comment = comment
+    assert commit_in_comment(path) == expected
+
+
+def test_commit_in_comment_of_a_corrupt_archive(tmp_path):
+    path = tmp_path / "a.zip"
+    path.write_bytes(b"not a zip at all")
+    with pytest.raises(ArchiveError):
+        commit_in_comment(path)

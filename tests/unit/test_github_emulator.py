@@ -230,6 +230,34 @@ def test_zipball_refs(github, repo, ref):
         assert zf.namelist()[0].split("/")[0] == f"Owner-Proj-{sha[:7]}"
 
 
+def test_zipball_comment_is_the_commit_sha(github, repo):
+    # git archive writes the commit into the zip comment; GitHub's zipballs carry it the same way.
+    for ref in ("main", "v1.0", "feature/deep/x"):
+        body = fetch(f"{github.url}/Owner/Proj/zipball/{ref}")[2]
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            assert zf.comment == repo.rev_parse(ref).encode()
+
+
+def test_no_comment_fault(github, repo):
+    url = f"{github.url}/Owner/Proj/zipball/main"
+    good = fetch(url)[2]
+    github.set_fault("no_comment", times=1)
+    status, headers, bad, _ = fetch(url)
+    assert status == 200 and int(headers["Content-Length"]) == len(bad) == len(good) - 40
+    with zipfile.ZipFile(io.BytesIO(bad)) as zf:
+        assert zf.comment == b""
+        assert zf.read("Owner-Proj-" + repo.rev_parse("main")[:7] + "/hubconf.py") == b"dependencies = []\n"
+    assert fetch(url)[2] == good
+
+
+def test_tree_pages(github, repo):
+    for ref in ("main/", "feature/deep/x", "v1.0"):
+        status, headers, _, _ = fetch(f"{github.url}/Owner/Proj/tree/{ref}")
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert fetch(f"{github.url}/Owner/Proj/tree/master/")[0] == 404
+    assert fetch(f"{github.url}/Owner/Nope/tree/main/")[0] == 404
+
+
 def test_zipball_ambiguous_and_unknown(github, repo):
     repo.tag("main")
     status, _, _, _ = fetch(f"{github.url}/Owner/Proj/zipball/main", follow=False)

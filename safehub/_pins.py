@@ -1,4 +1,5 @@
-"""Lock files: each repository ref pinned to a commit SHA and the sha256 of its archive.
+"""Pin files (``safehub lock``'s output, read by ``lock=`` and ``--locked``): each repository ref
+pinned to a commit SHA and the sha256 of its archive.
 
 Like pip's hash-checking mode: with a lock, a load downloads exactly the pinned commit, needs no
 API request, and refuses an archive whose sha256 differs. The file is JSON::
@@ -18,9 +19,13 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ._refs import RepoRef, parse
+from ._refs import RepoRef, ResolvedRef, parse
 from .errors import LockFileError
+
+if TYPE_CHECKING:
+    from ._cache import CacheEntry
 
 LOCK_VERSION = 1
 _SHA1 = re.compile(r"[0-9a-f]{40}")
@@ -32,6 +37,15 @@ class Pin:
     ref: str
     commit_sha: str
     archive_sha256: str
+
+    def resolved(self, repo_ref: RepoRef) -> ResolvedRef:
+        """What ``repo_ref`` resolves to under this pin, with no API request."""
+        return ResolvedRef(owner=repo_ref.owner, repo=repo_ref.repo, ref=self.ref, commit_sha=self.commit_sha,
+                           kind="locked", is_default_branch=repo_ref.ref is None)
+
+    def holds(self, entry: CacheEntry) -> bool:
+        """Whether a cache entry is exactly the pinned commit and archive."""
+        return (entry.commit_sha, entry.archive_sha256) == (self.commit_sha, self.archive_sha256)
 
 
 def _key(repo_ref: RepoRef) -> str:
