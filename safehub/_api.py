@@ -136,17 +136,18 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
     from ._run import run_isolated
     from ._run.broker import Broker
 
-    def nested(args: dict[str, Any]) -> tuple[Path, str]:
+    def nested(args: dict[str, Any]) -> _cache.CacheEntry:
         # A nested repository's code reaches this process only inside an object result (which
         # may hold anything its modules made). Its own trust_repo is the repository's word, not
         # the caller's: never taken as trust.
         repo_ref = _refs.parse(args.get("github"))
         _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=returns == "object")
-        entry = _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
-                       skip_validation=bool(args.get("skip_validation")))
-        return entry.repo_dir, entry.repo_dir.name
+        # With a lock, a nested repository must be pinned in it too, like the outer one.
+        return _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
+                            skip_validation=bool(args.get("skip_validation")), lock=lock)
 
-    with Broker(sandbox, nested=nested) as broker:
+    file_pins = _pins.read_files(lock) if lock is not None else None
+    with Broker(sandbox, nested=nested, file_pins=file_pins) as broker:
         if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
             # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.

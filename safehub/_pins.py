@@ -6,10 +6,14 @@ API request, and refuses an archive whose sha256 differs. The file is JSON::
 
     {"version": 1,
      "repos": {"owner/repo:ref": {"ref": "main", "commit_sha": "…40 hex…",
-                                  "archive_sha256": "…64 hex…"}}}
+                                  "archive_sha256": "…64 hex…"}},
+     "files": {"https://host/path/w.pth": {"sha256": "…64 hex…", "size": 102400}}}
 
 Keys are the repository strings as the user wrote them (``owner/repo`` for the default branch);
-``ref`` is what the key resolved to, which names the cache folder.
+``ref`` is what the key resolved to, which names the cache folder. ``files`` (optional) pins what
+an isolated load fetched through the broker (``safehub lock --load``): with a lock, the broker
+serves only those URLs, each checked against its sha256 before the worker sees it. Nested
+repositories are pinned in ``repos`` like any other.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ class Pin:
         return (entry.commit_sha, entry.archive_sha256) == (self.commit_sha, self.archive_sha256)
 
 
+@dataclass(frozen=True)
+class FilePin:
+    sha256: str
+    size: int
+
+
 def _key(repo_ref: RepoRef) -> str:
     return str(repo_ref)
 
@@ -77,9 +87,30 @@ def read(path: str | os.PathLike[str]) -> dict[str, Pin]:
     return pins
 
 
-def dumps(pins: dict[str, Pin]) -> str:
-    return json.dumps({"version": LOCK_VERSION, "repos": {k: asdict(v) for k, v in sorted(pins.items())}},
-                      indent=2) + "\n"
+def read_files(path: str | os.PathLike[str]) -> dict[str, FilePin]:
+    """The fetched files a lock file pins (``files``), URL -> FilePin; {} when it pins none."""
+    read(path)  # the same checks of the whole file first
+    data = json.loads(Path(path).read_text())
+    files = data.get("files", {})
+    if not isinstance(files, dict):
+        raise LockFileError(f"{path}: 'files' is not an object.", path=str(path), repo=None)
+    out: dict[str, FilePin] = {}
+    for url, value in files.items():
+        try:
+            pin = FilePin(**value)
+        except TypeError as exc:
+            raise LockFileError(f"Bad file entry {url[:200]!r} in {path}: {exc}", path=str(path), repo=None) from None
+        if not _SHA256.fullmatch(str(pin.sha256)) or type(pin.size) is not int or pin.size < 0:
+            raise LockFileError(f"Bad file entry {url[:200]!r} in {path}: wrong sha256 or size.", path=str(path), repo=None)
+        out[url] = pin
+    return out
+
+
+def dumps(pins: dict[str, Pin], files: dict[str, FilePin] | None = None) -> str:
+    data: dict[str, object] = {"version": LOCK_VERSION, "repos": {k: asdict(v) for k, v in sorted(pins.items())}}
+    if files:
+        data["files"] = {url: asdict(pin) for url, pin in sorted(files.items())}
+    return json.dumps(data, indent=2) + "\n"
 
 
 def pin_for(path: str | os.PathLike[str], repo_ref: RepoRef) -> Pin:

@@ -55,12 +55,13 @@ class BrokeredFetch:
     """One thing a worker fetched: what it asked for, what it got, and whether the cache had it."""
 
     kind: str  # "file", "get" or "repo"
-    url: str
+    url: str  # for a repository, owner/repo[:ref] as asked
     final_url: str
     size: int
-    sha256: str
+    sha256: str  # for a repository, its archive's
     cached: bool
     path: str = ""  # where the parent keeps it
+    commit_sha: str = ""  # a repository's commit
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,15 +78,17 @@ def recording() -> Iterator[list[BrokeredFetch]]:
         _recorded.reset(token)
 
 
-NestedRepo = Callable[[dict[str, Any]], tuple[Path, str]]  # args -> (repository folder, cache folder name)
+NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache entry (_cache.CacheEntry)
 
 
 class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
-    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None) -> None:
         self.sandbox = sandbox
         self.nested = nested
+        # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
+        self.file_pins = file_pins
         # One policy, budget and deadline for the whole call: every connection of every fetch.
         self.policy = _egress.FetchPolicy.for_sandbox(sandbox)
         self.budget = _egress.CallBudget()
@@ -128,22 +131,31 @@ class Broker:
         folder = _cache.hub_path() / "checkpoints" if place == "hub/checkpoints" else _torch_home() / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
+        pinned = self._pinned(url)
         cached = path.is_file() and not path.is_symlink()
+        if cached and pinned is not None and _digest(path, trust_memo=False)[1] != pinned.sha256:
+            raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
+                          "remove it to fetch the pinned one, or run `safehub lock --load` again")
         if not cached:
             self._may_download(url)
+            # A pinned file is checked against its whole sha256 before it is moved into place.
             with _told_to_the_worker():
-                _download_to(url, path, hash_prefix, bool(progress), self.open_url)
+                _download_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress), self.open_url)
         size, digest = _digest(path)
         self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path)))
         return {"path": str(self.view.add_file(path, place, name))}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         url = self._url(args)
+        pinned = self._pinned(url)
         self._may_download(url)
         fd = os.memfd_create("safehub-get", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             with _told_to_the_worker():
                 value, size, digest = _get_into(url, fd, self.open_url)
+            if pinned is not None and digest != pinned.sha256:
+                raise Refusal(f"the body of {url[:500]} is not what the lock file pins (sha256 {digest[:16]}..., "
+                              f"pinned {pinned.sha256[:16]}...); run `safehub lock --load` again if the change is expected")
             # Sealed: the worker reads the body and can change nothing the parent keeps.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -165,11 +177,11 @@ class Broker:
         from ..errors import SafeHubError
 
         try:
-            repo_dir, folder = self.nested(args)
+            entry = self.nested(args)
         except SafeHubError as exc:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
-        self._record(BrokeredFetch("repo", github, github, 0, "", True, str(repo_dir)))
-        return {"path": str(self.view.add_tree(repo_dir, folder))}, [], []
+        self._record(BrokeredFetch("repo", github, github, 0, entry.archive_sha256, True, str(entry.repo_dir), entry.commit_sha))
+        return {"path": str(self.view.add_tree(entry.repo_dir, entry.repo_dir.name))}, [], []
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -183,6 +195,16 @@ class Broker:
         if not url.lower().startswith(("http://", "https://")):
             raise Refusal(f"only http and https URLs are fetched, not {url[:200]!r}")
         return url
+
+    def _pinned(self, url: str) -> Any:
+        """The lock file's pin of ``url`` (None without a lock); a URL it does not pin is refused."""
+        if self.file_pins is None:
+            return None
+        pin = self.file_pins.get(url)
+        if pin is None:
+            raise Refusal(f"the lock file pins no file at {url[:500]}; a locked load fetches only what was pinned "
+                          "(`safehub lock REPO --load ENTRYPOINT` pins what a load fetches)")
+        return pin
 
     def _may_download(self, url: str) -> None:
         if constants.SAFEHUB_OFFLINE:
@@ -235,7 +257,7 @@ def _download_to(url: str, path: Path, hash_prefix: str | None, progress: bool, 
     _download.fetch_to(url, path, hash_prefix, progress, open_url=open_url, unless_present=True)
 
 
-def _digest(path: Path) -> tuple[int, str]:
+def _digest(path: Path, *, trust_memo: bool = True) -> tuple[int, str]:
     """(size, sha256) of a cached file; remembered beside the cache, so a 1 GiB checkpoint is
     hashed once, not on every load (a changed size, mtime or inode means a new file)."""
     import json
@@ -245,7 +267,7 @@ def _digest(path: Path) -> tuple[int, str]:
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         memo = _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
         with contextlib.suppress(OSError, ValueError):
-            known = json.loads(memo.read_text())
+            known = json.loads(memo.read_text()) if trust_memo else {}
             if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
                 return st.st_size, known["sha256"]
         digest = hashlib.file_digest(f, "sha256").hexdigest()

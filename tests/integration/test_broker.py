@@ -297,3 +297,64 @@ def test_what_the_sandbox_cannot_read_is_named(tmp_path):
     private.chmod(0o700)
     with pytest.raises(HubconfError, match=r"cannot read .*hubconf.py: permission denied to uid 65534"):
         run_isolated(private, "list", sandbox=SANDBOX)  # no view to copy it into
+
+
+# -- lock files pin what a load fetches --------------------------------------------------------
+
+LOCKED = '''
+    import torch
+    from torch.hub import load_state_dict_from_url
+
+    dependencies = ["torch"]
+
+
+    def net(url, inner="someone/inner"):
+        backbone = torch.hub.load(inner, "backbone", width=3)
+        backbone.load_state_dict(load_state_dict_from_url(url, progress=False))
+        return backbone
+'''
+
+
+@pytest.fixture
+def locked_setup(make_repo, github, checkpoint, tmp_path):
+    make_repo("someone", "inner", {"hubconf.py": textwrap.dedent(INNER)})
+    make_repo("someone", "outer", {"hubconf.py": textwrap.dedent(LOCKED)})
+    url, state, data = checkpoint
+    lock = tmp_path / "safehub.lock"
+    from safehub import cli
+
+    assert cli.main(["lock", "someone/outer", "--load", "net", "--arg", f"url={url}", "--output", str(lock)]) == 0
+    return url, state, lock
+
+
+def test_lock_load_pins_nested_repositories_and_files(locked_setup):
+    import json
+
+    url, state, lock = locked_setup
+    pinned = json.loads(lock.read_text())
+    assert set(pinned["repos"]) == {"someone/outer", "someone/inner"}
+    assert list(pinned["files"]) == [url] and pinned["files"][url]["size"] > 0
+    weights = safehub.load("someone/outer", "net", url=url, isolate=SANDBOX, returns="weights", lock=str(lock))
+    assert torch.equal(weights["weight"], state["weight"])
+
+
+def test_a_locked_load_refuses_a_file_it_does_not_pin(locked_setup, github):
+    url, _, lock = locked_setup
+    other = github.add_file("other-00000000.pth", b"not reviewed")
+    with pytest.raises(RemoteError, match="the lock file pins no file at"):
+        safehub.load("someone/outer", "net", url=other, isolate=SANDBOX, returns="weights", lock=str(lock))
+    assert [r for r in github.requests() if r.path.endswith("other-00000000.pth")] == []  # no way out through URLs
+
+
+def test_a_locked_load_catches_a_changed_file_at_the_same_url(locked_setup, github, hub_dir):
+    url, _, lock = locked_setup
+    name = url.rsplit("/", 1)[1]
+    (hub_dir / "checkpoints" / name).unlink()  # not in the cache: it is fetched again
+    github.add_file(name, b"the server now serves something else")
+    with pytest.raises(RemoteError, match="invalid hash value"):
+        safehub.load("someone/outer", "net", url=url, isolate=SANDBOX, returns="weights", lock=str(lock))
+    assert not (hub_dir / "checkpoints" / name).exists()  # never moved into place
+    # and a file changed in the cache is caught before the worker sees it
+    (hub_dir / "checkpoints" / name).write_bytes(b"changed in the cache")
+    with pytest.raises(RemoteError, match="is not the file the lock file pins"):
+        safehub.load("someone/outer", "net", url=url, isolate=SANDBOX, returns="weights", lock=str(lock))
