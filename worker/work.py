@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from . import WORKER_DIR, hubconf, protocol, shims
+from . import WORKER_DIR, hubconf, protocol, repo_view, shims
 from .layout import DTYPE_NAMES
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
@@ -113,9 +113,13 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
         reasons = "; ".join(f"{name}: {report.missing.get(name, 'not available')}" for name in missing)
         reply = _error("sandbox", f"required sandbox layer(s) unavailable: {reasons}", layer=missing[0])
     else:
-        _clean_sys_path(settings.repo_dir)
+        # A private, writable view of the repository (repo_view.py): the cache stays read-only.
+        view = repo_view.writable_view(settings.repo_dir, settings.scratch_dir)
+        if view:
+            _SHOWN_AS[view] = settings.repo_dir
+        _clean_sys_path(view or settings.repo_dir)
         _channel = Channel(sock, deadline)
-        repo_dirs = [settings.repo_dir]
+        repo_dirs = [view, settings.repo_dir] if view else [settings.repo_dir]
         if settings.view_dir:
             # From here on, what the repository fetches is asked of the parent (shims.py).
             repo_dirs.append(os.path.join(settings.view_dir, "repos"))
@@ -344,9 +348,15 @@ def _format_traceback(exc: BaseException) -> str:
     while tb is not None and tb.tb_next is not None and _is_worker_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     try:
-        return "".join(traceback.format_exception(type(exc), exc, tb))
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
     except Exception:
         return f"<traceback unavailable for {type(exc).__name__}>"
+    for view, repo_dir in _SHOWN_AS.items():  # the repository's own paths, not its view's
+        text = text.replace(view + os.sep, repo_dir + os.sep)
+    return text
+
+
+_SHOWN_AS: dict[str, str] = {}
 
 
 def _is_worker_frame(filename: str) -> bool:

@@ -358,3 +358,33 @@ def test_a_locked_load_catches_a_changed_file_at_the_same_url(locked_setup, gith
     (hub_dir / "checkpoints" / name).write_bytes(b"changed in the cache")
     with pytest.raises(RemoteError, match="is not the file the lock file pins"):
         safehub.load("someone/outer", "net", url=url, isolate=SANDBOX, returns="weights", lock=str(lock))
+
+
+# -- repositories that write into their own folder -----------------------------------------------
+
+SILERO = '''
+    import os
+    import torch
+
+    dependencies = ["torch"]
+
+
+    def model(url):
+        # silero-models: checkpoints downloaded under the repository's own folder
+        folder = os.path.join(os.path.dirname(__file__), "src", "model")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "weights.pt")
+        if not os.path.exists(path):
+            torch.hub.download_url_to_file(url, path, progress=False)
+        return torch.load(path)
+'''
+
+
+def test_a_repository_that_writes_into_its_own_folder_gets_a_private_view(tmp_path, checkpoint, hub_dir):
+    url, state, _ = checkpoint
+    repo = write_repo(tmp_path / "silero", {"hubconf.py": SILERO})
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    weights = load(str(repo), "model", url=url)
+    assert all(torch.equal(weights[name], state[name]) for name in state)
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before  # the repository never changed
+    assert (hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).is_file()  # the file went to the cache

@@ -504,7 +504,8 @@ def test_worker_environment_cwd_and_path(repos, monkeypatch, worker_start):
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["HOME"] == env["TMPDIR"] == seen["cwd"] != os.getcwd()
     assert not os.path.exists(seen["cwd"])  # the scratch folder is gone after the call
-    assert seen["path"][0] == str(repos["pure"].resolve())
+    # The repository's private writable view (worker/repo_view.py): its files are the repository's.
+    assert seen["path"][0] == os.path.join(seen["cwd"], "repo")
     for forbidden in ("", os.getcwd(), str(Path(__file__).parent), str(Path(__file__).parents[2])):
         assert forbidden not in seen["path"]
     assert all(p.startswith((sys.prefix, sys.base_prefix)) for p in seen["path"][1:])
