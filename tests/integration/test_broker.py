@@ -388,3 +388,52 @@ def test_a_repository_that_writes_into_its_own_folder_gets_a_private_view(tmp_pa
     assert all(torch.equal(weights[name], state[name]) for name in state)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before  # the repository never changed
     assert (hub_dir / "checkpoints" / url.rsplit("/", 1)[1]).is_file()  # the file went to the cache
+
+
+# -- parallel jobs share one download ------------------------------------------------------------
+
+_PARALLEL_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    ready, go, repo, url = sys.argv[1:5]
+    import safehub
+    open(ready, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    weights = safehub.load(repo, "linear", url=url, source="local", isolate=safehub.Sandbox(timeout=300), returns="weights")
+    print(json.dumps({k: v.tolist() for k, v in weights.items()}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_parallel_isolated_loads_download_a_checkpoint_once(repo, checkpoint, github, tmp_path, worker_start):
+    import json
+    import subprocess
+    import time
+
+    # Eight cold jobs; two warm ones (each process starts its own zygote: eight would only add load).
+    jobs = 8 if worker_start == "cold" else 2
+    url, state, _ = checkpoint
+    github.set_fault("slow", server="files", delay=0.05)  # the download outlasts every job's start
+    go = tmp_path / "go"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PARALLEL_CHILD, str(tmp_path / f"ready{i}"), str(go), repo, url],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(jobs)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(jobs)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for (out, err), p in zip(outputs, procs):
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert json.loads(out.decode().strip().splitlines()[-1]) == {k: v.tolist() for k, v in state.items()}
+    assert len(file_requests(github)) == 1
