@@ -111,6 +111,8 @@ def run_isolated(
         try:
             worker.finish()  # the whole answer is in: let the worker flush its output and exit
             _report_missing_layers(frame.fields.get("sandbox"))
+            if frame.kind == _protocol.RESULT and (full := _scratch_full(frame.fields.get("sandbox"))):
+                _log.warning(full)  # the repository went on; an exception it raised says it in its message
             return _interpret(frame, action, model, returns, repo_dir)
         finally:
             frame.close_fds()
@@ -130,6 +132,24 @@ def _report_missing_layers(report: Any) -> None:
         if (name, reason) not in _reported:
             _reported.add((name, reason))
             _log.warning(f"sandbox layer {name[:40]} is not active on this machine: {reason[:300]} (see `safehub doctor`)")
+
+
+def _scratch_full(report: Any) -> str:
+    """A note when the worker's scratch tmpfs was full as it answered, else "".
+
+    A write that fails with ENOSPC on a tmpfs leaves it full (a large write is cut short first),
+    so less than 1 MiB left is the sign; the worker's figures only ever make a message.
+    """
+    scratch = report.get("scratch") if isinstance(report, dict) else None
+    if not isinstance(scratch, dict):
+        return ""
+    size, free = scratch.get("size"), scratch.get("free")
+    if type(size) is not int or type(free) is not int or size <= 0 or free >= 1024**2:
+        return ""
+    return (
+        f"the worker filled its scratch folder (HOME, TMPDIR, working folder) of {size / 1024**2:.0f} MiB: "
+        "writes past it fail with 'No space left on device' (Sandbox(max_scratch_size=...) sets its size)"
+    )
 
 
 def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sandbox: Sandbox) -> Path:
@@ -470,8 +490,9 @@ def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -
             "arguments": "the worker could not unpickle the entrypoint's arguments",
             "call": f"the entrypoint {model!r} raised",
         }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        full = _scratch_full(fields.get("sandbox"))
         return RemoteError(
-            f"{where}: {remote_type}: {message}",
+            f"{where}: {remote_type}: {message}" + (f" ({full})" if full else ""),
             remote_type=remote_type,
             remote_traceback=remote_traceback,
         )

@@ -23,7 +23,8 @@ argv
 
 Environment
     Only the parent's allow-list. HOME, TMPDIR and the working directory are a private scratch
-    folder (mode 0700) that the parent made and deletes after the call.
+    folder (mode 0700) that the parent made and deletes after the call; where the sandbox can,
+    a tmpfs of ``max_scratch_size`` covers it in the worker's mount namespace (``confine.py``).
 
 Input (the channel, ``_protocol.py`` frames)
     One REQUEST: {"action": "list"|"help"|"load", "model": str|null, "returns": "object"|"weights"};
@@ -46,7 +47,10 @@ Output (the channel): exactly one frame
            exception (the repository's code raised; +"phase": import|arguments|call),
            bad_result (the result cannot be sent as asked), or sandbox (+"layer": a required
            layer is unavailable).
-    stdout and stderr are the repository's own; the parent relays them, marked and capped.
+    Every reply's "sandbox" field: the layers applied and missing, and with the scratch tmpfs
+    "scratch": {"size": bytes, "free": bytes} after the work, so the parent can say it filled.
+    stdout and stderr are the repository's own; the parent relays them, marked, with control
+    characters made visible, and capped.
 
 Processes
     The started process (P1) is a small supervisor: it watches the parent through a pidfd and
@@ -372,6 +376,8 @@ def _work(channel_fd: int, repo_dir: str, settings: dict[str, Any], confine: Mod
         reply = _answer(request.fields, request.buffers, repo_dir, hubconf)
     kind, fields, buffers, fds = reply
     fields["sandbox"] = report.as_fields()
+    if "scratch_limit" in report.applied:
+        fields["sandbox"]["scratch"] = _scratch_use(settings["scratch_dir"])
     try:
         protocol.send_frame(sock, kind, fields, buffers, fds)
     except (protocol.FrameError, OSError) as exc:
@@ -384,6 +390,15 @@ def _work(channel_fd: int, repo_dir: str, settings: dict[str, Any], confine: Mod
 
 
 Reply = tuple[str, dict[str, Any], list[bytes], list[int]]
+
+
+def _scratch_use(scratch_dir: str) -> dict[str, int]:
+    """The scratch tmpfs's size and what is left of it, for the parent to report a full one."""
+    try:
+        st = os.statvfs(scratch_dir)
+    except OSError:
+        return {}
+    return {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
 
 
 def _answer(request: dict[str, Any], buffers: list[bytes], repo_dir: str, hubconf: ModuleType) -> Reply:

@@ -43,6 +43,7 @@ __all__ = [
     "enter",
     "hide_and_rebind",
     "minimal_etc",
+    "mount_tmpfs",
     "python_paths",
     "run_as_pid1",
 ]
@@ -321,6 +322,29 @@ def hide_and_rebind(hide_dir: str, keep_paths, *, read_only: bool = True) -> dic
     return {"hidden": hide_dir, "kept": kept}
 
 
+def mount_tmpfs(path: str, size: int, *, uid: int, gid: int, mode: int = 0o700, inodes: int | None = None) -> dict:
+    """In a private mount namespace, mount a tmpfs of ``size`` bytes over the folder ``path``.
+
+    For the worker's scratch folder: whatever was in the folder is covered (the new one is
+    empty), writes past ``size`` bytes or ``inodes`` files fail with ENOSPC, and the pages live
+    in memory until the last process of the namespace is gone. Owned by ``uid``/``gid`` with
+    ``mode``, so a worker that drops to ``uid`` next can write it. Processes whose working
+    folder was ``path`` still stand in the covered folder: they must ``chdir`` again. Needs
+    CAP_SYS_ADMIN over the mount namespace (root, or a user namespace's).
+
+    Returns:
+        A dict: ``path``, ``size``, ``inodes``.
+    """
+    libc = _lib()
+    _same_mount_namespace_guard()  # never over the host's folder
+    real = os.path.realpath(path)
+    inodes = inodes if inodes is not None else max(4096, size // 4096)
+    options = f"size={int(size)},nr_inodes={int(inodes)},mode={mode:o},uid={int(uid)},gid={int(gid)}"
+    # No MS_NOEXEC: torch.compile's C++ backend writes shared objects into TMPDIR and loads them.
+    _check(libc.mount(b"tmpfs", real.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()), f"mount(tmpfs, {real})")
+    return {"path": real, "size": int(size), "inodes": int(inodes)}
+
+
 # --- bubblewrap ---------------------------------------------------------------------------------
 _FEATURES: dict[str, dict] = {}
 
@@ -408,6 +432,7 @@ def bwrap_argv(
     etc_overrides: dict | None = None,
     drop_via: str = "setpriv",
     tmpfs_size: int | None = 256 * 1024 * 1024,
+    scratch_size: int | None = None,
     hostname: str = "safehub",
     bwrap: str | None = None,
 ) -> list[str]:
@@ -454,6 +479,11 @@ def bwrap_argv(
         drop_via: "setpriv", "caller" or "userns", for a root caller with a ``uid``.
         tmpfs_size: bytes for /tmp and /dev/shm each (tmpfs pages escape RLIMIT_AS); None
             leaves bwrap's default (half of RAM).
+        scratch_size: when given (and this bwrap has ``--size``), the scratch folder is not the
+            host's folder but a tmpfs of this many bytes at its path: the workload's writes stay
+            in memory, bounded, and vanish with the sandbox. Mode 0700 for the sandbox's own uid;
+            1777 for a root caller that drops to ``uid`` (bwrap makes the tmpfs root's, and only
+            the dropped uid runs inside). bwrap sets no inode limit: the kernel's default.
         hostname: the host name inside.
         bwrap: the bwrap binary; default from PATH.
 
@@ -540,7 +570,12 @@ def bwrap_argv(
     repo = os.path.realpath(os.fspath(repo_dir))
     scratch = os.path.realpath(os.fspath(scratch_dir))
     bind(repo)
-    bind(scratch, rw=True)
+    if scratch_size and feats.get("size"):
+        mode = "1777" if drop else "0700"
+        mounts.append((scratch, (["--perms", mode] if feats.get("perms") else []) + ["--size", str(int(scratch_size)), "--tmpfs", scratch]))
+        bound.append(scratch)
+    else:
+        bind(scratch, rw=True)
     if setpriv and not covered(setpriv):
         bind(setpriv)
 
