@@ -63,6 +63,7 @@ def bwrap_argv(
     etc_overrides: dict | None = None,
     drop_via: str = "setpriv",
     tmpfs_size: int | None = 256 * 1024 * 1024,
+    scratch_size: int | None = None,
     hostname: str = "safehub",
     bwrap: str | None = None,
 ) -> list[str]:
@@ -108,6 +109,11 @@ def bwrap_argv(
         drop_via: "setpriv", "caller" or "userns", for a root caller with a ``uid``.
         tmpfs_size: bytes for /tmp and /dev/shm each (tmpfs pages escape RLIMIT_AS); None
             leaves bwrap's default (half of RAM).
+        scratch_size: when given (and this bwrap has ``--size``), the scratch folder is not the
+            host's folder but a tmpfs of this many bytes at its path: the workload's writes stay
+            in memory, bounded, and vanish with the sandbox. Mode 0700 for the sandbox's own uid;
+            1777 for a root caller that drops to ``uid`` (bwrap makes the tmpfs root's, and only
+            the dropped uid runs inside). bwrap sets no inode limit: the kernel's default.
         hostname: the host name inside.
         bwrap: the bwrap binary; default from PATH.
 
@@ -194,7 +200,12 @@ def bwrap_argv(
     repo = os.path.realpath(os.fspath(repo_dir))
     scratch = os.path.realpath(os.fspath(scratch_dir))
     bind(repo)
-    bind(scratch, rw=True)
+    if scratch_size and feats.get("size"):
+        mode = "1777" if drop else "0700"
+        mounts.append((scratch, (["--perms", mode] if feats.get("perms") else []) + ["--size", str(int(scratch_size)), "--tmpfs", scratch]))
+        bound.append(scratch)
+    else:
+        bind(scratch, rw=True)
     if setpriv and not covered(setpriv):
         bind(setpriv)
 

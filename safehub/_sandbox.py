@@ -9,6 +9,7 @@ A ``Sandbox`` is plain data: it is validated here, becomes the worker's typed se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._worker import ENTRY_SCRIPT
@@ -60,10 +61,25 @@ class Sandbox:
         memory_limit: bytes of address space for the worker, or None. Enforced from the sandbox
             layers on.
         cpu_time: CPU seconds, or None. Enforced from the sandbox layers on.
-        max_processes: processes and threads the worker may run. Enforced from the sandbox layers on.
+        max_processes: processes and threads the worker may run at once (``RLIMIT_NPROC``
+            counts every thread). The default fits the machine: 64 plus two per CPU (see
+            ``Sandbox().max_processes``), room for torch's intra-op and inter-op pools, a thread
+            per core each, and still a bound on a fork bomb. A value too small for torch's
+            default pools makes the worker lower torch's thread counts to fit, unless
+            ``OMP_NUM_THREADS`` is passed. Counted in the worker's own user namespace, so other
+            processes of its uid do not count; where it has none, on top of what its uid runs
+            when it starts. Enforced from the sandbox layers on.
         max_open_files: file descriptors. Enforced from the sandbox layers on.
         max_file_size: bytes of any file the worker writes, or None. Enforced from the sandbox
             layers on.
+        max_scratch_size: bytes the worker may write in all, or None for no bound. Its scratch
+            folder (HOME, TMPDIR and working folder, the only place it may write) is a tmpfs of
+            this size in the worker's private mount namespace: past it writes fail with ENOSPC,
+            the call says so, and nothing the worker writes reaches the disk. The pages are
+            memory beside ``memory_limit`` (tmpfs escapes ``RLIMIT_AS``), freed when the call
+            ends. The default is 4 GiB, or a quarter of the machine's memory if less. Where no
+            mount namespace can be made (no user namespaces, not root) it bounds each file
+            only, and the call warns. Enforced from the sandbox layers on.
         network: allow network access. Refused from the sandbox layers on; until then the worker
             has the parent's network.
         extra_read_paths: more folders the worker may read. Enforced from the sandbox layers on.
@@ -89,9 +105,10 @@ class Sandbox:
     timeout: float = 300.0
     memory_limit: int | None = 8 * _GIB
     cpu_time: float | None = None
-    max_processes: int = 64
+    max_processes: int = field(default_factory=lambda: default_max_processes())
     max_open_files: int = 256
     max_file_size: int | None = None
+    max_scratch_size: int | None = field(default_factory=lambda: default_max_scratch_size())
     network: bool = False
     extra_read_paths: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
@@ -108,6 +125,8 @@ class Sandbox:
         # Python itself needs a handful of descriptors before the repository opens any.
         _positive_int("max_open_files", self.max_open_files, minimum=16)
         _positive_int("max_file_size", self.max_file_size, optional=True)
+        # A worker writes a little itself (Python's caches are off, but a repository's HOME is there).
+        _positive_int("max_scratch_size", self.max_scratch_size, optional=True, minimum=1024**2)
         if type(self.network) is not bool:
             raise InvalidArgumentError(f"Sandbox(network=...) must be True or False, not {self.network!r}")
         if type(self.fetch) is not bool:
@@ -145,9 +164,38 @@ class Sandbox:
             max_processes=self.max_processes,
             max_open_files=self.max_open_files,
             max_file_size=self.max_file_size,
+            max_scratch_size=self.max_scratch_size,
             network=self.network,
             extra_read_paths=self.extra_read_paths,
         )
+
+
+def default_max_processes(cpus: int | None = None) -> int:
+    """``Sandbox().max_processes`` on a machine with ``cpus`` CPUs (default: this one's).
+
+    64, plus two per CPU: torch starts one intra-op thread per core and, when asked for
+    inter-op parallelism, one more per core; ``RLIMIT_NPROC`` counts every thread. The 64 are
+    for the rest: the worker's own processes, Python threads, data-loader workers.
+    """
+    if cpus is None:
+        cpus = os.cpu_count() or 1
+        with contextlib.suppress(AttributeError, OSError):
+            cpus = max(cpus, len(os.sched_getaffinity(0)))
+    return 64 + 2 * max(1, int(cpus))
+
+
+def default_max_scratch_size(memory: int | None = None) -> int:
+    """``Sandbox().max_scratch_size`` on a machine with ``memory`` bytes of RAM (default: this one's).
+
+    4 GiB (a large checkpoint, or an archive unpacked), but never more than a quarter of the
+    machine's memory, since the scratch tmpfs lives in memory: 256 MiB at least.
+    """
+    if memory is None:
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            memory = 16 * _GIB
+    return max(256 * 1024**2, min(4 * _GIB, int(memory) // 4))
 
 
 def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:

@@ -437,6 +437,7 @@ class WorkerSettings:
     max_processes: int | None = None
     max_open_files: int | None = None
     max_file_size: int | None = None
+    max_scratch_size: int | None = None  # bytes the worker may write in all (a tmpfs on its scratch)
     network: bool = False
     extra_read_paths: tuple[str, ...] = ()
     view_dir: str | None = None  # the call's view of the cache (fetched files, nested repositories), read-only
@@ -489,6 +490,7 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "max_processes": (int, _NONE),
     "max_open_files": (int, _NONE),
     "max_file_size": (int, _NONE),
+    "max_scratch_size": (int, _NONE),
     "network": (bool,),
     "extra_read_paths": (tuple,),
     "view_dir": (str, _NONE),

@@ -25,8 +25,10 @@ Output: exactly one final frame
            exception (the repository's code raised; +"phase": import|arguments|call),
            bad_result (the result cannot be sent as asked), or sandbox (+"layer": a required
            layer is unavailable).
-    Both carry "sandbox": {"applied": [...], "missing": {layer: reason}}.
-    stdout and stderr are the repository's own; the parent relays them, marked and capped.
+    Both carry "sandbox": {"applied": [...], "missing": {layer: reason}}, and with the scratch
+    tmpfs "scratch": {"size": bytes, "free": bytes} after the work, so the parent can say it filled.
+    stdout and stderr are the repository's own; the parent relays them, marked, with control
+    characters made visible, and capped.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
         reply = _answer(call.fields, call.buffers, repo_dirs)
     kind, fields, buffers, fds = reply
     fields["sandbox"] = report.as_fields()
+    if "scratch_limit" in report.applied:
+        fields["sandbox"]["scratch"] = _scratch_use(settings.scratch_dir)
     try:
         protocol.send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
     except (protocol.FrameError, OSError) as exc:
@@ -187,6 +191,15 @@ def channel() -> Channel:
 
 
 Reply = tuple[str, dict[str, Any], list[bytes], list[int]]
+
+
+def _scratch_use(scratch_dir: str) -> dict[str, int]:
+    """The scratch tmpfs's size and what is left of it, for the parent to report a full one."""
+    try:
+        st = os.statvfs(scratch_dir)
+    except OSError:
+        return {}
+    return {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
 
 
 def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str]) -> Reply:

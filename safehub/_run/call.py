@@ -19,7 +19,7 @@ from .._sandbox import Sandbox
 from .._worker import protocol
 from ..errors import HubconfError, InvalidArgumentError, ProtocolError
 from .process import Worker
-from .replies import interpret
+from .replies import interpret, scratch_full
 
 ACTIONS = ("list", "help", "load")
 RETURNS = ("object", "weights")
@@ -81,6 +81,8 @@ def run_isolated(
         try:
             worker.finish()  # the whole answer is in: let the worker flush its output and exit
             _report_missing_layers(frame.fields.get("sandbox"))
+            if frame.kind == protocol.RESULT and (full := scratch_full(frame.fields.get("sandbox"))):
+                _log.warning(full)  # the repository went on; an exception it raised says it in its message
             return interpret(frame, action, model, returns, repo_dir)
         finally:
             frame.close_fds()

@@ -9,10 +9,11 @@ switched off (``SAFEHUB_WARM=0``) or failing to start.
 
 A cold worker runs inside bubblewrap where that works: an empty root with only the system,
 Python, safehub's worker code, the repository (read-only) and its scratch folder (read-write)
-bound in, fresh /proc, /dev, /tmp and /dev/shm, and new user, pid, ipc, uts, cgroup and network
-namespaces. As root it also drops the worker to uid 65534 (through ``setpriv``), since root is
-exempt from RLIMIT_NPROC. Where bubblewrap is missing or refused, the worker enters the
-namespaces itself (``worker/sandbox/confine.py``).
+bound in (the scratch folder a tmpfs of ``max_scratch_size`` instead, where bwrap can size one),
+fresh /proc, /dev, /tmp and /dev/shm (tmpfs of 256 MiB at most each), and new user, pid, ipc,
+uts, cgroup and network namespaces. As root it also drops the worker to uid 65534 (through
+``setpriv``), since root is exempt from RLIMIT_NPROC. Where bubblewrap is missing or refused,
+the worker enters the namespaces itself (``worker/sandbox/confine.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from pathlib import Path
 from typing import IO, Union
 
 from .. import _log
-from .._bwrap import UNPRIVILEGED_UID, bwrap_argv, bwrap_works
+from .._bwrap import UNPRIVILEGED_UID, bwrap_argv, bwrap_features, bwrap_works
 from .._worker import ENTRY_SCRIPT
 from .._worker.protocol import WorkerSettings
 from . import warm
+
+TMPFS_SIZE = 256 * 1024 * 1024  # bytes of each of /tmp and /dev/shm in bubblewrap (tmpfs: memory)
 
 
 class ColdProcess:
@@ -122,12 +125,19 @@ def worker_argv(settings: WorkerSettings, channel_fd: int) -> tuple[list[str], l
     if not wrap:
         return python + tail + ["--settings", settings.to_json()], []
     applied = ["namespaces", "bubblewrap"] + (["uid_drop"] if drop else [])
+    # The scratch folder is a tmpfs of max_scratch_size inside (a resource limit: with rlimits);
+    # /tmp and /dev/shm, tmpfs too, get no more than it.
+    scratch_size = settings.max_scratch_size if "rlimits" in wanted else None
+    if scratch_size and bwrap_features().get("size"):
+        applied.append("scratch_limit")
     argv = bwrap_argv(
         settings.repo_dir,
         settings.scratch_dir,
         read_only_paths=[os.path.dirname(ENTRY_SCRIPT), *([settings.view_dir] if settings.view_dir else []), *settings.extra_read_paths],
         network=settings.network,
         uid=UNPRIVILEGED_UID if drop else None,
+        scratch_size=scratch_size,
+        tmpfs_size=min(TMPFS_SIZE, scratch_size) if scratch_size else TMPFS_SIZE,
     )
     told = settings.replace(applied_by_parent=settings.applied_by_parent + tuple(applied))
     return argv + python + tail + ["--settings", told.to_json()], applied

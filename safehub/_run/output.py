@@ -1,17 +1,21 @@
-"""The worker's stdout and stderr on the caller's streams: line by line, marked, capped."""
+"""The worker's stdout and stderr on the caller's streams: line by line, marked, controls made visible, capped."""
 
 from __future__ import annotations
 
+import codecs
 import threading
 from typing import IO
 
-OUTPUT_CAP = 1024 * 1024  # bytes of each of stdout and stderr relayed per call
+from .. import _terminal
+
+OUTPUT_CAP = 1024 * 1024  # bytes relayed to each of the caller's stdout and stderr per call
 OUTPUT_PREFIX = "[worker] "
 OUTPUT_TRUNCATED = "[worker output truncated]\n"
 
 
 class Relay(threading.Thread):
-    """Copy one of the worker's pipes to the caller's stream, line by line, marked and capped."""
+    """Copy one of the worker's pipes to the caller's stream, line by line, marked, with control
+    characters made visible (``_terminal``), and capped."""
 
     def __init__(self, pipe: IO[bytes], target: IO[str] | None, cap: int = OUTPUT_CAP) -> None:
         super().__init__(name="safehub-worker-output", daemon=True)
@@ -20,21 +24,23 @@ class Relay(threading.Thread):
         self.cap = cap
 
     def run(self) -> None:
-        written = 0
-        at_line_start = True
+        written = 0  # bytes relayed, as the caller's stream gets them (marked, controls made visible)
+        state = _terminal.LINE_START
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split across chunks stays whole
         try:
             while chunk := self.pipe.readline(64 * 1024):
                 if self.target is None or written > self.cap:
                     continue  # keep draining, so the worker never blocks on a full pipe
-                if written + len(chunk) > self.cap:
+                text, after = _terminal.mark_lines(decoder.decode(chunk), OUTPUT_PREFIX, state)
+                size = len(text.encode())
+                if written + size > self.cap:
                     written = self.cap + 1
-                    self._write(("\n" if not at_line_start else "") + OUTPUT_TRUNCATED)
+                    self._write(("\n" if state == _terminal.MID_LINE else "") + OUTPUT_TRUNCATED)
                     continue
-                written += len(chunk)
-                text = chunk.decode("utf-8", "replace")
-                self._write((OUTPUT_PREFIX if at_line_start else "") + text)
-                at_line_start = chunk.endswith(b"\n")
-            if not at_line_start and written <= self.cap:
+                written += size
+                self._write(text)
+                state = after
+            if state == _terminal.MID_LINE and written <= self.cap:
                 self._write("\n")
         finally:
             self.pipe.close()

@@ -109,8 +109,9 @@ def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -
             "arguments": "the worker could not unpickle the entrypoint's arguments",
             "call": f"the entrypoint {model!r} raised",
         }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        full = scratch_full(fields.get("sandbox"))
         return RemoteError(
-            f"{where}: {remote_type}: {message}",
+            f"{where}: {remote_type}: {message}" + (f" ({full})" if full else ""),
             remote_type=remote_type,
             remote_traceback=remote_traceback,
         )
@@ -123,3 +124,21 @@ def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -
 
 def _text(value: Any) -> str:
     return value[:_MAX_TEXT] if isinstance(value, str) else ""
+
+
+def scratch_full(report: Any) -> str:
+    """A note when the worker's scratch tmpfs was full as it answered, else "".
+
+    A write that fails with ENOSPC on a tmpfs leaves it full (a large write is cut short first),
+    so less than 1 MiB left is the sign; the worker's figures only ever make a message.
+    """
+    scratch = report.get("scratch") if isinstance(report, dict) else None
+    if not isinstance(scratch, dict):
+        return ""
+    size, free = scratch.get("size"), scratch.get("free")
+    if type(size) is not int or type(free) is not int or size <= 0 or free >= 1024**2:
+        return ""
+    return (
+        f"the worker filled its scratch folder (HOME, TMPDIR, working folder) of {size / 1024**2:.0f} MiB: "
+        "writes past it fail with 'No space left on device' (Sandbox(max_scratch_size=...) sets its size)"
+    )

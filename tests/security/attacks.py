@@ -17,7 +17,8 @@ prints ``ATTACK-RAN <name> <outcome> <data>`` (flushed) before and after it trie
 marker never shows up did not run, and its verdict is worthless rather than "blocked".
 
 Resource attacks are bounded so that with no sandbox at all they cannot hurt a 2-core, 24 GiB
-machine: 2 GiB of memory at most, 200 processes, 256 MiB of disk, 20 CPU seconds, 20 MB of output.
+machine: 2 GiB of memory at most, 200 processes (the one at the default limit: that plus 16, 600 at
+most), 256 MiB of disk, 20 CPU seconds, 20 MB of output.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ class Case:
     mode: str = "list"  # "list" (attack at import) or "load" (entrypoint "entry", returns="weights")
     sandbox: Mapping[str, Any] = field(default_factory=dict)
     blocked_by: str = ""  # the layers meant to stop it (documentation for the matrix)
+    # Why a configuration (the Sandbox settings of CONFIGS) cannot stop it by design, as
+    # SECURITY.md says; "" where it must. The tests skip such a run with that reason.
+    gap: Callable[[Mapping[str, Any]], str] = lambda config: ""
 
     def hubconf(self) -> str:
         return PRELUDE + (CHANNEL_LIB if self.mode == "load" else "") + textwrap.dedent(self.body)
@@ -388,6 +392,7 @@ def run_case(
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         ctx = Context(case.name, workdir, hub_dir or workdir / "hub", stack)
+        ctx.facts["config"] = dict(config)
         try:
             case.setup(ctx)
         except NotApplicable as exc:
@@ -542,6 +547,42 @@ def with_comm(ctx: Context) -> None:
     ctx.params["comm"] = "shd-" + uuid.uuid4().hex[:11]  # 15 bytes: the kernel's limit for a name
 
 
+def _settle(ctx: Context) -> None:
+    """Wait (5 s at most) until the tasks of the uid a worker runs as stop changing.
+
+    Without a user namespace of its own a worker may run ``max_processes`` on top of what its uid
+    runs when it starts: an earlier call's processes, still dying then, would leave it room.
+    """
+    from safehub._worker.sandbox import limits
+
+    uid = 65534 if os.geteuid() == 0 else os.getuid()
+    deadline, last = time.monotonic() + 5, -1
+    while time.monotonic() < deadline:
+        now = limits.tasks_of_uid(uid)
+        if now == last:
+            break
+        last = now
+        time.sleep(0.1)
+    ctx.facts["uid_tasks"] = max(last, 0)
+
+
+def _nproc_room(ctx: Context) -> int:
+    """What a worker may run beyond ``max_processes`` in this configuration: without namespaces
+    its limit is on top of what its uid ran when it started (other sessions' workers of uid
+    65534, or the caller's own processes), and those may end meanwhile; with them, nothing."""
+    layers = ctx.facts["config"].get("layers")
+    return ctx.facts.get("uid_tasks", 0) if layers is not None and "namespaces" not in layers else 0
+
+
+def nproc_at_most(limit: int) -> Callable[[Context, Run], bool]:
+    """The fork bomb's own count stayed within ``limit`` (and the room of :func:`_nproc_room`)."""
+
+    def check(ctx: Context, run: Run) -> bool:
+        return run.max_progress(ctx.name) <= limit + _nproc_room(ctx)
+
+    return check
+
+
 def _caller_environ_digest(ctx: Context) -> None:
     with open("/proc/self/environ", "rb") as f:
         ctx.facts["digest"] = hashlib.sha256(f.read()).hexdigest()
@@ -609,6 +650,7 @@ WRITES = "writes outside scratch"
 PARENT = "the parent and its processes"
 LEFTOVERS = "processes left behind"
 RESOURCES = "resources"
+TERMINAL = "the caller's terminal"
 CHANNEL = "result channel"
 
 CASES: list[Case] = []
@@ -1051,12 +1093,12 @@ case("cpu", RESOURCES, """
     ran("got", f"{time.process_time():.1f} CPU seconds")
 """, at_most(2 + 1.0), sandbox={"cpu_time": 2, "timeout": 6}, blocked_by="rlimits (CPU); the timeout ends it anyway")
 
-case("fork_bomb", RESOURCES, """
+FORK_BOMB = """
     import time
     ran()
     alive = 0
     try:
-        for _ in range(200):  # 200 processes at most
+        for _ in range(P.get("budget", 200)):  # 200 processes at most, or the budget setup gave
             if os.fork() == 0:
                 time.sleep(10)  # stay, so they count; ended by the tree kill or by themselves
                 os._exit(0)
@@ -1065,7 +1107,10 @@ case("fork_bomb", RESOURCES, """
         ran("got", f"{alive} processes")
     except OSError as exc:
         ran("denied", f"after {alive}: {exc}")
-""", at_most(32), sandbox={"max_processes": 32}, blocked_by="rlimits (NPROC, with uid_drop as root), pid namespace")
+    time.sleep(0.3)  # let a count from outside see them all
+"""
+
+case("fork_bomb", RESOURCES, FORK_BOMB, nproc_at_most(32), setup=_settle, sandbox={"max_processes": 32}, blocked_by="rlimits (NPROC, with uid_drop as root), pid namespace")
 
 case("disk_fill", RESOURCES, """
     ran()
@@ -1095,6 +1140,112 @@ case("open_files", RESOURCES, """
 """, at_most(64), sandbox={"max_open_files": 64}, blocked_by="rlimits (NOFILE)")
 
 
+def _no_mount_namespace(config: Mapping[str, Any]) -> str:
+    layers = config.get("layers")
+    if layers is not None and "namespaces" not in layers and os.geteuid() != 0:
+        return ("without namespaces and not root there is no mount namespace for the scratch tmpfs: "
+                "each file is bounded, not their total (SECURITY.md)")
+    return ""
+
+
+def _scratch_check(ctx: Context, run: Run) -> bool:
+    """Stopped at the scratch budget (32 MiB), by ENOSPC, with nothing of it left on the disk."""
+    outcomes = dict(run.markers(ctx.name))
+    return run.max_progress(ctx.name) <= 32 and "Errno 28" in outcomes.get("denied", "")
+
+
+case("scratch_fill", RESOURCES, """
+    ran()
+    written = 0
+    try:
+        for i in range(64):  # 4 MiB files, none large: 256 MiB at most
+            folder = (os.getcwd(), os.environ["HOME"], os.environ["TMPDIR"])[i % 3]
+            with open(os.path.join(folder, f"part-{i:03d}.bin"), "wb") as f:
+                f.write(b"\\0" * (4 << 20))
+            written += 4
+            progress(written)
+        ran("got", f"{written} MiB")
+    except OSError as exc:
+        ran("denied", f"after {written} MiB: {exc}")
+""", _scratch_check, sandbox={"max_scratch_size": 32 * MIB}, gap=_no_mount_namespace,
+     blocked_by="rlimits (scratch tmpfs in the mount namespace of namespaces, bubblewrap or the uid drop)")
+
+
+def _tmp_check(ctx: Context, run: Run) -> bool:
+    return run.max_progress(ctx.name) <= 2 * 32
+
+
+case("tmp_and_shm_fill", RESOURCES, """
+    ran()
+    written = 0
+    for folder in ("/tmp", "/dev/shm"):
+        try:
+            for i in range(32):  # 4 MiB files: 128 MiB in each at most
+                with open(os.path.join(folder, f"{P['name']}-{i:03d}.bin"), "wb") as f:
+                    f.write(b"\\0" * (4 << 20))
+                written += 4
+                progress(written)
+        except OSError as exc:
+            ran("denied", f"{folder} after {written} MiB: {exc}")
+        for i in range(32):
+            try:
+                os.unlink(os.path.join(folder, f"{P['name']}-{i:03d}.bin"))
+            except OSError:
+                pass
+    ran("got", f"{written} MiB")
+""", _tmp_check, sandbox={"max_scratch_size": 32 * MIB},
+     blocked_by="bubblewrap (its /tmp and /dev/shm are tmpfs of at most max_scratch_size), landlock (the host's)")
+
+
+def _process_watch(ctx: Context) -> None:
+    """Count the caller's descendants while the call runs (the peak is what the machine saw)."""
+    import psutil
+
+    _settle(ctx)
+
+    import safehub
+
+    default = safehub.Sandbox().max_processes
+    room = _nproc_room(ctx)
+    if default + room + 16 > 600:
+        raise NotApplicable(f"the default max_processes here ({default}, +{room}) is more than this attack may fork")
+    ctx.params["budget"] = default + room + 16
+    ctx.facts["default"] = default
+    stop = threading.Event()
+    peak = [0]
+
+    def watch() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.003):
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], len(me.children(recursive=True)))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ctx.stack.callback(thread.join)
+    ctx.stack.callback(stop.set)
+    ctx.facts["peak"] = peak
+
+
+# safehub's own processes under the caller beside the worker's: the zygote, the supervisor,
+# the pid namespace's init and the process outside it (warm); bwrap, its init, the supervisor (cold).
+MACHINERY = 5
+
+
+def _fork_bomb_default_check(ctx: Context, run: Run) -> bool:
+    default, room = ctx.facts["default"], _nproc_room(ctx)
+    return (
+        "denied" in run.outcomes(ctx.name)
+        and run.max_progress(ctx.name) <= default + room
+        and ctx.facts["peak"][0] <= default + room + MACHINERY
+    )
+
+
+# The same fork bomb at the default limit: a budget of a little more than it allows, never more.
+case("fork_bomb_default", RESOURCES, FORK_BOMB, _fork_bomb_default_check, setup=_process_watch,
+     blocked_by="rlimits (NPROC at the default max_processes, counted in the worker's own user namespace)")
+
+
 def _flood_check(ctx: Context, run: Run) -> bool:
     from safehub._run.output import OUTPUT_CAP, OUTPUT_TRUNCATED
 
@@ -1109,6 +1260,44 @@ case("stdout_flood", RESOURCES, """
         sys.stdout.write(line * 10000)
     sys.stdout.flush()
 """, _flood_check, blocked_by="the output relay's cap (always on)")
+
+
+# --- the caller's terminal ---------------------------------------------------------------------
+
+TERMINAL_CONTROLS = (
+    "\x1b[2J\x1b[H"  # clear the screen, cursor home
+    "\x1b]0;innocent title\x07"  # the window title
+    "\x1b]52;c;ZWNobyBwd25lZA==\x07"  # OSC 52: write the clipboard
+    "\x1b[1A\x1b[2K"  # cursor up, erase that line
+    "\x9b2K"  # the same as one C1 control, in UTF-8
+    "all tests passed\rFAILURE HIDDEN\n"  # a carriage return writes over the line
+    "rm -rf ~\x08\x08\x08\x08\x08\x08\x08ls    \n"  # backspaces too
+    "safe\u202edetalumis\u202c \u200bzero\u200dwidth\u2066\u2069\ufeff\u2028\x85\x00\x7f\n"
+)
+
+
+def _terminal_check(ctx: Context, run: Run) -> bool:
+    import unicodedata
+
+    def controls(text: str) -> list[str]:
+        return [c for c in text if c not in "\n\t" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+
+    lines = run.stdout.splitlines() + run.stderr.splitlines()
+    return (
+        not controls(run.stdout) and not controls(run.stderr)
+        and "[worker] FAILURE HIDDEN" in lines  # the line it meant to hide behind is shown apart
+        and all(line.startswith("[worker] ") for line in lines if "HIDDEN" in line or "\\x1b" in line)
+    )
+
+
+case("terminal_escapes", TERMINAL, f"""
+    ran()
+    sys.stdout.write({TERMINAL_CONTROLS!r})
+    sys.stdout.flush()
+    sys.stderr.write({TERMINAL_CONTROLS!r})
+    sys.stderr.flush()
+    ran("got", "sent")
+""", _terminal_check, blocked_by="the output relay (always on): controls made visible, a carriage return ends the line")
 
 
 # --- the result channel (returns="weights") ------------------------------------------------------

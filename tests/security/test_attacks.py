@@ -23,6 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.mark.parametrize("config", list(attacks.CONFIGS))
 @pytest.mark.parametrize("case", attacks.CASES, ids=[c.name for c in attacks.CASES])
 def test_attack_is_blocked(case, config, tmp_path, hub_dir, worker_start):
+    if gap := case.gap(attacks.CONFIGS[config]):
+        pytest.skip(f"a documented gap: {gap}")
     verdict = attacks.run_case(case, attacks.CONFIGS[config], tmp_path / "attack", hub_dir=hub_dir, config_name=config)
     if not verdict.applicable:
         pytest.skip(verdict.detail)
@@ -39,7 +41,7 @@ def test_the_cases_cover_every_category():
     per_category = collections.Counter(c.category for c in attacks.CASES)
     assert set(per_category) == {
         attacks.FILES, attacks.ENV, attacks.NET, attacks.WRITES,
-        attacks.PARENT, attacks.LEFTOVERS, attacks.RESOURCES, attacks.CHANNEL,
+        attacks.PARENT, attacks.LEFTOVERS, attacks.RESOURCES, attacks.TERMINAL, attacks.CHANNEL,
     }
     for c in attacks.CASES:
         ast.parse(c.hubconf(), filename=f"{c.name}/hubconf.py")  # a syntax error would look "blocked"

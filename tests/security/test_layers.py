@@ -16,6 +16,7 @@ A layer the machine cannot provide is skipped with the probe's own reason; nothi
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -760,6 +761,82 @@ def test_bwrap_run_by_an_unprivileged_user(layout, tcp_listener):
     _assert_bwrap_confined(child, layout, tcp_listener, uid=NOBODY)
 
 
+SCRATCH_FILL = r"""
+out = {"uid": os.getuid(), "cwd": os.getcwd()}
+st = os.statvfs(ARGS["scratch"])
+out["size"] = st.f_blocks * st.f_frsize
+written = 0
+def fill():
+    global written
+    for i in range(16):  # 4 MiB files: 64 MiB at most
+        with open(os.path.join(ARGS["scratch"], "part-%d.bin" % i), "wb") as f:
+            f.write(b"\0" * (4 << 20))
+        written += 4
+out["fill"] = attempt(fill)
+out["written"] = written
+out["mode"] = oct(os.stat(ARGS["scratch"]).st_mode & 0o7777)
+report(**out)
+"""
+
+
+def _assert_scratch_bounded(child: Child, layout, size: int) -> None:
+    assert child.returncode == 0, child
+    assert child["size"] == size, child
+    assert denied(child["fill"], errno.ENOSPC) and child["written"] <= size >> 20, child
+    assert os.listdir(layout["scratch"]) == []  # all of it in the sandbox's tmpfs, none on the disk
+
+
+def test_bwrap_scratch_is_a_sized_tmpfs(layout):
+    require("bubblewrap")
+    if not _bwrap.bwrap_features().get("size"):
+        pytest.skip("bubblewrap: this bwrap has no --size")
+    argv = _bwrap.bwrap_argv(layout["repo"], layout["scratch"], scratch_size=16 << 20, env={"PATH": "/usr/bin:/bin"})
+    _assert_scratch_bounded(run_child(SCRATCH_FILL, {"scratch": str(layout["scratch"])}, prefix=argv), layout, 16 << 20)
+
+
+def test_bwrap_scratch_tmpfs_is_writable_after_the_root_drop(layout):
+    require("bubblewrap")
+    if not IS_ROOT or shutil.which("setpriv") is None:
+        pytest.skip("bubblewrap: the root-to-uid drop needs a root test run and setpriv")
+    argv = _bwrap.bwrap_argv(layout["repo"], layout["scratch"], uid=NOBODY, scratch_size=16 << 20, env={"PATH": "/usr/bin:/bin"})
+    child = run_child(SCRATCH_FILL, {"scratch": str(layout["scratch"])}, prefix=argv)
+    _assert_scratch_bounded(child, layout, 16 << 20)
+    assert child["uid"] == NOBODY
+
+
+def test_scratch_tmpfs_in_a_private_mount_namespace(layout):
+    """The direct path: a tmpfs over the scratch folder, owned by the uid the work runs as, entered again."""
+    require("namespaces")
+    code = r"""
+ns, lim = load("namespaces"), load("limits")
+os.chdir(ARGS["scratch"])
+if os.geteuid() == 0:
+    ns.enter(user=False, net=False, ipc=False, mount=True)
+    ns.mount_tmpfs(ARGS["scratch"], 16 << 20, uid=65534, gid=65534)
+    lim.drop_privileges(65534)
+else:
+    ns.enter(user=True, net=False, ipc=False, mount=True)
+    ns.mount_tmpfs(ARGS["scratch"], 16 << 20, uid=os.getuid(), gid=os.getgid())
+before = os.listdir(".")  # still the covered folder: the host's
+os.chdir(ARGS["scratch"])
+""" + SCRATCH_FILL.replace('out = {"uid"', 'out = {"before": before, "uid"')
+    open(layout["scratch"] / "host-file", "w").close()
+    child = run_child(code, {"scratch": str(layout["scratch"])})
+    assert child["before"] == ["host-file"] and child["mode"] == "0o700", child
+    os.unlink(layout["scratch"] / "host-file")
+    _assert_scratch_bounded(child, layout, 16 << 20)
+    assert child["uid"] == (NOBODY if IS_ROOT else os.getuid())
+
+
+def test_mount_tmpfs_refuses_the_hosts_mount_namespace(layout):
+    ns = _load("namespaces")
+    before = os.stat(layout["scratch"]).st_dev
+    # The guard refuses where it can see the parent's namespace; a user the kernel refuses anyway.
+    with pytest.raises((RuntimeError, PermissionError), match="mount namespace|not permitted"):
+        ns.mount_tmpfs(str(layout["scratch"]), 1 << 20, uid=os.getuid(), gid=os.getgid())
+    assert os.stat(layout["scratch"]).st_dev == before
+
+
 # --- rlimits -------------------------------------------------------------------------------------
 RLIMITS_APPLY = r"""
 lim = load("limits")
@@ -871,6 +948,100 @@ def test_rlimit_nproc_stops_a_fork_loop_for_an_unprivileged_uid():
     assert child["uid"] != 0
     assert child["failure"] == 11, child  # EAGAIN
     assert child["forked"] < 8, child
+
+
+def test_rlimit_nproc_counts_a_user_namespace_on_its_own():
+    """Pins why a worker enters a user namespace of its own: the kernel counts RLIMIT_NPROC per
+    uid and user namespace, so outside one every other process of the uid (another worker of
+    uid 65534, a daemon running as nobody) eats the limit."""
+    require("rlimits")
+    require("namespaces")
+    if IS_ROOT:
+        require("uid_drop")
+    code = r"""
+import time
+lim, ns = load("limits"), load("namespaces")
+uid = 65534 if os.geteuid() == 0 else os.getuid()
+hogs = []
+for _ in range(12):  # other processes of the uid, outside the worker
+    pid = os.fork()
+    if pid == 0:
+        if os.geteuid() == 0:
+            lim.drop_privileges(uid)
+        time.sleep(20)
+        os._exit(0)
+    hogs.append(pid)
+time.sleep(0.3)
+result = {}
+for own in (False, True):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if os.geteuid() == 0:
+            lim.drop_privileges(uid)
+        if own:
+            ns.enter(user=True, net=False, ipc=False)
+        base = 0 if own else lim.tasks_of_uid(uid)
+        lim.apply_rlimits(max_processes=8 + base)
+        n = 0
+        try:
+            for _ in range(20):
+                if os.fork() == 0:
+                    time.sleep(2)
+                    os._exit(0)
+                n += 1
+        except OSError:
+            pass
+        os.write(w, str(n).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    result["own" if own else "on_top"] = int(os.read(r, 16))
+for pid in hogs:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+report(**result)
+"""
+    child = run_child(code)
+    assert child.returncode == 0, child
+    # 8 tasks: the worker and 7 children, however many others of its uid run
+    assert child["own"] == 7, child
+    assert child["on_top"] >= 7, child
+
+
+FIT_THREADS = r"""
+lim = load("limits")
+if ARGS["torch_first"]:  # the warm path: torch imported before the sandbox goes on
+    import torch
+fit = lim.fit_torch_threads(ARGS["max_processes"], cpus=ARGS["cpus"])
+import torch
+report(fit=fit, threads=torch.get_num_threads(), omp=os.environ.get("OMP_NUM_THREADS"))
+"""
+
+
+def _fit_threads(max_processes: int, cpus: int, torch_first: bool, omp: str | None = None) -> Child:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    args = {"max_processes": max_processes, "cpus": cpus, "torch_first": torch_first}
+    return run_child(FIT_THREADS, args, env=env)
+
+
+@pytest.mark.parametrize("torch_first", [False, True], ids=["cold", "warm"])
+def test_a_max_processes_too_small_for_torch_lowers_its_threads(torch_first):
+    # (18 - 16) // 2 = 1 thread per pool, where a 96-CPU machine's torch would start 96.
+    child = _fit_threads(18, 96, torch_first)
+    assert child.returncode == 0, child
+    assert child["fit"] == 1 and child["threads"] == 1, child
+    assert child["omp"] == (None if torch_first else "1"), child
+
+
+def test_torch_threads_are_left_alone_when_they_fit_or_are_chosen():
+    from safehub._sandbox import default_max_processes
+
+    assert _fit_threads(default_max_processes(96), 96, torch_first=False)["fit"] is None
+    chosen = _fit_threads(18, 96, torch_first=False, omp="3")
+    assert chosen["fit"] is None and chosen["omp"] == "3", chosen
 
 
 def test_rlimit_nproc_does_not_bind_uid_0():

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
 from safehub._worker.protocol import WorkerSettings
-from safehub._sandbox import KNOWN_LAYERS, OPTIONAL_LAYERS, Sandbox, worker_environ
+from safehub._sandbox import (
+    KNOWN_LAYERS,
+    OPTIONAL_LAYERS,
+    Sandbox,
+    default_max_processes,
+    default_max_scratch_size,
+    worker_environ,
+)
 from safehub.errors import InvalidArgumentError, SandboxError
+
+GIB = 1024**3
 
 
 def test_defaults_and_settings_are_json():
@@ -26,6 +36,19 @@ def test_worker_settings_refuse_what_they_do_not_declare():
                 {k: v for k, v in good.items() if k != "repo_dir"}, [good]):
         with pytest.raises(ValueError):
             WorkerSettings.from_dict(bad)
+
+
+def test_the_process_and_scratch_defaults_fit_the_machine():
+    # 64 and two per CPU: torch's intra-op and inter-op pools, a thread per core each.
+    assert default_max_processes(2) == 68 and default_max_processes(96) == 256
+    assert Sandbox().max_processes == default_max_processes() >= 64 + 2 * os.cpu_count()
+    # 4 GiB, or a quarter of the memory (the scratch tmpfs lives there), 256 MiB at least.
+    assert default_max_scratch_size(64 * GIB) == 4 * GIB
+    assert default_max_scratch_size(8 * GIB) == 2 * GIB
+    assert default_max_scratch_size(512 * 1024**2) == 256 * 1024**2
+    assert Sandbox().max_scratch_size == default_max_scratch_size()
+    assert Sandbox(max_scratch_size=None).worker_settings("/r", "/s").max_scratch_size is None
+    assert Sandbox(max_processes=8, max_scratch_size=64 << 20).worker_settings("/r", "/s").max_scratch_size == 64 << 20
 
 
 def test_frozen_and_keyword_only():
@@ -50,6 +73,8 @@ def test_frozen_and_keyword_only():
         {"max_processes": 0},
         {"max_open_files": 3},
         {"max_file_size": 0},
+        {"max_scratch_size": 4096},
+        {"max_scratch_size": 2.5e9},
         {"network": "no"},
         {"extra_read_paths": "/data"},
         {"extra_read_paths": ("relative/path",)},

@@ -10,13 +10,23 @@ asks for it:
    namespace takes effect for children only, so the process forks here: a small init becomes
    pid 1 of the namespace (a fresh /proc mounted) and forks the work as pid 2, which goes on;
    the process left outside waits and mirrors the work's fate.
-3. uid_drop (root only): root is exempt from RLIMIT_NPROC and reads every file, so it becomes
+3. The scratch folder (part of rlimits): a tmpfs of ``max_scratch_size`` mounted over it in
+   the private mount namespace (bubblewrap mounts its own), owned by the uid the work runs as,
+   and the working folder entered again. As root without a mount namespace, one is made for it;
+   where none can be, rlimits bounds each file to ``max_scratch_size`` instead.
+4. uid_drop (root only): root is exempt from RLIMIT_NPROC and reads every file, so it becomes
    uid 65534. Folders that uid cannot traverse (``/root`` is 0700 here) are covered in a private
    mount namespace and only the paths the worker needs are bound back, read-only.
-4. landlock: read the system, Python, the repository and ``extra_read_paths``; write only the
+5. Its own process count (part of rlimits): RLIMIT_NPROC counts a uid's tasks per user
+   namespace, so a worker still in the initial one (after the uid drop, or dropped by
+   bubblewrap's setpriv) enters a user namespace of its own, where namespaces are wanted:
+   other processes of uid 65534 then do not count. Else the limit is set on top of what the uid
+   runs already.
+6. landlock: read the system, Python, the repository and ``extra_read_paths``; write only the
    scratch folder; no TCP (unless ``network``); no signals or abstract sockets out.
-5. rlimits: memory, CPU, processes, open files, file size, no core dumps.
-6. seccomp last, since it denies calls the layers before it make (unshare, mount).
+7. rlimits: memory, CPU, processes, open files, file size, no core dumps; torch's thread
+   counts lowered where its default pools would not fit in ``max_processes``.
+8. seccomp last, since it denies calls the layers before it make (unshare, mount).
 
 A layer that cannot be applied is reported with the reason, never silently skipped; the worker
 then checks ``settings.require``.
@@ -97,14 +107,21 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
         report.missing["namespaces"] = "switched off by Sandbox(layers=...)"
     if pid_ns:
         fork_into_pid_namespace(report)
+    mount_ns = pid_ns
+    if "rlimits" in wanted and settings.max_scratch_size and "scratch_limit" not in report.applied:
+        owner = UNPRIVILEGED_UID if drop else os.getuid()
+        mount_ns = _bound_scratch(report, settings, in_mount_ns=mount_ns, in_bwrap=in_bwrap, owner=owner)
     if drop:
-        _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=pid_ns))
+        _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=mount_ns))
     elif is_root and "uid_drop" not in report.applied:
         report.missing["uid_drop"] = "switched off by Sandbox(layers=...)"
+    nproc_base = 0
+    if "rlimits" in wanted:
+        nproc_base = _own_process_count(report, own_user_ns="namespaces" in wanted)
     if "landlock" in wanted:
         _attempt(report, "landlock", lambda: _landlock(settings))
     if "rlimits" in wanted:
-        _attempt(report, "rlimits", lambda: _rlimits(settings))
+        _attempt(report, "rlimits", lambda: _rlimits(settings, report, nproc_base))
     if "seccomp" in wanted:
         _attempt(report, "seccomp", lambda: seccomp.install(network=settings.network))
     for name in ("landlock", "rlimits", "seccomp"):
@@ -186,6 +203,66 @@ def _init(status_w: int) -> None:
     os._exit(0)
 
 
+def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: bool, in_bwrap: bool, owner: int) -> bool:
+    """Cover the scratch folder with a tmpfs of ``max_scratch_size`` bytes, owned by ``owner``.
+
+    In the private mount namespace the namespaces layer made; as root without one, in a mount
+    namespace made for it. Returns whether this process is in a private mount namespace now.
+    Where none can be made the rlimits layer bounds each file instead (``_rlimits``).
+    """
+    scratch = settings.scratch_dir
+    try:
+        if in_bwrap:
+            raise OSError("this bubblewrap cannot size a tmpfs (--size needs bubblewrap 0.5)")
+        if not in_mount_ns:
+            if os.geteuid() != 0:
+                raise OSError("no private mount namespace to mount it in (user namespaces are off or refused)")
+            namespaces.enter(user=False, net=False, ipc=False, mount=True)
+            in_mount_ns = True
+        namespaces.mount_tmpfs(scratch, int(settings.max_scratch_size), uid=owner, gid=owner)
+        os.chdir(scratch)  # the working folder still was the folder the tmpfs now covers
+    except Exception as exc:  # OSError from the kernel, RuntimeError from the mount namespace guard
+        report.missing["scratch_limit"] = f"{exc}; each file is bounded to max_scratch_size instead, not their total"
+    else:
+        report.applied.append("scratch_limit")
+    return in_mount_ns
+
+
+def _own_process_count(report: Report, *, own_user_ns: bool) -> int:
+    """Make RLIMIT_NPROC count the worker's own tasks; return how many it must allow on top.
+
+    The kernel counts a uid's tasks per user namespace. Where the worker runs in the initial one
+    (root dropped to 65534; bubblewrap's drop through setpriv) every other process of that uid,
+    machine-wide, would count against the worker's limit: so it enters a user namespace of its
+    own, where namespaces are wanted. Where that is refused or not wanted, the limit is raised
+    by what the uid runs already (counted in /proc; racy, but never tighter than asked).
+    """
+    if os.geteuid() == 0:
+        return 0  # exempt: the uid drop's report says so
+    if not _in_initial_user_namespace():
+        report.applied.append("own_process_count")  # the namespaces layer's, or bubblewrap's
+        return 0
+    if own_user_ns:
+        try:
+            namespaces.enter(user=True, net=False, ipc=False)
+            report.applied.append("own_process_count")
+            return 0
+        except OSError as exc:
+            reason = f"{exc}"
+    else:
+        reason = "switched off by Sandbox(layers=...)"
+    report.missing["own_process_count"] = f"no user namespace of its own ({reason}): max_processes is on top of what its uid runs"
+    return limits.tasks_of_uid(os.getuid())
+
+
+def _in_initial_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
 def _drop_root(settings: WorkerSettings, *, in_mount_ns: bool) -> dict[str, Any]:
     uid = UNPRIVILEGED_UID
     blocked: dict[str, list[str]] = {}
@@ -212,12 +289,22 @@ def _landlock(settings: WorkerSettings) -> dict[str, Any]:
     return landlock.restrict(read, [os.path.realpath(settings.scratch_dir)], allow_tcp=settings.network)
 
 
-def _rlimits(settings: WorkerSettings) -> dict[str, Any]:
+def _rlimits(settings: WorkerSettings, report: Report, nproc_base: int = 0) -> dict[str, Any]:
     cpu = settings.cpu_time
-    return limits.apply_rlimits(
+    file_size = settings.max_file_size
+    scratch = settings.max_scratch_size
+    if scratch and "scratch_limit" not in report.applied:
+        file_size = scratch if file_size is None else min(file_size, scratch)  # the fallback: per file
+    processes = settings.max_processes
+    applied = limits.apply_rlimits(
         memory_bytes=settings.memory_limit,
         cpu_seconds=None if cpu is None else max(1, int(cpu + 0.999)),
-        max_processes=settings.max_processes,
+        max_processes=None if processes is None else processes + nproc_base,
         max_open_files=settings.max_open_files,
-        max_file_size=settings.max_file_size,
+        max_file_size=file_size,
     )
+    try:
+        applied["torch_threads"] = limits.fit_torch_threads(processes)
+    except Exception as exc:  # torch's own business: the limits above hold either way
+        applied["torch_threads"] = f"not fitted: {type(exc).__name__}: {exc}"
+    return applied

@@ -40,7 +40,7 @@ import stat
 
 from .libc import prctl
 
-__all__ = ["apply_rlimits", "drop_privileges", "untraversable_ancestor"]
+__all__ = ["apply_rlimits", "drop_privileges", "fit_torch_threads", "tasks_of_uid", "untraversable_ancestor"]
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_DUMPABLE = 3
@@ -115,6 +115,68 @@ def apply_rlimits(
         out["RLIMIT_CORE"] = _set(resource.RLIMIT_CORE, 0)
     out["nproc_binds"] = os.getuid() != 0
     return out
+
+
+def tasks_of_uid(uid: int) -> int:
+    """Live processes and threads of real uid ``uid`` that this process's /proc shows: what
+    RLIMIT_NPROC counts for it in the initial user namespace, but zombies (the kernel counts
+    them until they are reaped, which is soon: counted, they would leave room once gone)."""
+    count = 0
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        real_uid = threads = None
+        zombie = False
+        for line in status.splitlines():
+            if line.startswith(b"Uid:"):
+                real_uid = int(line.split()[1])
+            elif line.startswith(b"Threads:"):
+                threads = int(line.split()[1])
+            elif line.startswith(b"State:"):
+                zombie = line.split()[1:2] in ([b"Z"], [b"X"])
+        if real_uid == uid and threads and not zombie:
+            count += threads
+    return count
+
+
+# torch's pools are left this many tasks of max_processes for everything else.
+THREAD_HEADROOM = 16
+
+
+def fit_torch_threads(max_processes: int | None, cpus: int | None = None) -> int | None:
+    """Keep torch's default thread pools inside ``max_processes``; return the count set, or None.
+
+    torch starts an intra-op pool of one thread per core on its first parallel op, and an
+    inter-op pool as large when asked; RLIMIT_NPROC counts each thread, and libgomp ends the
+    process when it cannot start one. Where ``cpus`` (default: this machine's) of each would
+    not fit, both pools are lowered to ``(max_processes - THREAD_HEADROOM) // 2``: through
+    torch itself once imported (the warm path), else through OMP_NUM_THREADS, which torch reads
+    at import. An OMP_NUM_THREADS the caller passed is left as it is.
+    """
+    if not max_processes or "OMP_NUM_THREADS" in os.environ:
+        return None
+    fit = max(1, (max_processes - THREAD_HEADROOM) // 2)
+    if (cpus or os.cpu_count() or 1) <= fit:
+        return None
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        os.environ["OMP_NUM_THREADS"] = str(fit)
+        return fit
+    torch.set_num_threads(min(fit, torch.get_num_threads()))
+    try:
+        torch.set_num_interop_threads(fit)
+    except RuntimeError:
+        pass  # the inter-op pool started already (not in a fresh worker)
+    return fit
 
 
 def _cap_eff() -> int | None:

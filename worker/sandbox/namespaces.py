@@ -36,6 +36,7 @@ __all__ = [
     "CLONE_NEWUTS",
     "enter",
     "hide_and_rebind",
+    "mount_tmpfs",
 ]
 
 CLONE_NEWNS = 0x00020000
@@ -224,3 +225,26 @@ def hide_and_rebind(hide_dir: str, keep_paths, *, read_only: bool = True) -> dic
         for _, fd in fds:
             os.close(fd)
     return {"hidden": hide_dir, "kept": kept}
+
+
+def mount_tmpfs(path: str, size: int, *, uid: int, gid: int, mode: int = 0o700, inodes: int | None = None) -> dict:
+    """In a private mount namespace, mount a tmpfs of ``size`` bytes over the folder ``path``.
+
+    For the worker's scratch folder: whatever was in the folder is covered (the new one is
+    empty), writes past ``size`` bytes or ``inodes`` files fail with ENOSPC, and the pages live
+    in memory until the last process of the namespace is gone. Owned by ``uid``/``gid`` with
+    ``mode``, so a worker that drops to ``uid`` next can write it. Processes whose working
+    folder was ``path`` still stand in the covered folder: they must ``chdir`` again. Needs
+    CAP_SYS_ADMIN over the mount namespace (root, or a user namespace's).
+
+    Returns:
+        A dict: ``path``, ``size``, ``inodes``.
+    """
+    lib = libc()
+    _same_mount_namespace_guard()  # never over the host's folder
+    real = os.path.realpath(path)
+    inodes = inodes if inodes is not None else max(4096, size // 4096)
+    options = f"size={int(size)},nr_inodes={int(inodes)},mode={mode:o},uid={int(uid)},gid={int(gid)}"
+    # No MS_NOEXEC: torch.compile's C++ backend writes shared objects into TMPDIR and loads them.
+    check(lib.mount(b"tmpfs", real.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()), f"mount(tmpfs, {real})")
+    return {"path": real, "size": int(size), "inodes": int(inodes)}

@@ -153,9 +153,10 @@ def _probe_rlimits() -> dict:
         import resource  # noqa: F401
     except ImportError:
         return {"available": False, "detail": "no resource module"}
+    scratch = "; scratch a sized tmpfs in the worker's mount namespace"
     if os.geteuid() == 0:
-        return {"available": True, "detail": "AS, CPU, NOFILE, FSIZE, CORE; NPROC binds only after a uid drop (uid 0 is exempt)"}
-    return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE"}
+        return {"available": True, "detail": "AS, CPU, NOFILE, FSIZE, CORE; NPROC binds only after a uid drop (uid 0 is exempt)" + scratch}
+    return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE" + scratch}
 
 
 def _probe_uid_drop(target_uid: int = 65534) -> dict:
