@@ -1006,7 +1006,10 @@ report(**result)
     assert child.returncode == 0, child
     # 8 tasks: the worker and 7 children, however many others of its uid run
     assert child["own"] == 7, child
-    assert child["on_top"] >= 7, child
+    # On top of what the uid runs: racy by a task or two (this test process, of the same uid, may
+    # start a thread between the count and the forks), far from the 12 tasks it would lose
+    # without the count.
+    assert child["on_top"] >= 5, child
 
 
 FIT_THREADS = r"""
