@@ -123,7 +123,7 @@ def invoke(model: Any, frame: protocol.Frame) -> Reply:
     try:
         if method in ("eval", "train"):
             value = None  # the module itself: the parent returns its handle
-        packed = values.pack(value)
+        packed = values.pack(value, root="result")
     except (ValueError, OSError) as exc:  # NotData, NotWeights, a memfd that could not be written
         return _failed("bad_result", f"the result of {_name(method)} cannot be sent: {exc}", exc)
     return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)

@@ -54,10 +54,11 @@ class NotData(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.path: list[str] = []  # where in the value, outermost first ([0], ['logits'])
+        self.root = "value"  # what the path starts from: "result", "argument 0"
+        self.path: list[str] = []  # where in it, outermost first: [0], ['logits']
 
     def __str__(self) -> str:
-        return f"{''.join(self.path) or 'the value'}: {self.reason}" if self.path else self.reason
+        return f"{self.root}{''.join(self.path)}: {self.reason}"
 
 
 class BadTree(ValueError):
@@ -92,13 +93,18 @@ class Packed:
             os.close(fd)
 
 
-def pack(value: Any, *, memfds: bool = True) -> Packed:
+def pack(value: Any, *, memfds: bool = True, root: str = "value") -> Packed:
     """Describe ``value`` as a tree and lay its bytes out in segments; raise :class:`NotData`.
 
     ``memfds=False`` (or a machine where memfds fail) puts every blob in the inline segment.
+    ``root`` names the value in an error's path (``result['logits']: a set is not data``).
     """
     packer = _Packer(sys.modules.get("torch"))
-    tree = packer.node(value, 0)
+    try:
+        tree = packer.node(value, 0)
+    except NotData as exc:
+        exc.root = root
+        raise
     if memfds and packer.blobs:
         try:
             return packer.place(tree, inline_limit=INLINE_TOTAL_BYTES)
@@ -109,7 +115,13 @@ def pack(value: Any, *, memfds: bool = True) -> Packed:
 
 def pack_call(args: Sequence[Any], kwargs: Mapping[str, Any], *, memfds: bool = True) -> Packed:
     """The arguments of one call, packed as the tuple ``(args, kwargs)``."""
-    return pack((tuple(args), dict(kwargs)), memfds=memfds)
+    try:
+        return pack((tuple(args), dict(kwargs)), memfds=memfds)
+    except NotData as exc:
+        # [0][i] is the i-th positional argument, [1]['name'] the keyword argument name.
+        if len(exc.path) >= 2:
+            exc.root, exc.path = f"argument {exc.path[1][1:-1]}", exc.path[2:]
+        raise
 
 
 def unpack(tree: Any, segments: Sequence[Any], caps: Caps = Caps()) -> Any:
