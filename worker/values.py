@@ -251,7 +251,7 @@ class _Packer:
             packed.buffers.append(buffer)
             first_shard = 1
         if shared:
-            packed.fds = [fd for fd, _ in weights.write_memfds(self.shards(shared, first_shard))]
+            packed.fds = [fd for fd, _ in weights.write_memfds(self.shards(shared, first_shard), name="safehub-values")]
         return packed
 
     def shards(self, blobs: list[_Blob], first: int) -> list[tuple[bytes, list[tuple[Any, int]], int]]:
@@ -347,6 +347,8 @@ class _Unpacker:
             raise BadTree(f"more than {self.caps.max_tensors} tensors")
         torch_name, itemsize = DTYPES[dtype_name]
         numel = math.prod(shape)
+        if numel * itemsize >= 2**63:
+            raise BadTree(f"a tensor of shape {shape[:8]} is larger than any buffer")
         segment, offset = self.take(segment_index, offset, numel * itemsize)
         dtype = getattr(torch, torch_name)
         if numel == 0:

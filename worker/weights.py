@@ -199,7 +199,7 @@ def encode_shards(parts: list[Part], metadata: Mapping[str, str]) -> tuple[dict[
     return {"transport": "memfd", "sizes": [size for _, size in shards]}, [], [fd for fd, _ in shards]
 
 
-def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]]) -> list[tuple[int, int]]:
+def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]], name: str = "safehub-result") -> list[tuple[int, int]]:
     """One sealed memfd per layout ``(head, [(source, offset)], total size)``, written in parallel.
 
     Returns [(fd, size)]; the caller sends then closes them. One file per thread: writes to one
@@ -209,7 +209,7 @@ def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]]) -> lis
     errors: list[BaseException] = []
     try:
         for _ in layouts:
-            fds.append(os.memfd_create("safehub-result", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
+            fds.append(os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
         jobs = [(fd, *layout, errors) for fd, layout in zip(fds, layouts)]
         threads = [threading.Thread(target=_write_shard, args=job, daemon=True) for job in jobs[1:]]
         for thread in threads:

@@ -247,7 +247,7 @@ def test_a_large_result_is_mapped_not_copied(remote_models):
         for line in maps:
             begin, end = (int(x, 16) for x in line.split()[0].split("-"))
             if begin <= out.data_ptr() < end:
-                assert "memfd:safehub-result" in line, line
+                assert "memfd:safehub-values" in line, line
                 break
         else:
             pytest.fail("the result's memory is in no mapping")
