@@ -41,7 +41,22 @@ Reply = tuple[str, dict[str, Any], list[Any], list[int]]
 def hold(model: Any) -> dict[str, Any]:
     """Keep ``model`` for the calls to come; return the RESULT's fields that describe it."""
     _held[:] = [model]
+    warm_up()
     return {"methods": public_methods(model), "class": type(model).__name__[:MAX_METHOD_NAME]}
+
+
+def warm_up() -> None:
+    """Run a call's own path once at load (the codec both ways, inference mode, a small matmul), so
+    the first call costs what later ones do: a forked worker pays for first use of each code path
+    (lazy initialisation, and the zygote's pages it copies on first write)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    with torch.inference_mode():
+        x = torch.ones(1, 8)
+        packed = values.pack_call((x,), {"k": [1.0, "s"]})
+        (y,), _ = values.unpack_call(packed.tree, [bytes(b) for b in packed.buffers])
+        values.pack({"out": torch.nn.functional.linear(y, torch.ones(2, 8))}, root="result")
 
 
 def holding() -> bool:

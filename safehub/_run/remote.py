@@ -232,4 +232,6 @@ def open_remote(worker: Worker, frame: protocol.Frame, model: str) -> RemoteModu
         raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public names")
     class_name = fields.get("class")
     class_name = class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
-    return RemoteModule(RemoteSession(worker, model), methods, class_name)
+    session = RemoteSession(worker, model)
+    session.warm_up()
+    return RemoteModule(session, methods, class_name)
