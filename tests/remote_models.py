@@ -10,9 +10,14 @@ weights. Its helper package is ``models``, the name branches of one repository c
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from tests.local_repos import write_repo
+from safehub._worker import hubconf as in_process
 
 HUBCONF = '''
 dependencies = ["torch"]
@@ -157,3 +162,19 @@ FILES = {
 def write_models_repo(root: Path) -> Path:
     """The repository, written under ``root``; returns ``root``."""
     return write_repo(root, FILES)
+
+
+@contextlib.contextmanager
+def models_in_process(repo: Path) -> Iterator[ModuleType]:
+    """The repository's hubconf imported here, and its own modules forgotten afterwards.
+
+    Only the repository's: torch imports submodules lazily while the models run, and forgetting
+    those would make the next import register torch's operators twice.
+    """
+    try:
+        with in_process.prepended_sys_path(str(repo)):
+            yield in_process.import_hubconf(str(repo))
+    finally:
+        for name, module in list(sys.modules.items()):
+            if name == "hubconf" or str(getattr(module, "__file__", "")).startswith(str(repo)):
+                del sys.modules[name]

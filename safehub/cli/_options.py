@@ -53,6 +53,14 @@ def json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
+def entrypoint_arguments(parser: argparse.ArgumentParser, *, model_metavar: str = "MODEL") -> None:
+    """REPO, the entrypoint's name, and its keyword arguments (--arg NAME=VALUE, repeatable)."""
+    parser.add_argument("repo", metavar="REPO", help=REPO_HELP)
+    parser.add_argument("model", metavar=model_metavar, help="the entrypoint's name")
+    parser.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
+                        help="a keyword argument for the entrypoint (repeatable; JSON when it parses)")
+
+
 def repo_options(parser: argparse.ArgumentParser) -> None:
     """Where the repository comes from: --source, --locked, --force-reload, --skip-validation."""
     parser.add_argument("--source", choices=("github", "local"), default="github",

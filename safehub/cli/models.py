@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import _api
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
-from ._options import REPO_HELP, add_command, json_option, parse_kwarg, repo_options, sandbox_from_options, sandbox_options
+from ._options import REPO_HELP, add_command, entrypoint_arguments, json_option, repo_options, sandbox_from_options, sandbox_options
 from ._output import atomic_output, check_output_path, format_size, note, print_json, savable_tensors, stdout_to_stderr
 
 _TRUST_FOR_NO_ISOLATE = "trust the repository (adds it to the trusted list); needed only with --no-isolate"
@@ -60,10 +60,7 @@ def register(subparsers: Any) -> None:
                            "  safehub load pytorch/vision resnet18 --returns object --trust --output resnet18.pt\n\n"
                            "--arg values are JSON when they parse (3, 0.5, true, null, \"text\", [1, 2]),\n"
                            "else plain strings: --arg name=resnet is the string 'resnet'.")
-    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
-    p.add_argument("model", metavar="MODEL", help="the entrypoint's name")
-    p.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
-                   help="a keyword argument for the entrypoint (repeatable)")
+    entrypoint_arguments(p)
     p.add_argument("--returns", choices=("weights", "object"), default="weights",
                    help="weights (default): tensors into a .safetensors file; "
                         "object: torch.save the object (needs trust)")

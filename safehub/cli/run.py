@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import _api
 from ._errors import EXIT_ERROR, EXIT_OK, CommandError
-from ._options import REPO_HELP, add_command, json_option, parse_kwarg, repo_options, sandbox_from_options, sandbox_options
+from ._options import add_command, entrypoint_arguments, json_option, repo_options, sandbox_from_options, sandbox_options
 from ._output import atomic_output, check_output_path, format_size, print_json, savable_tensors, stdout_to_stderr
 
 
@@ -40,10 +40,7 @@ def register(subparsers: Any) -> None:
                            "  safehub run someone/models unet --arg channels=8 --input x.safetensors --output y.safetensors --json\n"
                            "  safehub run someone/models tiny_lm --method generate --input ids.safetensors --output out.safetensors\n\n"
                            "Write an input with: safetensors.torch.save_file({\"0\": torch.rand(1, 3, 224, 224)}, \"x.safetensors\")")
-    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
-    p.add_argument("model", metavar="ENTRYPOINT", help="the entrypoint that builds the model")
-    p.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
-                   help="a keyword argument for the entrypoint (repeatable; JSON when it parses)")
+    entrypoint_arguments(p, model_metavar="ENTRYPOINT")
     p.add_argument("-i", "--input", metavar="FILE", required=True,
                    help="a .safetensors file: the call's tensors (0, 1, ...: positional; other names: keyword)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,

@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from safehub import cli
 from tests.integration.test_cli import assert_error, assert_ok, safehub_cli
-from tests.local_repos import imported_in_process
-from tests.remote_models import FILES, write_models_repo
+from tests.remote_models import FILES, models_in_process, write_models_repo
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,7 +28,7 @@ def zoo(make_repo):
 @pytest.fixture(scope="module")
 def local_models(tmp_path_factory):
     repo = write_models_repo(tmp_path_factory.mktemp("zoo-local") / "repo")
-    with imported_in_process(repo) as hubconf:
+    with models_in_process(repo) as hubconf:
         yield {"unet": hubconf.unet(channels=4), "tiny_lm": hubconf.tiny_lm()}
 
 

@@ -32,8 +32,9 @@ import safehub
 from safehub._run.session import close_all
 from safehub._sandbox import Sandbox
 from safehub.errors import InvalidArgumentError, RemoteClosedError, RemoteError, ResultDecodeError
-from tests.local_repos import imported_in_process, write_repo
-from tests.remote_models import write_models_repo
+from tests.local_repos import write_repo
+from tests.process_trees import alive, all_gone, tree_of
+from tests.remote_models import models_in_process, write_models_repo
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def remote_models(request, models_repo):
 @pytest.fixture(scope="module")
 def local_models(models_repo):
     """The same three models, built in this process (the repository's modules forgotten afterwards)."""
-    with imported_in_process(models_repo) as hubconf:
+    with models_in_process(models_repo) as hubconf:
         yield {name: getattr(hubconf, name)() for name in ("convnet", "unet", "tiny_lm")}
 
 
@@ -147,24 +148,7 @@ def probe(probe_repo):
 
 
 def processes_of(handle) -> list[psutil.Process]:
-    top = psutil.Process(handle.pid)
-    return [top, *top.children(recursive=True)]
-
-
-def all_gone(processes: list[psutil.Process], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not any(_alive(p) for p in processes):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return tree_of(handle.pid)
 
 
 def in_process(model, method: str, *args, **kwargs):
@@ -504,7 +488,7 @@ def test_the_worker_goes_when_the_caller_ends(probe_repo, how):
             top = psutil.Process(supervisor)
             processes = [top, *top.children(recursive=True)]
         if how == "killed":
-            assert processes and all(_alive(p) for p in processes)
+            assert processes and all(alive(p) for p in processes)
             caller.kill()  # no finally, no atexit: only the supervisor watching the caller can clean up
         caller.wait(timeout=60)
         assert how == "killed" or caller.returncode == 0

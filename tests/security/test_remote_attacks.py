@@ -30,6 +30,7 @@ from safehub._run.session import FETCH_REFUSED
 from safehub._sandbox import Sandbox
 from safehub.errors import ProtocolError, RemoteClosedError, WorkerTimeoutError
 from tests.local_repos import write_repo
+from tests.process_trees import all_gone, tree_of
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("worker_start")]
 SANDBOX = Sandbox(timeout=60)
@@ -229,30 +230,9 @@ def load(repo: Path, sandbox: Sandbox = SANDBOX, asks=None, **kwargs):
     return run_isolated(repo, "load", model="hostile", kwargs=kwargs, returns="remote", sandbox=sandbox, asks=asks)
 
 
-def tree_of(remote) -> list[psutil.Process]:
-    top = psutil.Process(remote.pid)
-    return [top, *top.children(recursive=True)]
-
-
-def gone(processes: list[psutil.Process], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not any(_alive(p) for p in processes):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def assert_dead(remote, processes: list[psutil.Process], why: str) -> None:
     """The worker is ended, its tree gone, and a later call says why."""
-    assert remote.closed and gone(processes)
+    assert remote.closed and all_gone(processes)
     with pytest.raises(RemoteClosedError, match=why):
         remote.echo(1)
 
@@ -281,7 +261,7 @@ FORGED = {
 def test_a_forged_reply_is_refused_unread_and_ends_the_worker(repo, tmp_path, case):
     canary = tmp_path / "pickle-canary"
     remote = load(repo)
-    processes = tree_of(remote)
+    processes = tree_of(remote.pid)
     # The error names the forged frame's defect: the parent received and refused that frame.
     with pytest.raises(ProtocolError, match=FORGED[case]):
         remote.forge(case, str(canary))
@@ -291,7 +271,7 @@ def test_a_forged_reply_is_refused_unread_and_ends_the_worker(repo, tmp_path, ca
 
 def test_a_forward_that_never_returns_times_out_and_ends_the_worker(repo, capsys):
     remote = load(repo, Sandbox(timeout=2))
-    processes = tree_of(remote)
+    processes = tree_of(remote.pid)
     with pytest.raises(WorkerTimeoutError, match="time limit of 2 s"):
         remote.spin()
     assert "ATTACK-RAN spin" in wait_for_output(capsys, "ATTACK-RAN spin")
@@ -324,7 +304,7 @@ def test_a_daemon_forked_between_calls_dies_with_the_handle(repo):
         assert remote.pid in {p.pid for p in daemon.parents()}  # still inside the worker's tree
         assert remote.echo("still answering") == "still answering"
         remote.close()
-        assert gone([daemon]) and not processes_named(comm)
+        assert all_gone([daemon]) and not processes_named(comm)
     finally:
         for proc in processes_named(comm):
             with contextlib.suppress(psutil.Error):
@@ -404,7 +384,7 @@ def test_a_call_cannot_fetch(repo, fetch_canary, capsys):
 
 def test_a_worker_asking_without_end_is_cut_off(repo, fetch_canary):
     remote = load(repo, asks={"fetch": fetch_canary.handler})
-    processes = tree_of(remote)
+    processes = tree_of(remote.pid)
     with pytest.raises(ProtocolError, match="more than 1000 questions"):
         remote.ask_flood()
     assert fetch_canary.calls == []
