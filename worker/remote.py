@@ -46,7 +46,7 @@ def hold(model: Any) -> dict[str, Any]:
 
 
 def warm_up() -> None:
-    """Run a call's own path once at load (the codec both ways, inference mode, a small matmul), so
+    """Run a call's own path once at load (the codec both ways, inference mode, a small module), so
     the first call costs what later ones do: a forked worker pays for first use of each code path
     (lazy initialisation, and the zygote's pages it copies on first write)."""
     torch = sys.modules.get("torch")
@@ -57,7 +57,7 @@ def warm_up() -> None:
             x = torch.ones(1, 8)
             packed = values.pack_call((x,), {"k": [1.0, "s"]})
             (y,), _ = values.unpack_call(packed.tree, [bytes(b) for b in packed.buffers])
-            values.pack({"out": torch.nn.functional.linear(y, torch.ones(2, 8))}, root="result")
+            values.pack({"out": torch.nn.Linear(8, 2)(y)}, root="result")  # nn.Module's own call path too
     except Exception:
         pass  # only a head start: a call that cannot warm up here still runs
 

@@ -507,3 +507,11 @@ def test_close_all_at_exit_closes_every_handle(probe_repo):
     processes = [p for remote in remotes for p in processes_of(remote)]
     close_all()
     assert all(remote.closed for remote in remotes) and all_gone(processes)
+
+
+def test_settings_are_checked_before_any_worker_starts(probe_repo):
+    for bad in ({"idle_timeout": 0}, {"lifetime": -1.0}, {"idle_timeout": "10"}, {"lifetime": math.inf}):
+        with pytest.raises(InvalidArgumentError, match="positive number of seconds"):
+            Sandbox(**bad)
+    with pytest.raises(InvalidArgumentError, match="returns='remote' needs isolate=True"):
+        safehub.load(str(probe_repo), "probe", source="local", returns="remote")
