@@ -24,7 +24,7 @@ from .errors import (
     OfflineError,
 )
 
-_RETURNS = ("object", "weights")
+_RETURNS = ("object", "weights", "remote")
 
 _TRUST_ARG_DOC = """trust_repo (bool or str): ``"check"``, ``True`` or ``False``. Asked only when the
             repository's code would run outside a sandbox (``isolate=False``, or
@@ -349,14 +349,17 @@ def load(
         returns (str, optional): with isolation, ``"object"`` brings the entrypoint's return
             value back whole (the repository's classes pickled by value, so its code then runs
             here: trust is needed), ``"weights"`` brings back only tensors, as a
-            ``dict[str, Tensor]`` parsed as data (no trust needed). Default is ``"object"``.
+            ``dict[str, Tensor]`` parsed as data (no trust needed), ``"remote"`` keeps the
+            model in its sandboxed worker and returns a :class:`~safehub.RemoteModule` whose
+            calls run there, data in and data out (no trust needed). Default is ``"object"``.
         lock (path, optional): a lock file (``safehub lock``); the repository must have an entry
             there, and only the pinned commit with the pinned archive sha256 is used.
         **kwargs (optional): the corresponding kwargs for callable ``model``.
 
     Returns:
         The output of the ``model`` callable when called with the given ``*args`` and
-        ``**kwargs``; with ``returns="weights"``, its tensors by name.
+        ``**kwargs``; with ``returns="weights"``, its tensors by name; with ``returns="remote"``,
+        a :class:`~safehub.RemoteModule` (close it, or use it in a ``with`` block).
 
     Raises:
         InvalidRefError: ``repo_or_dir`` is not a valid ``owner/repo[:ref]``.
@@ -367,15 +370,17 @@ def load(
     Example:
         >>> model = safehub.load("pytorch/vision", "resnet50", weights=None)  # doctest: +SKIP
         >>> weights = safehub.load("someone/repo", "net", isolate=True, returns="weights")  # doctest: +SKIP
+        >>> with safehub.load("someone/repo", "net", isolate=True, returns="remote") as net:  # doctest: +SKIP
+        ...     logits = net(torch.rand(1, 3, 32, 32))
     """
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
     if returns not in _RETURNS:
-        raise InvalidArgumentError(f"returns must be 'object' or 'weights', not {returns!r}.")
+        raise InvalidArgumentError(f"returns must be 'object', 'weights' or 'remote', not {returns!r}.")
     if sandbox is None and returns != "object":
         raise InvalidArgumentError(
-            "returns='weights' needs isolate=True: in-process, the repository's code runs here "
-            "anyway. Call model.state_dict() yourself, or pass isolate=True."
+            f"returns={returns!r} needs isolate=True: in-process, the repository's code runs here "
+            "anyway. Call the model (or model.state_dict()) yourself, or pass isolate=True."
         )
     trust_needed = sandbox is None or returns == "object"
     repo_dir = _repo_dir(

@@ -57,7 +57,14 @@ class Sandbox:
 
     Args:
         timeout: wall-clock seconds for the whole call; past it every process of the worker is
-            killed and :class:`~safehub.errors.WorkerTimeoutError` is raised. Enforced.
+            killed and :class:`~safehub.errors.WorkerTimeoutError` is raised. Enforced. For a
+            remote model (``returns="remote"``), the load and each call on it have this long.
+        idle_timeout: a remote model only: seconds its worker may wait between calls; past it
+            the worker is ended, and later calls raise :class:`~safehub.errors.RemoteClosedError`.
+            None (default): no limit. Enforced.
+        lifetime: a remote model only: seconds its worker may live, calls included, from the
+            load on; past it the worker is ended (a running call raises
+            :class:`~safehub.errors.RemoteClosedError`). None (default): no limit. Enforced.
         memory_limit: bytes of address space for the worker, or None. Enforced from the sandbox
             layers on.
         cpu_time: CPU seconds, or None. Enforced from the sandbox layers on.
@@ -103,6 +110,8 @@ class Sandbox:
     """
 
     timeout: float = 300.0
+    idle_timeout: float | None = None
+    lifetime: float | None = None
     memory_limit: int | None = 8 * _GIB
     cpu_time: float | None = None
     max_processes: int = field(default_factory=lambda: default_max_processes())
@@ -119,6 +128,8 @@ class Sandbox:
 
     def __post_init__(self) -> None:
         _positive_number("timeout", self.timeout)
+        _positive_number("idle_timeout", self.idle_timeout, optional=True)
+        _positive_number("lifetime", self.lifetime, optional=True)
         _positive_number("cpu_time", self.cpu_time, optional=True)
         _positive_int("memory_limit", self.memory_limit, optional=True, minimum=64 * 1024**2)
         _positive_int("max_processes", self.max_processes)

@@ -30,6 +30,7 @@ message.
     │   ├── RemoteError                       the repository's code raised; remote_traceback
     │   ├── WorkerCrashedError                the worker died; exit_code, signal_name
     │   ├── WorkerTimeoutError (TimeoutError) the worker ran past Sandbox.timeout
+    │   ├── RemoteClosedError                 a remote model's worker has ended; reason
     │   └── ProtocolError                     the worker sent bytes that break the protocol
     │       └── ResultDecodeError             a result that fails validation (weights, pickle)
     └── SandboxError (RuntimeError)           a Sandbox setting is invalid or unavailable
@@ -170,6 +171,11 @@ class WorkerCrashedError(WorkerError):
 
 class WorkerTimeoutError(WorkerError, TimeoutError):
     """The worker ran past its time limit. Attribute: ``timeout``."""
+
+
+class RemoteClosedError(WorkerError):
+    """A remote model (``returns="remote"``) was called after its worker ended: closed, timed
+    out, crashed, broke the protocol, or past its idle or whole-life limit. Attribute: ``reason``."""
 
 
 class ProtocolError(WorkerError):

@@ -27,6 +27,16 @@ conversation on the call's channel:
                        REFUSE   {id, reason}; or the parent ends the call (kills the worker)
     worker -> parent   RESULT   {action, ...} or ERROR {error, type, message, traceback, ...}: the end
 
+A remote model (CALL with returns "remote") keeps the conversation open after its RESULT
+{action: "load", returns: "remote", methods, class}: the model stays in the worker, and each call
+on the parent's handle is one exchange, data only (``values.py`` describes the value trees):
+
+    parent -> worker   INVOKE   {method, call, inference} + tensors' bytes (one buffer, memfds)
+    worker -> parent   ASK ...  refused: a remote model's calls may not fetch
+    worker -> parent   RETURNED {value} + tensors' bytes, or {value: null, transport, sizes} (state_dict:
+                                the weights layout), or FAILED {error, type, message, traceback}
+    parent -> worker   CLOSE    {}: the worker exits (the parent kills the tree if it does not)
+
 The warm path speaks to its zygote in the same frames, on the zygote's own sockets:
 
     zygote -> parent   READY    {pid, namespaces}: once, on the control socket
@@ -40,7 +50,9 @@ Versioning: a new optional field keeps the version; a change of meaning bumps it
 any other version is refused. Version 2: results as shards (``"sizes"``) in the layout of
 ``layout.py``. Version 3: the call is a conversation (CALL replaces REQUEST; ASK, ANSWER,
 REFUSE), every message is declared with typed fields, and the worker's settings are a typed
-structure (:class:`WorkerSettings`).
+structure (:class:`WorkerSettings`). The remote mode (INVOKE, RETURNED, FAILED, CLOSE, and
+RESULT's optional "methods" and "class") came within version 3: no frame that existed changed
+meaning, and a peer that does not know a kind refuses it by kind (:func:`check_message`).
 
 Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
 ``poll``; every length is checked against :class:`Limits` *before* anything is allocated for it,
@@ -77,6 +89,10 @@ READY = "ready"
 SPAWN = "spawn"
 SPAWNED = "spawned"
 EXITED = "exited"
+INVOKE = "invoke"
+RETURNED = "returned"
+FAILED = "failed"
+CLOSE = "close"
 SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
 
 # How a worker process ends (the supervisor mirrors the work process; the zygote uses the same).
@@ -92,6 +108,9 @@ EXIT_MEANINGS = {
 
 _CHUNK = 1024 * 1024
 _INT_SIZE = array.array("i").itemsize
+# Plain ints: the socket module's flags are enums, whose arithmetic costs microseconds per read.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class FrameError(Exception):
@@ -160,21 +179,25 @@ def send_frame(
     views = [memoryview(b).cast("B") for b in buffers]
     head = encode_head(kind, fields, [len(v) for v in views], len(fds))
     sock.setblocking(False)
-    sent = 0
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        while True:
+    # One sendmsg for the head and the buffers, tried before any poll: a small frame costs one
+    # system call. The fds ride on its first bytes, which are the head's.
+    pending = [memoryview(head), *views]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    while True:
+        _check_deadline(deadline)
+        try:
+            sent = sock.sendmsg(pending, ancillary)
+            break
+        except BlockingIOError:
             _wait(sock, select.POLLOUT, deadline)
-            try:
-                sent = sock.sendmsg([head], ancillary)
-                break
-            except BlockingIOError:
-                continue
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise FrameEOF("the peer closed the channel") from exc
-    _send_all(sock, memoryview(head)[sent:], deadline)
-    for view in views:
-        _send_all(sock, view, deadline)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise FrameEOF("the peer closed the channel") from exc
+    for view in pending:
+        if sent >= len(view):
+            sent -= len(view)
+            continue
+        _send_all(sock, view[sent:], deadline)
+        sent = 0
 
 
 def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = Limits()) -> Frame:
@@ -190,7 +213,9 @@ def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = 
             raise FrameError(f"{nbuffers} buffers, more than the cap of {limits.max_buffers}")
         if header_len > limits.max_header_bytes:
             raise FrameError(f"header of {header_len} bytes, more than the cap of {limits.max_header_bytes}")
-        lengths = [LENGTH.unpack_from(reader.read(LENGTH.size))[0] for _ in range(nbuffers)]
+        # All the lengths in one read, checked before the header is waited for.
+        raw_lengths = reader.read(LENGTH.size * nbuffers) if nbuffers else b""
+        lengths = [LENGTH.unpack_from(raw_lengths, LENGTH.size * i)[0] for i in range(nbuffers)]
         for n in lengths:
             if n > limits.max_buffer_bytes:
                 raise FrameError(f"buffer of {n} bytes, more than the cap of {limits.max_buffer_bytes}")
@@ -257,20 +282,23 @@ class _Reader:
 
     def read(self, n: int) -> bytes:
         # Grown as bytes arrive (never pre-sized), so a declared length costs nothing until sent.
+        # Each read is tried first and polled for only when nothing is there yet.
         data = bytearray()
         while len(data) < n:
-            _wait(self.sock, select.POLLIN, self.deadline)
+            _check_deadline(self.deadline)
             try:
-                chunk, ancdata, flags, _ = self.sock.recvmsg(
-                    min(n - len(data), _CHUNK), self.ancbufsize, socket.MSG_CMSG_CLOEXEC
-                )
+                chunk, ancdata, flags, _ = self.sock.recvmsg(min(n - len(data), _CHUNK), self.ancbufsize, _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
+                _wait(self.sock, select.POLLIN, self.deadline)
                 continue
             except ConnectionResetError as exc:
                 raise FrameEOF("the peer reset the channel") from exc
-            self._take_fds(ancdata, flags)
+            if ancdata or flags & _MSG_CTRUNC:
+                self._take_fds(ancdata, flags)
             if not chunk:
                 raise FrameEOF(f"the channel closed after {len(data)} of {n} bytes")
+            if len(chunk) == n:
+                return chunk  # the whole read at once: no copy
             data += chunk
         return bytes(data)
 
@@ -280,21 +308,28 @@ class _Reader:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
                 self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC or len(self.fds) > self.max_fds:
+        if flags & _MSG_CTRUNC or len(self.fds) > self.max_fds:
             # The kernel closes the fds it could not deliver; the ones it did are closed by recv_frame.
             raise FrameError(f"more than {self.max_fds} file descriptors sent with one frame")
 
 
 def _send_all(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
     while view:
-        _wait(sock, select.POLLOUT, deadline)
+        _check_deadline(deadline)
         try:
             n = sock.send(view[:_CHUNK])
         except BlockingIOError:
+            _wait(sock, select.POLLOUT, deadline)
             continue
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise FrameEOF("the peer closed the channel") from exc
         view = view[n:]
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """Past the deadline, no more reads or writes: even a peer that keeps a trickle going is cut off."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise FrameTimeout("the deadline passed while waiting on the channel")
 
 
 def _wait(sock: socket.socket, events: int, deadline: float | None) -> None:
@@ -350,6 +385,9 @@ def _opt(*types: type) -> Field:
     return Field(types, required=False)
 
 
+MAX_VALUE_FDS = 8  # memfds with one INVOKE or RETURNED (the encoders write at most 4)
+
+
 MESSAGES: dict[str, Message] = {
     m.kind: m
     for m in (
@@ -368,6 +406,8 @@ MESSAGES: dict[str, Message] = {
                 "transport": _opt(str),
                 "sizes": _opt(list),
                 "sandbox": _opt(dict),
+                "methods": _opt(list),
+                "class": _opt(str),
             },
             max_buffers=1,
             max_fds=8,
@@ -387,6 +427,12 @@ MESSAGES: dict[str, Message] = {
                 "sandbox": _opt(dict),
             },
         ),
+        Message(INVOKE, "parent", {"method": Field((str,)), "call": Field((dict,)), "inference": Field((bool,))},
+                max_buffers=1, max_fds=MAX_VALUE_FDS),
+        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list)},
+                max_buffers=1, max_fds=MAX_VALUE_FDS),
+        Message(FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str)}),
+        Message(CLOSE, "parent", {}),
         Message(READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
         Message(SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
         Message(SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),

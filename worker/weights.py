@@ -13,6 +13,7 @@ names. ``source`` is a contiguous CPU tensor, a ``torch.UntypedStorage`` or a by
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -63,30 +64,53 @@ def weights_parts(tensors: Mapping[str, Any]) -> list[Part]:
     """One part per tensor, in the caller's order (the decoder keeps it)."""
     parts = []
     for name, tensor in tensors.items():
-        t = _prepare(name, tensor)
-        parts.append((name, DTYPE_NAMES[str(t.dtype).removeprefix("torch.")], list(t.shape), t.element_size(), t))
+        try:
+            t, dtype_name = prepare_tensor(tensor)
+        except Unsendable as exc:
+            raise NotWeights(f"{name!r} {exc}" + ("" if exc.final else f". {_USE_OBJECT}")) from None
+        parts.append((name, dtype_name, list(t.shape), t.element_size(), t))
     return parts
 
 
-def _prepare(name: str, tensor: Any) -> Any:
+class Unsendable(ValueError):
+    """A tensor the layout cannot carry; the message says why, after the tensor's name."""
+
+    def __init__(self, reason: str, final: bool = False) -> None:
+        super().__init__(reason)
+        self.final = final  # no other mode would carry it either (a meta tensor has no data)
+
+
+def prepare_tensor(tensor: Any) -> tuple[Any, str]:
+    """(a dense, contiguous CPU tensor with the same values, its layout dtype name), or raise Unsendable.
+
+    Shared by the weights encoder and the value codec (``values.py``), so both carry the same tensors.
+    """
     import torch
 
-    t = tensor.detach()
-    dtype = str(t.dtype).removeprefix("torch.")
-    if t.is_complex():
-        raise NotWeights(f"{name!r} is complex ({dtype}); use torch.view_as_real, or {_USE_OBJECT}")
-    if dtype not in DTYPE_NAMES:
-        raise NotWeights(f"{name!r} has dtype {dtype}, which the weights format does not carry. {_USE_OBJECT}")
-    if t.layout != torch.strided or t.is_quantized:
-        raise NotWeights(f"{name!r} is not a dense tensor ({t.layout}). {_USE_OBJECT}")
-    if t.device.type == "meta":
-        raise NotWeights(f"{name!r} is on the meta device and has no data.")
-    if t.device.type != "cpu":
+    # Cheapest checks first: remote calls pay this per tensor (quantized dtypes are not in the table).
+    t = tensor.detach() if tensor.requires_grad else tensor
+    name = _dtype_names(torch).get(t.dtype)
+    if name is None:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if t.is_complex():
+            raise Unsendable(f"is complex ({dtype}); use torch.view_as_real")
+        raise Unsendable(f"has dtype {dtype}, which the weights format does not carry")
+    if t.layout != torch.strided:
+        raise Unsendable(f"is not a dense tensor ({t.layout})")
+    if not t.is_cpu:
+        if t.is_meta:
+            raise Unsendable("is on the meta device and has no data.", final=True)
         t = t.to("cpu")
     if t.dtype is torch.bool:
         t = t.ne(False)  # canonical 0/1 bytes, whatever the storage held
     # Each tensor gets its own contiguous bytes, even when several share one storage (views).
-    return t.contiguous()
+    return (t if t.is_contiguous() else t.contiguous()), name
+
+
+@functools.lru_cache(maxsize=1)
+def _dtype_names(torch: Any) -> dict[Any, str]:
+    """torch dtype -> the format's dtype name (DTYPE_NAMES keyed by the dtype objects)."""
+    return {getattr(torch, torch_name): name for torch_name, name in DTYPE_NAMES.items()}
 
 
 def plan(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[tuple[Any, int]], int]:
@@ -148,7 +172,7 @@ def parts_to_bytes(parts: list[Part], metadata: Mapping[str, str]) -> bytearray:
     with memoryview(out) as view:
         view[: len(head)] = head
         for source, offset in placed:
-            with _raw(source) as raw:
+            with raw_view(source) as raw:
                 view[offset : offset + len(raw)] = raw
     return out
 
@@ -156,15 +180,36 @@ def parts_to_bytes(parts: list[Part], metadata: Mapping[str, str]) -> bytearray:
 def parts_to_memfds(parts: list[Part], metadata: Mapping[str, str], count: int | None = None) -> list[tuple[int, int]]:
     """Write the parts as sealed memfds, one shard each, in parallel; returns [(fd, size)].
 
-    The caller sends then closes the fds. One file per thread: writes to one tmpfs file take its
-    inode lock, so several threads on one file go no faster than one.
+    The caller sends then closes the fds.
     """
     layouts = [lay_out(shard, metadata) for shard in split(parts, shard_count(parts) if count is None else count)]
+    return write_memfds(layouts)
+
+
+def encode_shards(parts: list[Part], metadata: Mapping[str, str]) -> tuple[dict[str, Any], list[Any], list[int]]:
+    """A weights result as a frame's content: ({"transport", "sizes"}, buffers, fds).
+
+    Sealed memfds where the machine has them; else one inline buffer (a sandbox without memfds).
+    """
+    try:
+        shards = parts_to_memfds(parts, metadata)
+    except OSError:
+        payload = parts_to_bytes(parts, metadata)
+        return {"transport": "inline", "sizes": [len(payload)]}, [payload], []
+    return {"transport": "memfd", "sizes": [size for _, size in shards]}, [], [fd for fd, _ in shards]
+
+
+def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]], name: str = "safehub-result") -> list[tuple[int, int]]:
+    """One sealed memfd per layout ``(head, [(source, offset)], total size)``, written in parallel.
+
+    Returns [(fd, size)]; the caller sends then closes them. One file per thread: writes to one
+    tmpfs file take its inode lock, so several threads on one file go no faster than one.
+    """
     fds: list[int] = []
     errors: list[BaseException] = []
     try:
         for _ in layouts:
-            fds.append(os.memfd_create("safehub-result", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
+            fds.append(os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
         jobs = [(fd, *layout, errors) for fd, layout in zip(fds, layouts)]
         threads = [threading.Thread(target=_write_shard, args=job, daemon=True) for job in jobs[1:]]
         for thread in threads:
@@ -189,7 +234,7 @@ def _write_shard(fd: int, head: bytes, placed: list[tuple[Any, int]], total: int
         # pwrite, not a shared mapping: the kernel copies into fresh pages without zeroing them first.
         _pwrite_all(fd, memoryview(head), 0)
         for source, offset in placed:
-            with _raw(source) as raw:
+            with raw_view(source) as raw:
                 _pwrite_all(fd, raw, offset)
     except BaseException as exc:
         errors.append(exc)
@@ -210,7 +255,7 @@ def nbytes(source: Any) -> int:
     return source.numel() * source.element_size()
 
 
-def _raw(source: Any) -> memoryview:
+def raw_view(source: Any) -> memoryview:
     """The source's bytes as a memoryview, without a copy. The source must stay alive meanwhile."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source).cast("B")

@@ -41,14 +41,13 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from . import WORKER_DIR, hubconf, protocol, repo_view, shims
+from . import failures, hubconf, protocol, remote, repo_view, shims
+from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
 from .layout import DTYPE_NAMES
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
 from .sandbox.libc import prctl
 
-_MAX_MESSAGE = 64 * 1024
-_MAX_TRACEBACK = 256 * 1024
 _MAX_DOC = 1024 * 1024
 PR_SET_PDEATHSIG = 1
 # The call's arguments are the parent's (trusted) pickle; an answer is small, or fds.
@@ -118,7 +117,7 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
         # A private, writable view of the repository (repo_view.py): the cache stays read-only.
         view = repo_view.writable_view(settings.repo_dir, settings.scratch_dir)
         if view:
-            _SHOWN_AS[view] = settings.repo_dir
+            failures.SHOWN_AS[view] = settings.repo_dir
         _clean_sys_path(view or settings.repo_dir)
         _channel = Channel(sock, deadline)
         repo_dirs = [view, settings.repo_dir] if view else [settings.repo_dir]
@@ -139,7 +138,8 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     finally:
         for fd in fds:
             os.close(fd)
-    return EXIT_OK
+    # returns="remote": the model stays here, and the parent's calls on it follow (remote.py).
+    return remote.serve(sock, settings, _channel) if remote.holding() and _channel is not None else EXIT_OK
 
 
 class Refused(Exception):
@@ -250,6 +250,8 @@ def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str])
 def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str]) -> Reply:
     from . import weights
     fields: dict[str, Any] = {"action": "load", "returns": returns}
+    if returns == "remote":
+        return _result({**fields, **remote.hold(value)})
     if returns == "weights":
         parts, metadata = weights.weights_parts(weights.collect_tensors(value)), weights.WEIGHTS_METADATA
     elif returns == "object":
@@ -262,12 +264,8 @@ def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str])
         parts, metadata = objects.dumps(value, DTYPE_NAMES), objects.OBJECT_METADATA
     else:
         raise ValueError(f"unknown returns={returns!r}")
-    try:
-        shards = weights.parts_to_memfds(parts, metadata)
-    except OSError:  # no memfd here (or a sandbox forbids it): send the bytes inline, as one shard
-        payload = weights.parts_to_bytes(parts, metadata)
-        return _result({**fields, "transport": "inline", "sizes": [len(payload)]}, buffers=[payload])
-    return _result({**fields, "transport": "memfd", "sizes": [size for _, size in shards]}, fds=[fd for fd, _ in shards])
+    transport, buffers, fds = weights.encode_shards(parts, metadata)
+    return _result({**fields, **transport}, buffers=buffers, fds=fds)
 
 
 def _register_repo_modules(cloudpickle: Any, repo_dirs: list[str], modules: list[Any]) -> None:
@@ -336,48 +334,3 @@ def _module_name(obj: Any) -> str:
 
 def _result(fields: dict[str, Any], buffers: list[bytes] | None = None, fds: list[int] | None = None) -> Reply:
     return ("result", fields, buffers or [], fds or [])
-
-
-def _error(category: str, message: str, **facts: Any) -> Reply:
-    fields = {"error": category, "type": facts.pop("type", ""), "message": _cap(message, _MAX_MESSAGE)}
-    fields["traceback"] = _cap(facts.pop("traceback", ""), _MAX_TRACEBACK, keep_tail=True)
-    fields.update(facts)
-    return ("error", fields, [], [])
-
-
-def _exception(phase: str, exc: BaseException) -> Reply:
-    try:
-        message = str(exc)
-    except Exception:
-        message = f"<unprintable {type(exc).__name__}>"
-    return _error("exception", message, type=type(exc).__name__, traceback=_format_traceback(exc), phase=phase)
-
-
-def _format_traceback(exc: BaseException) -> str:
-    """The traceback as text, starting at the repository's frames (the worker's own are noise)."""
-    import traceback
-
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and _is_worker_frame(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    try:
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-    except Exception:
-        return f"<traceback unavailable for {type(exc).__name__}>"
-    for view, repo_dir in _SHOWN_AS.items():  # the repository's own paths, not its view's
-        text = text.replace(view + os.sep, repo_dir + os.sep)
-    return text
-
-
-_SHOWN_AS: dict[str, str] = {}
-
-
-def _is_worker_frame(filename: str) -> bool:
-    return filename.startswith(WORKER_DIR + os.sep) or filename.startswith("<frozen importlib")
-
-
-def _cap(text: Any, limit: int, keep_tail: bool = False) -> str:
-    text = text if isinstance(text, str) else str(text)
-    if len(text) <= limit:
-        return text
-    return "[...]\n" + text[-limit:] if keep_tail else text[:limit] + "[...]"

@@ -19,10 +19,11 @@ from .._sandbox import Sandbox
 from .._worker import protocol
 from ..errors import HubconfError, InvalidArgumentError, ProtocolError
 from .process import Worker
+from .remote import open_remote
 from .replies import interpret, scratch_full
 
 ACTIONS = ("list", "help", "load")
-RETURNS = ("object", "weights")
+RETURNS = ("object", "weights", "remote")
 MAX_ASKS = 10_000  # questions one call may ask; each is answered within the call's deadline
 
 # What the worker may ask for mid-call: ``what`` -> handler(args) -> (value, buffers, fds).
@@ -56,7 +57,8 @@ def run_isolated(
         args, kwargs: passed to the entrypoint (load). Pickled with cloudpickle in the parent.
         returns: "object" -> the result itself, unpickled here (runs the repository's code:
             trusted repositories only); "weights" -> dict[str, torch.Tensor] parsed as data,
-            never unpickled.
+            never unpickled; "remote" -> a ``RemoteModule``: the result stays in the worker,
+            which stays up for the handle's calls (``remote.py``).
         sandbox: the limits (``Sandbox``).
         asks: handlers for what the worker may ask mid-call (``what`` -> handler); the rest is refused.
         view_dir: the call's view of the cache (``broker.Broker``): the worker reads it, and its
@@ -75,9 +77,15 @@ def run_isolated(
     repo_dir = _check_call(repo_dir, action, model, returns, sandbox)
     request = {"action": action, "model": model, "returns": returns}
     buffers = [_dump_args(args, kwargs or {})] if action == "load" and (args or kwargs) else []
-    with Worker(repo_dir, sandbox, view_dir) as worker:
+    with contextlib.ExitStack() as cleanup:
+        worker = cleanup.enter_context(Worker(repo_dir, sandbox, view_dir))
         worker.send(protocol.CALL, request, buffers)
         frame = _converse(worker, asks or {})
+        if returns == "remote" and frame.kind == protocol.RESULT:
+            _report_missing_layers(frame.fields.get("sandbox"))
+            handle = open_remote(worker, frame, model or "")
+            cleanup.pop_all()  # the handle owns the worker now: it ends when the handle closes
+            return handle
         try:
             worker.finish()  # the whole answer is in: let the worker flush its output and exit
             _report_missing_layers(frame.fields.get("sandbox"))
@@ -135,7 +143,7 @@ def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sa
     if action not in ACTIONS:
         raise InvalidArgumentError(f"action must be one of {ACTIONS}, not {action!r}")
     if returns not in RETURNS:
-        raise InvalidArgumentError(f'returns must be "object" or "weights", not {returns!r}')
+        raise InvalidArgumentError(f'returns must be "object", "weights" or "remote", not {returns!r}')
     if action != "list" and not isinstance(model, str):
         raise InvalidArgumentError("Invalid input: model should be a string of function name")
     if not isinstance(sandbox, Sandbox):

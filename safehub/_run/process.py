@@ -84,11 +84,11 @@ class Worker:
         with self._protocol_errors():
             protocol.send_frame(self.sock, kind, fields, buffers, fds, deadline=self.deadline)
 
-    def receive(self, expected: tuple[str, ...]) -> protocol.Frame:
+    def receive(self, expected: tuple[str, ...], limits: protocol.Limits = REPLY_LIMITS) -> protocol.Frame:
         """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
         assert self.sock is not None
         with self._protocol_errors():
-            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=REPLY_LIMITS)
+            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
             try:
                 return protocol.check_message(frame, expected)
             except protocol.FrameError:
@@ -123,20 +123,28 @@ class Worker:
             return WorkerCrashedError(message, exit_code=None, signal_name=None)
         return crashed_error(code)
 
+    def restart_clock(self, seconds: float | None = None) -> None:
+        """A worker that stays up (a remote model) starts a call: its time limit counts from now."""
+        self.deadline = time.monotonic() + (self.sandbox.timeout if seconds is None else seconds)
+
     def finish(self) -> None:
         """After an answer: let the worker exit by itself (its supervisor reaps the tree)."""
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=EXIT_GRACE_S)
 
+    def kill(self) -> None:
+        """Kill the worker's whole tree now; a thread blocked on its channel then sees it close."""
+        if self.proc is not None and self.proc.running():  # only a live (unreaped) pid is ours to kill
+            kill_process_tree(self.proc.pid)
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+
     def _cleanup(self) -> None:
         if self.sock is not None:
             self.sock.close()
         if self.proc is not None:
-            if self.proc.running():  # only a live (unreaped) pid is ours to kill
-                kill_process_tree(self.proc.pid)
-                with contextlib.suppress(OSError):
-                    self.proc.kill()
+            self.kill()
             self.proc.wait()
         for relay in self.relays:
             relay.join(timeout=EXIT_GRACE_S)

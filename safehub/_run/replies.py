@@ -54,14 +54,15 @@ def interpret(frame: protocol.Frame, action: str, model: str | None, returns: st
         # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
         raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
     # Tensors are views on the private mappings, which live as long as they do: never closed here.
-    shards = _payload(frame)
+    shards = result_shards(frame)
     if returns == "weights":
         return decode_weights(shards)
     return decode_object(shards)
 
 
-def _payload(frame: protocol.Frame) -> list[Any]:
-    """The result's shards: each memfd checked for its seals and mapped, or the one inline buffer."""
+def result_shards(frame: protocol.Frame) -> list[Any]:
+    """A weights or object result's shards (``transport``, ``sizes`` and what came with the frame):
+    each memfd checked for its seals and mapped privately, or the one inline buffer."""
     fields = frame.fields
     sizes, transport = fields.get("sizes"), fields.get("transport")
     if type(sizes) is not list or not 1 <= len(sizes) <= MAX_SHARDS or not all(type(n) is int and n >= 0 for n in sizes):

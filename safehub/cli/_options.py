@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import EXIT_USAGE
+from ._errors import EXIT_USAGE, CommandError
 
 REPO_HELP = "owner/repo[:ref] (a tag, branch or commit SHA; default: the default branch)"
 
@@ -51,6 +51,58 @@ def add_group(subparsers: Any, name: str, *, help: str, description: str, epilog
 
 def json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def entrypoint_arguments(parser: argparse.ArgumentParser, *, model_metavar: str = "MODEL") -> None:
+    """REPO, the entrypoint's name, and its keyword arguments (--arg NAME=VALUE, repeatable)."""
+    parser.add_argument("repo", metavar="REPO", help=REPO_HELP)
+    parser.add_argument("model", metavar=model_metavar, help="the entrypoint's name")
+    parser.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
+                        help="a keyword argument for the entrypoint (repeatable; JSON when it parses)")
+
+
+def repo_options(parser: argparse.ArgumentParser) -> None:
+    """Where the repository comes from: --source, --locked, --force-reload, --skip-validation."""
+    parser.add_argument("--source", choices=("github", "local"), default="github",
+                        help="github (default): REPO is owner/repo[:ref]; local: REPO is a folder holding hubconf.py")
+    parser.add_argument("--locked", metavar="LOCKFILE",
+                        help="use exactly the commit and archive pinned in LOCKFILE (see `safehub lock`); "
+                             "asks the GitHub API nothing")
+    parser.add_argument("--force-reload", action="store_true", help="download again even if cached")
+    parser.add_argument("--skip-validation", action="store_true",
+                        help="do not check that the ref belongs to the repository and not to a fork "
+                             "(fewer API requests)")
+
+
+def sandbox_options(parser: argparse.ArgumentParser, *, no_isolate: bool) -> None:
+    """The sandbox's limits (read by :func:`sandbox_from_options`), and --no-isolate where it applies."""
+    sandbox = parser.add_argument_group("sandbox")
+    if no_isolate:
+        sandbox.add_argument("--no-isolate", action="store_true",
+                             help="run hubconf.py in this process, as torch.hub does (needs trust)")
+    sandbox.add_argument("--timeout", metavar="SECONDS", type=positive_float,
+                         help="wall-clock limit for the worker (default 300)")
+    sandbox.add_argument("--memory-limit", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
+                         help="memory limit for the worker, e.g. 4G, 512M, or none (default 8G)")
+
+
+def sandbox_from_options(args: argparse.Namespace, **settings: Any) -> Any:
+    """A Sandbox with the limits given on the command line (and ``settings``), or None if none was."""
+    from .. import errors
+    from .._sandbox import Sandbox
+
+    limits = dict(settings)
+    if args.timeout is not None:
+        limits["timeout"] = args.timeout
+    memory_limit = getattr(args, "memory_limit", argparse.SUPPRESS)  # None means "no limit"
+    if memory_limit is not argparse.SUPPRESS:
+        limits["memory_limit"] = memory_limit
+    if not limits:
+        return None
+    try:
+        return Sandbox(**limits)
+    except errors.InvalidArgumentError as exc:
+        raise CommandError(f"Invalid sandbox limit (--timeout, --memory-limit): {exc}", exit_code=EXIT_USAGE) from exc
 
 
 # -- value types -----------------------------------------------------------------------------------

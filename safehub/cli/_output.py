@@ -68,3 +68,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def savable_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors, none sharing storage with another: what safetensors can write."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            tensor = tensor.clone()  # tied weights: safetensors refuses shared storage
+        seen.add(ptr)
+        out[name] = tensor.contiguous()
+    return out

@@ -11,12 +11,12 @@ import argparse
 import textwrap
 
 from .. import __version__
-from . import cache, doctor, lock, models, trust
+from . import cache, doctor, lock, models, run, trust
 from ._errors import EXIT_CODES
 from ._options import global_options
 
 # In the order ``safehub --help`` lists their commands.
-COMMAND_GROUPS = (models, trust, cache, doctor, lock)
+COMMAND_GROUPS = (models, run, trust, cache, doctor, lock)
 
 _EXIT_TABLE = "\n".join(
     textwrap.fill(meaning, width=96, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
@@ -29,6 +29,8 @@ examples:
   safehub help pytorch/vision:v0.16.0 resnet18     an entrypoint's docstring
   safehub load someone/repo net --output net.safetensors
                                                    weights of an untrusted repo, no trust needed
+  safehub run someone/repo net --input x.safetensors --output y.safetensors
+                                                   call the model in the sandbox on a file's tensors
   safehub lock someone/repo:v1.0 > safehub.lock    pin commit and archive sha256
   safehub --offline load someone/repo:v1.0 net --locked safehub.lock --output net.safetensors
   safehub doctor                                   what this machine offers

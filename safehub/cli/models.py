@@ -12,11 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .. import _api, errors
-from .._sandbox import Sandbox
+from .. import _api
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
-from ._options import REPO_HELP, add_command, json_option, parse_kwarg, parse_size, positive_float
-from ._output import atomic_output, check_output_path, format_size, note, print_json, stdout_to_stderr
+from ._options import REPO_HELP, add_command, entrypoint_arguments, json_option, repo_options, sandbox_from_options, sandbox_options
+from ._output import atomic_output, check_output_path, format_size, note, print_json, savable_tensors, stdout_to_stderr
 
 _TRUST_FOR_NO_ISOLATE = "trust the repository (adds it to the trusted list); needed only with --no-isolate"
 
@@ -61,10 +60,7 @@ def register(subparsers: Any) -> None:
                            "  safehub load pytorch/vision resnet18 --returns object --trust --output resnet18.pt\n\n"
                            "--arg values are JSON when they parse (3, 0.5, true, null, \"text\", [1, 2]),\n"
                            "else plain strings: --arg name=resnet is the string 'resnet'.")
-    p.add_argument("repo", metavar="REPO", help=REPO_HELP)
-    p.add_argument("model", metavar="MODEL", help="the entrypoint's name")
-    p.add_argument("--arg", dest="kwargs", metavar="NAME=VALUE", type=parse_kwarg, action="append",
-                   help="a keyword argument for the entrypoint (repeatable)")
+    entrypoint_arguments(p)
     p.add_argument("--returns", choices=("weights", "object"), default="weights",
                    help="weights (default): tensors into a .safetensors file; "
                         "object: torch.save the object (needs trust)")
@@ -76,46 +72,21 @@ def register(subparsers: Any) -> None:
 
 def _fetch_options(parser: argparse.ArgumentParser, *, trust_help: str) -> None:
     """Where the repository comes from, trust, and the sandbox's limits (read by :func:`_isolate_arg`)."""
-    parser.add_argument("--source", choices=("github", "local"), default="github",
-                        help="github (default): REPO is owner/repo[:ref]; local: REPO is a folder holding hubconf.py")
-    parser.add_argument("--locked", metavar="LOCKFILE",
-                        help="use exactly the commit and archive pinned in LOCKFILE (see `safehub lock`); "
-                             "asks the GitHub API nothing")
-    parser.add_argument("--force-reload", action="store_true", help="download again even if cached")
-    parser.add_argument("--skip-validation", action="store_true",
-                        help="do not check that the ref belongs to the repository and not to a fork "
-                             "(fewer API requests)")
+    repo_options(parser)
     parser.add_argument("--trust", dest="trust_repo", action="store_const", const=True, default="check",
                         help=trust_help)
-    sandbox = parser.add_argument_group("sandbox")
-    sandbox.add_argument("--no-isolate", action="store_true",
-                         help="run hubconf.py in this process, as torch.hub does (needs trust)")
-    sandbox.add_argument("--timeout", metavar="SECONDS", type=positive_float,
-                         help="wall-clock limit for the worker (default 300)")
-    sandbox.add_argument("--memory-limit", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
-                         help="memory limit for the worker, e.g. 4G, 512M, or none (default 8G)")
+    sandbox_options(parser, no_isolate=True)
 
 
 def _isolate_arg(args: argparse.Namespace) -> Any:
     """False, True, or a Sandbox with the limits given on the command line."""
-    limits = {}
-    if args.timeout is not None:
-        limits["timeout"] = args.timeout
-    memory_limit = getattr(args, "memory_limit", argparse.SUPPRESS)  # None means "no limit"
-    if memory_limit is not argparse.SUPPRESS:
-        limits["memory_limit"] = memory_limit
+    sandbox = sandbox_from_options(args)
     if args.no_isolate:
-        if limits:
+        if sandbox is not None:
             raise CommandError("--timeout and --memory-limit set the sandbox; they do nothing with --no-isolate.",
                                exit_code=EXIT_USAGE)
         return False
-    if not limits:
-        return True
-    try:
-        return Sandbox(**limits)
-    except errors.InvalidArgumentError as exc:
-        raise CommandError(f"Invalid sandbox limit (--timeout, --memory-limit): {exc}",
-                           exit_code=EXIT_USAGE) from exc
+    return True if sandbox is None else sandbox
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -161,7 +132,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.returns == "weights":
         from safetensors.torch import save_file
 
-        tensors = _savable(result)
+        tensors = savable_tensors(result)
         metadata = {"format": "pt", "safehub.repo": str(args.repo), "safehub.model": args.model}
         with atomic_output(output) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -183,16 +154,3 @@ def cmd_load(args: argparse.Namespace) -> int:
     else:
         print(f"Wrote {what} from {args.repo} {args.model} to {output} ({format_size(report['bytes'])}).")
     return EXIT_OK
-
-
-def _savable(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Contiguous tensors, none sharing storage with another: what safetensors can write."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen and tensor.numel():
-            tensor = tensor.clone()  # tied weights: safetensors refuses shared storage
-        seen.add(ptr)
-        out[name] = tensor.contiguous()
-    return out

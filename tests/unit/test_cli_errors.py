@@ -40,6 +40,7 @@ EXPECTED = {
     "RemoteError": cli.EXIT_ERROR,
     "WorkerCrashedError": cli.EXIT_ERROR,
     "WorkerTimeoutError": cli.EXIT_ERROR,
+    "RemoteClosedError": cli.EXIT_ERROR,
     "ProtocolError": cli.EXIT_ERROR,
     "ResultDecodeError": cli.EXIT_ERROR,
     "SandboxError": cli.EXIT_ERROR,

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER_DIR = ROOT / "worker"
 PARENT_DIR = ROOT / "safehub"
 # What the parent may take from the worker: the entry script's path (ENTRY_SCRIPT, WORKER_DIR
-# from the package itself), the wire format, the result layout's names, the read grants, and
-# the hubconf handling that in-process loads share with the worker (so both answer alike).
+# from the package itself), the wire format, the result layout's names, the read grants, the
+# hubconf handling that in-process loads share with the worker (so both answer alike), and the
+# value codec of remote models (both sides pack and unpack the same data trees).
 PARENT_MAY_IMPORT = {"safehub._worker", "safehub._worker.protocol", "safehub._worker.layout",
-                     "safehub._worker.grants", "safehub._worker.hubconf"}
+                     "safehub._worker.grants", "safehub._worker.hubconf", "safehub._worker.values"}
 
 
 def module_name(path: Path, top: Path, package: str) -> str:

@@ -1,0 +1,339 @@
+"""One remote model's worker for the life of its handle: calls, limits, and the end (DESIGN 1, 4).
+
+A :class:`RemoteSession` owns a ``process.Worker`` that answered a load with ``returns="remote"``
+and stays up. Each call is one exchange on the worker's channel (``protocol.py``: INVOKE, then
+RETURNED or FAILED), under the sandbox's ``timeout`` counted afresh; calls from several threads
+take turns (one lock). Arguments leave as data (``values.py``: tensors copied once into sealed
+memfds, or inline when small, so the worker never holds the caller's own memory); a reply is read
+as hostile: held to its declaration, capped like the weights decoder, memfds checked for their
+seals and mapped privately (results are views on them, not copies). During a call the worker's
+questions (fetches) are all refused: the inputs could leave through a URL.
+
+A call that times out, a worker that dies or breaks the protocol, an interrupted call: the worker
+is ended (its whole tree killed, its scratch folder removed) and every later call raises
+:class:`~safehub.errors.RemoteClosedError` saying why. The same happens past the sandbox's
+``idle_timeout`` or ``lifetime`` (a watchdog thread), on ``close()``, when the handle is
+collected, and at interpreter exit. An exception in the model's own code is not an end: it is
+raised as :class:`~safehub.errors.RemoteError` and the model stays.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_weights, map_sealed_memfd
+from .._worker import protocol, values
+from ..errors import (
+    InvalidArgumentError,
+    ProtocolError,
+    RemoteClosedError,
+    RemoteError,
+    ResultDecodeError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from .process import EXIT_GRACE_S, Worker
+from .replies import MAX_INLINE_BYTES, result_shards
+
+CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
+MAX_REFUSALS = 1000  # questions one call may ask (each refused) before the worker is cut off
+FETCH_REFUSED = "a remote model's calls may not fetch: the inputs could leave through a URL"
+# A reply's tree is in its header; the weights decoder's caps bound its tensors and bytes.
+REPLY_LIMITS = protocol.Limits(
+    max_header_bytes=16 * 1024 * 1024,
+    max_buffers=1,
+    max_buffer_bytes=MAX_INLINE_BYTES,
+    max_total_bytes=MAX_INLINE_BYTES,
+    max_fds=protocol.MAX_VALUE_FDS,
+)
+VALUE_CAPS = values.Caps(max_tensors=MAX_TENSORS, max_total_bytes=MAX_TOTAL_BYTES, max_ndim=MAX_NDIM,
+                         max_key_chars=MAX_NAME_CHARS)
+_MAX_TEXT = 64 * 1024
+
+
+class RemoteSession:
+    """The worker of one remote model, from its load to its end. Thread-safe."""
+
+    def __init__(self, worker: Worker, model: str) -> None:
+        self.worker = worker
+        self.model = model
+        self.sandbox = worker.sandbox
+        self.owner = os.getpid()  # a forked child holds a copy of the channel, not the worker
+        self.call_lock = threading.Lock()  # one exchange at a time on the channel
+        self.state = threading.Condition()  # guards the fields below; wakes the watchdog
+        self.gone: str | None = None  # why the model is gone; None while it is up
+        self.busy = False
+        self.started = self.last_used = time.monotonic()
+        self.cleaned = False
+        _track(self)
+        if self.sandbox.idle_timeout is not None or self.sandbox.lifetime is not None:
+            threading.Thread(target=self._watch, name="safehub-remote-watchdog", daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's supervisor (the top of its process tree), or None once it is gone."""
+        proc = self.worker.proc
+        return proc.pid if proc is not None and not self.cleaned else None
+
+    def call(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any], *, inference: bool) -> Any:
+        """Run ``method`` on the model in the worker; its result, as data.
+
+        Raises:
+            RemoteClosedError: the model is gone (the reason says why); also when it goes during this call.
+            RemoteError: the model's code raised; the model stays.
+            InvalidArgumentError: an argument is not data.
+            WorkerTimeoutError, WorkerCrashedError, ProtocolError, ResultDecodeError: this call
+                ended the worker; later calls raise RemoteClosedError.
+        """
+        self._check_owner()
+        try:
+            packed = values.pack_call(args, kwargs)
+        except values.NotData as exc:
+            raise InvalidArgumentError(f"the arguments of {_name(method)} cannot be sent to the remote model: {exc}") from None
+        try:
+            with self.call_lock:
+                self._begin()
+                try:
+                    frame = self._exchange(method, packed, inference)
+                    failure = _failure(frame.fields, method) if frame.kind == protocol.FAILED else None
+                    value = None if failure is not None else self._decode(frame, method)
+                except BaseException as exc:
+                    error = self._fail(exc, method)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                finally:
+                    self._end_call()
+        finally:
+            packed.close()
+        if failure is not None:
+            raise failure
+        return value
+
+    def warm_up(self) -> None:
+        """Run this side of a call's path once (the codec both ways), so the first call costs what later ones do."""
+        if "torch" in sys.modules:
+            torch = sys.modules["torch"]
+            packed = values.pack_call((torch.ones(1, 8),), {"k": [1.0, "s"]})
+            values.unpack(packed.tree, [bytes(b) for b in packed.buffers], VALUE_CAPS)
+
+    def close(self) -> None:
+        """End the worker (politely: CLOSE, then the tree is killed if it lingers). Idempotent."""
+        if os.getpid() != self.owner:
+            self._forget_in_child()
+            return
+        if not self.call_lock.acquire(blocking=False):
+            # A call runs in another thread: end the worker under it; that call cleans up.
+            self._end("the handle was closed while a call was running")
+            return
+        try:
+            with self.state:
+                polite = self.gone is None and not self.cleaned
+                self._mark_gone("the handle was closed")
+            if polite:
+                with contextlib.suppress(Exception):
+                    self.worker.restart_clock(EXIT_GRACE_S)
+                    self.worker.send(protocol.CLOSE, {})
+                    self.worker.finish()
+            self._cleanup()
+        finally:
+            self.call_lock.release()
+
+    # -- one call -----------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        with self.state:
+            if self.gone is not None:
+                raise RemoteClosedError(_gone_message(self.model, self.gone), reason=self.gone)
+            self.busy = True
+
+    def _end_call(self) -> None:
+        with self.state:
+            self.busy = False
+            self.last_used = time.monotonic()
+            self.state.notify_all()
+
+    def _exchange(self, method: str, packed: values.Packed, inference: bool) -> protocol.Frame:
+        """Send the INVOKE; refuse every question the worker asks meanwhile; return its reply."""
+        worker = self.worker
+        worker.restart_clock()
+        fields = {"method": method, "call": packed.tree, "inference": inference}
+        worker.send(protocol.INVOKE, fields, packed.buffers, packed.fds)
+        for _ in range(MAX_REFUSALS + 1):
+            frame = worker.receive((protocol.ASK, protocol.RETURNED, protocol.FAILED), limits=REPLY_LIMITS)
+            if frame.kind != protocol.ASK:
+                return frame
+            worker.send(protocol.REFUSE, {"id": frame.fields["id"], "reason": FETCH_REFUSED})
+        raise ProtocolError(f"the worker asked more than {MAX_REFUSALS} questions in one call")
+
+    def _decode(self, frame: protocol.Frame, method: str) -> Any:
+        """A RETURNED frame's value, read as hostile. Its fds are closed here (mappings keep theirs)."""
+        try:
+            if method == "state_dict":
+                if frame.fields["value"] is not None:
+                    raise ProtocolError("the worker answered state_dict() with something else than weights")
+                return decode_weights(result_shards(frame))
+            if "transport" in frame.fields or "sizes" in frame.fields:
+                raise ProtocolError(f"the worker answered {_name(method)} with weights")
+            segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
+            try:
+                return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
+            except values.BadTree as exc:
+                raise ResultDecodeError(f"the result of {_name(method)} is not valid data: {exc}") from None
+        finally:
+            frame.close_fds()
+
+    def _fail(self, exc: BaseException, method: str) -> BaseException:
+        """After anything that broke an exchange: end the worker; the error to raise."""
+        with self.state:
+            ended_by_other = self.gone  # closed, or past its idle or whole life, meanwhile
+            self._mark_gone(_why(exc, method))
+        self._cleanup()
+        if ended_by_other is not None:
+            return RemoteClosedError(_gone_message(self.model, ended_by_other), reason=ended_by_other)
+        return exc
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _mark_gone(self, reason: str) -> None:
+        """Under ``state``: the first reason stays."""
+        if self.gone is None:
+            self.gone = reason
+        self.state.notify_all()
+
+    def _end(self, reason: str) -> None:
+        """From any thread: mark the model gone and kill its tree; clean up unless a call will."""
+        with self.state:
+            self._mark_gone(reason)
+            if not self.cleaned:
+                self.worker.kill()  # under `state`: never while _cleanup reaps the same process
+        if self.call_lock.acquire(blocking=False):
+            try:
+                self._cleanup()
+            finally:
+                self.call_lock.release()
+
+    def _cleanup(self) -> None:
+        """Once, with the call lock held: the channel closed, the tree killed and reaped, scratch removed."""
+        with self.state:
+            if self.cleaned:
+                return
+            self.cleaned = True
+            self.state.notify_all()
+            self.worker.__exit__(None, None, None)
+        _untrack(self)
+
+    def _watch(self) -> None:
+        """The watchdog: end the worker once it sat idle, or lived, longer than the sandbox allows."""
+        idle, lifetime = self.sandbox.idle_timeout, self.sandbox.lifetime
+        with self.state:
+            while self.gone is None:
+                limits = []
+                if lifetime is not None:
+                    limits.append((self.started + lifetime, f"its lifetime of {lifetime:g} s ran out (Sandbox(lifetime=...))"))
+                if idle is not None and not self.busy:
+                    limits.append((self.last_used + idle, f"it sat idle for {idle:g} s (Sandbox(idle_timeout=...))"))
+                now = time.monotonic()
+                if not limits:
+                    self.state.wait()
+                    continue
+                when, why = min(limits)
+                if when <= now:
+                    break
+                self.state.wait(when - now)
+            else:
+                return
+        self._end(why)
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self.owner:
+            raise RemoteClosedError(
+                f"The remote model {self.model!r} belongs to process {self.owner}; a forked child cannot call it. "
+                "Load it again in the child.", reason="forked child")
+
+    def _forget_in_child(self) -> None:
+        # The worker is the parent's: a forked child only drops its copy of the channel.
+        with self.state:
+            self._mark_gone(f"the handle belongs to process {self.owner}")
+            if self.worker.sock is not None and not self.cleaned:
+                self.cleaned = True
+                self.worker.sock.close()
+
+
+def _failure(fields: dict[str, Any], method: str) -> Exception:
+    """The error for a FAILED reply: the model's own exception, or a result it could not send."""
+    category, message = fields.get("error"), _text(fields.get("message"))
+    remote_type, remote_traceback = _text(fields.get("type")), _text(fields.get("traceback"), 256 * 1024)
+    if category == "exception":
+        return RemoteError(f"the remote model's {_name(method)} raised {remote_type}: {message}",
+                           remote_type=remote_type, remote_traceback=remote_traceback)
+    if category == "bad_result":
+        return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
+    if category in ("no_method", "arguments"):
+        return InvalidArgumentError(message)
+    return ProtocolError(f"the worker failed a call with an error of unknown category {str(category)[:40]!r}")
+
+
+def _why(exc: BaseException, method: str) -> str:
+    """Why the model is gone, after ``exc`` broke a call to ``method``."""
+    name = _name(method)
+    if isinstance(exc, WorkerTimeoutError):
+        return f"a call to {name} ran past its time limit of {exc.timeout:g} s (Sandbox(timeout=...)) and its worker was ended"
+    if isinstance(exc, WorkerCrashedError):
+        return f"its worker died during a call to {name}: {exc}"
+    if isinstance(exc, ProtocolError):
+        return f"its worker broke the protocol during a call to {name}: {exc}"
+    if isinstance(exc, RemoteClosedError):
+        return exc.reason
+    return f"a call to {name} was cut off ({type(exc).__name__}: {str(exc)[:200]}) and its worker was ended"
+
+
+def _gone_message(model: str, reason: str) -> str:
+    return f"The remote model {model!r} is gone: {reason}. Load it again to go on."
+
+
+def _name(method: str) -> str:
+    return "the call" if method == CALL_METHOD else f"{method}()"
+
+
+def _text(value: Any, limit: int = _MAX_TEXT) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+# -- every open session of this process, closed at exit ----------------------------------------
+
+_open: set[RemoteSession] = set()
+_open_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _track(session: RemoteSession) -> None:
+    global _exit_hook_registered
+    with _open_lock:
+        _open.add(session)
+        if not _exit_hook_registered:
+            # Registered on first use, after the warm path's own hook: atexit runs it first, so the
+            # workers get their CLOSE before the zygote they came from is stopped.
+            atexit.register(close_all)
+            _exit_hook_registered = True
+
+
+def _untrack(session: RemoteSession) -> None:
+    with _open_lock:
+        _open.discard(session)
+
+
+def close_all() -> None:
+    """Close every remote model of this process (at exit; tests)."""
+    with _open_lock:
+        sessions = list(_open)
+    for session in sessions:
+        with contextlib.suppress(Exception):
+            session.close()

@@ -1,0 +1,201 @@
+"""A remote model in the work process (``returns="remote"``): held after the load, called by the parent.
+
+``work.py`` calls the entrypoint as for any load; with ``returns="remote"`` it keeps the result
+here (:func:`hold`), answers the CALL with the model's public methods, then hands the channel to
+:func:`serve`: one INVOKE at a time, each answered with RETURNED (data only, ``values.py``; the
+weights layout for ``state_dict``) or FAILED, until CLOSE, or until the parent hangs up or kills
+the tree. The worker stays in its sandbox for its whole life; nothing here runs in the parent.
+
+A call runs under ``torch.inference_mode()`` unless the INVOKE says ``"inference": false``. The
+repository's code may still ask the parent for things through ``work.Channel`` (a fetch): the
+parent refuses every question during a call, and between calls nobody reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import sys
+import time
+from typing import Any
+
+from . import failures, protocol, values, weights
+from .layout import WEIGHTS_METADATA
+from .protocol import EXIT_OK, EXIT_SOFTWARE, WorkerSettings
+
+MAX_METHODS = 4096
+MAX_METHOD_NAME = 256
+CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__ (forward)
+# The parent is trusted here; its frames carry a call's arguments, inline or in memfds.
+_INVOKE_LIMITS = protocol.Limits(
+    max_header_bytes=64 * 1024 * 1024, max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40,
+    max_fds=protocol.MAX_VALUE_FDS,
+)
+
+_held: list[Any] = []  # the model, once loaded with returns="remote"
+
+Reply = tuple[str, dict[str, Any], list[Any], list[int]]
+
+
+def hold(model: Any) -> dict[str, Any]:
+    """Keep ``model`` for the calls to come; return the RESULT's fields that describe it."""
+    _held[:] = [model]
+    warm_up()
+    return {"methods": public_methods(model), "class": type(model).__name__[:MAX_METHOD_NAME]}
+
+
+def warm_up() -> None:
+    """Run a call's own path once at load (the codec both ways, inference mode, a small module), so
+    the first call costs what later ones do: a forked worker pays for first use of each code path
+    (lazy initialisation, and the zygote's pages it copies on first write)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        with torch.inference_mode():
+            x = torch.ones(1, 8)
+            packed = values.pack_call((x,), {"k": [1.0, "s"]})
+            (y,), _ = values.unpack_call(packed.tree, [bytes(b) for b in packed.buffers])
+            values.pack({"out": torch.nn.Linear(8, 2)(y)}, root="result")  # nn.Module's own call path too
+    except Exception:
+        pass  # only a head start: a call that cannot warm up here still runs
+
+
+def holding() -> bool:
+    """True once :func:`hold` kept a model: the work process then serves it instead of exiting."""
+    return bool(_held)
+
+
+def public_methods(model: Any) -> list[str]:
+    """The names a caller may call: public callables of the model (methods, submodules)."""
+    names = []
+    for name in dir(model):
+        if name.startswith("_") or len(name) > MAX_METHOD_NAME:
+            continue
+        try:
+            if callable(getattr(model, name)):
+                names.append(name)
+        except Exception:
+            continue  # a property that raises is no method
+        if len(names) >= MAX_METHODS:
+            break
+    return names
+
+
+def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
+    """Answer the parent's INVOKEs until CLOSE; the work process's exit code.
+
+    ``channel`` is the conversation's ``work.Channel``: each call gets a fresh deadline for the
+    questions the repository's code may ask meanwhile, and its lock keeps their frames apart
+    from the calls' own.
+    """
+    model = _held[0]
+    while True:
+        try:
+            with channel.lock:
+                frame = protocol.recv_frame(sock, deadline=None, limits=_INVOKE_LIMITS)
+            protocol.check_message(frame, (protocol.INVOKE, protocol.CLOSE))
+        except protocol.FrameEOF:
+            return EXIT_OK  # the parent let the handle go
+        except protocol.FrameError as exc:
+            print(f"safehub worker: a remote call broke the protocol: {exc}", file=sys.stderr)
+            return EXIT_SOFTWARE
+        if frame.kind == protocol.CLOSE:
+            frame.close_fds()
+            return EXIT_OK
+        deadline = time.monotonic() + settings.timeout
+        channel.deadline = deadline
+        kind, fields, buffers, fds = invoke(model, frame)
+        try:
+            with channel.lock:
+                protocol.send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
+        except (protocol.FrameError, OSError) as exc:
+            print(f"safehub worker: could not send a remote call's answer: {exc}", file=sys.stderr)
+            return EXIT_SOFTWARE
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def invoke(model: Any, frame: protocol.Frame) -> Reply:
+    """Run one INVOKE on ``model``: its RETURNED or FAILED reply."""
+    method = frame.fields["method"]
+    try:
+        segments = list(frame.buffers) + [_map(fd) for fd in frame.fds]
+        args, kwargs = values.unpack_call(frame.fields["call"], segments)
+    except (ValueError, OSError) as exc:
+        return _failed("arguments", f"the call's arguments could not be read: {exc}")
+    finally:
+        frame.close_fds()
+    if method == "state_dict":
+        return _state_dict(model)
+    target = _target(model, method)
+    if target is None:
+        return _failed("no_method", f"the remote {type(model).__name__} has no public method {method[:MAX_METHOD_NAME]!r}")
+    try:
+        with _mode(frame.fields["inference"]):
+            value = target(*args, **kwargs)
+    except BaseException as exc:
+        return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
+    try:
+        if method in ("eval", "train"):
+            value = None  # the module itself: the parent returns its handle
+        packed = values.pack(value, root="result")
+    except (ValueError, OSError) as exc:  # NotData, NotWeights, a memfd that could not be written
+        return _failed("bad_result", f"the result of {_name(method)} cannot be sent: {exc}", exc)
+    return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)
+
+
+def _state_dict(model: Any) -> Reply:
+    """The model's weights in the weights layout (``returns="weights"``'s), for the weights decoder."""
+    try:
+        parts = weights.weights_parts(weights.collect_tensors(model))
+        transport, buffers, fds = weights.encode_shards(parts, WEIGHTS_METADATA)
+    except weights.NotWeights as exc:
+        return _failed("bad_result", f"state_dict() cannot be sent: {exc}", exc)
+    except BaseException as exc:  # the model's own state_dict() raised
+        return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
+    return (protocol.RETURNED, {"value": None, **transport}, buffers, fds)
+
+
+def _target(model: Any, method: str) -> Any:
+    if method == CALL_METHOD:
+        return model if callable(model) else None
+    if method.startswith("_"):
+        return None  # private names and dunders are the model's own business
+    try:
+        target = getattr(model, method)
+    except Exception:
+        return None
+    return target if callable(target) else None
+
+
+def _mode(inference: bool) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is None or not inference:
+        return contextlib.nullcontext()
+    return torch.inference_mode()
+
+
+def _map(fd: int) -> Any:
+    """The parent's memfd, mapped privately: the model may write its inputs; nobody else sees it."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return b""
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _name(method: str) -> str:
+    return "the call" if method == CALL_METHOD else f"{method[:MAX_METHOD_NAME]}()"
+
+
+def _failed(category: str, message: str, exc: BaseException | None = None) -> Reply:
+    facts = {"type": type(exc).__name__, "traceback": failures.format_traceback(exc)} if exc is not None else {}
+    return (protocol.FAILED, _fields(failures.error(category, message, **facts)), [], [])
+
+
+def _fields(reply: tuple[str, dict[str, Any], list[Any], list[int]]) -> dict[str, Any]:
+    fields = reply[1]
+    fields.pop("phase", None)  # FAILED always means the call itself
+    return fields
