@@ -13,7 +13,9 @@ pattern of pyproject-hooks ``_in_process/__init__.py``), pinned by
 - :data:`ENTRY_SCRIPT`: the path of ``main.py``, which the parent runs as ``python -I -B``;
 - ``protocol``: frames, message kinds and their fields, the worker's settings, exit codes;
 - ``layout``: the result layout's dtype names and metadata;
-- ``grants``: the folders the sandbox lets a worker read (bubblewrap's binds, Landlock's rules).
+- ``grants``: the folders the sandbox lets a worker read (bubblewrap's binds, Landlock's rules);
+- ``values``: the data-only arguments and results of remote calls;
+- ``hubconf``: the hubconf handling in-process loads share, so both answer alike.
 
 Layout::
 
@@ -24,7 +26,12 @@ Layout::
     hubconf.py     import hubconf.py, check dependencies, find entrypoints (parent uses it in-process too)
     weights.py     encode tensors as data (the safetensors-like layout) into sealed memfds
     objects.py     encode an object: cloudpickle of its structure, storages and TorchScript archives beside it
+    shims.py       torch.hub, urllib and requests fetches, asked of the parent
+    repo_view.py   the repository's private writable view in scratch
+    remote.py      a remote model: serves calls on the model it keeps
+    failures.py    a failure as a frame's fields
     protocol.py    the wire format, versioned (shared with the parent)
+    values.py      the data-only values of remote calls (shared with the parent)
     layout.py      dtype names and result metadata (shared with the parent)
     grants.py      read paths of the sandbox (shared with the parent)
     sandbox/       the layers: confine (the one hook), namespaces, landlock, seccomp, limits, probe
