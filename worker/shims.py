@@ -17,7 +17,7 @@ them (HUB_PATTERNS.md):
   network fail with an error that names ``Sandbox(network=True)``.
 
 torch.hub and requests are patched when imported (a cold worker of a pure-Python hubconf never
-imports torch), urllib at once. The environment gives torch.hub its folders: ``TORCH_HOME`` is
+imports torch), and so are urllib.request and requests. The environment gives torch.hub its folders: ``TORCH_HOME`` is
 the view folder, so ``get_dir()`` and ``_get_torch_home()`` answer as torch.hub would.
 """
 
@@ -30,9 +30,6 @@ import io
 import os
 import socket
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any, Callable
 
 _state: dict[str, Any] = {}
@@ -53,8 +50,6 @@ def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list
             repo_dirs: list[str], view_dir: str, network: bool) -> None:
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
-    urllib.request.urlopen = _urlopen
-    urllib.request.urlretrieve = _urlretrieve
     if not network:
         socket.socket.connect = _no_network  # type: ignore[method-assign]
         socket.socket.connect_ex = _no_network  # type: ignore[method-assign]
@@ -114,6 +109,8 @@ def _fetch_to(url: str, dst: str, hash_prefix: str | None, progress: bool) -> No
     other (the working folder, a model_dir) is kept in ``hub/checkpoints`` under the URL's own
     name, as load_state_dict_from_url names it, and ``dst`` becomes a link to it.
     """
+    import urllib.parse
+
     folder, name = os.path.realpath(os.path.dirname(dst)), os.path.basename(dst)
     places = {os.path.join(_state["view_dir"], place): place for place in ("hub/checkpoints", "checkpoints")}
     place = places.get(folder)
@@ -191,6 +188,9 @@ class _Response(io.BytesIO):
 
 
 def _urlopen(url: Any, data: Any = None, timeout: Any = None, *args: Any, **kwargs: Any) -> _Response:
+    import urllib.error
+    import urllib.request
+
     method = url.get_method() if isinstance(url, urllib.request.Request) else ("POST" if data is not None else "GET")
     full_url = url.full_url if isinstance(url, urllib.request.Request) else str(url)
     if method != "GET":
@@ -242,7 +242,13 @@ def _no_network(self: socket.socket, address: Any) -> Any:
 
 
 _REAL_CONNECT = socket.socket.connect
-_PATCHES: dict[str, Callable[[Any], None]] = {"torch.hub": _patch_torch_hub, "requests": _patch_requests}
+def _patch_urllib(request: Any) -> None:
+    request.urlopen = _urlopen
+    request.urlretrieve = _urlretrieve
+
+
+# Patched when imported (urllib.request and torch.hub cost milliseconds a worker may not need).
+_PATCHES: dict[str, Callable[[Any], None]] = {"urllib.request": _patch_urllib, "torch.hub": _patch_torch_hub, "requests": _patch_requests}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from . import failures, hubconf, protocol, remote, repo_view, shims
+from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
 from .layout import DTYPE_NAMES
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
@@ -60,7 +60,7 @@ def preload() -> None:
 
     torch is imported and never used: no op may run before a fork.
     """
-    from . import objects, weights  # noqa: F401 - imported late by _encode
+    from . import objects, remote, weights  # noqa: F401 - imported late by _encode
     import pickle, select, socket, traceback  # noqa: E401, F401 - what _work imports late
 
     import cloudpickle  # noqa: F401
@@ -139,7 +139,8 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
         for fd in fds:
             os.close(fd)
     # returns="remote": the model stays here, and the parent's calls on it follow (remote.py).
-    return remote.serve(sock, settings, _channel) if remote.holding() and _channel is not None else EXIT_OK
+    remote = sys.modules.get(f"{__package__}.remote")  # imported only when a load asked for returns="remote"
+    return remote.serve(sock, settings, _channel) if remote is not None and remote.holding() and _channel is not None else EXIT_OK
 
 
 class Refused(Exception):
@@ -251,6 +252,8 @@ def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str])
     from . import weights
     fields: dict[str, Any] = {"action": "load", "returns": returns}
     if returns == "remote":
+        from . import remote
+
         return _result({**fields, **remote.hold(value)})
     if returns == "weights":
         parts, metadata = weights.weights_parts(weights.collect_tensors(value)), weights.WEIGHTS_METADATA
