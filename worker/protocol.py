@@ -200,6 +200,15 @@ def send_frame(
         sent = 0
 
 
+def send_and_close(sock: socket.socket, kind: str, fields: dict[str, Any], buffers: Sequence[bytes | bytearray | memoryview],
+                   fds: Sequence[int], *, deadline: float | None) -> None:
+    """Send one frame and close ``fds`` whatever happens: the peer has its copies, or none are needed."""
+    try:
+        send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
+    finally:
+        _close_all(fds)
+
+
 def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = Limits()) -> Frame:
     """Read one whole frame, or raise FrameError (FrameEOF, FrameTimeout). Never blocks past ``deadline``."""
     reader = _Reader(sock, deadline, limits.max_fds)

@@ -109,13 +109,10 @@ def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
         kind, fields, buffers, fds = invoke(model, frame)
         try:
             with channel.lock:
-                protocol.send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
+                protocol.send_and_close(sock, kind, fields, buffers, fds, deadline=deadline)
         except (protocol.FrameError, OSError) as exc:
             print(f"safehub worker: could not send a remote call's answer: {exc}", file=sys.stderr)
             return EXIT_SOFTWARE
-        finally:
-            for fd in fds:
-                os.close(fd)
 
 
 def invoke(model: Any, frame: protocol.Frame) -> Reply:

@@ -131,13 +131,10 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     if "scratch_limit" in report.applied:
         fields["sandbox"]["scratch"] = _scratch_use(settings.scratch_dir)
     try:
-        protocol.send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
+        protocol.send_and_close(sock, kind, fields, buffers, fds, deadline=deadline)
     except (protocol.FrameError, OSError) as exc:
         print(f"safehub worker: could not send the answer: {exc}", file=sys.stderr)
         return EXIT_SOFTWARE
-    finally:
-        for fd in fds:
-            os.close(fd)
     # returns="remote": the model stays here, and the parent's calls on it follow (remote.py).
     remote = sys.modules.get(f"{__package__}.remote")  # imported only when a load asked for returns="remote"
     return remote.serve(sock, settings, _channel) if remote is not None and remote.holding() and _channel is not None else EXIT_OK
