@@ -1,7 +1,10 @@
 """bubblewrap around a cold worker: its command line, whether it works here, and its probe.
 
 Parent-only: the worker never runs bubblewrap, it runs inside it. The paths it binds are the
-worker's read grants (``safehub._worker.grants``), the same ones Landlock grants inside.
+worker's read grants (``safehub._worker.grants``), the same ones Landlock grants inside. The
+command line is made in two steps, as bubblewrap itself compiles its options into a list of
+``SetupOp`` before it performs them: :func:`plan` decides who runs inside and every step of the
+sandbox's file system (:class:`Plan`), :func:`render` writes it in bwrap's options.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from ._worker import grants
 
 UNPRIVILEGED_UID = 65534  # "nobody": what a root parent drops its workers to
+HOSTNAME = "safehub"  # the host name inside
 
 _FEATURES: dict[str, dict] = {}
 
@@ -46,28 +53,47 @@ def bwrap_features(bwrap: str | None = None) -> dict:
     return feats
 
 
-def _components(path: str) -> tuple[str, ...]:
-    return tuple(p for p in path.split("/") if p)
+TMPFS_SPECIALS = ("/proc", "/dev", "/tmp", "/dev/shm")  # made by bwrap itself, never as a bind's parent
+
+
+@dataclass(frozen=True)
+class SetupOp:
+    """One step of the sandbox's file system, as bubblewrap performs it (its own ``SetupOp``)."""
+
+    option: str  # bwrap's: --ro-bind, --bind, --symlink, --dir, --tmpfs, --proc, --dev
+    dest: str
+    source: str | None = None  # what is bound, or the symlink's target
+    perms: str | None = None  # octal mode, where this bwrap has --perms
+    size: int | None = None  # bytes of a tmpfs, where this bwrap has --size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sandbox to run a command in, decided; :func:`render` writes it as bwrap's command line."""
+
+    bwrap: str
+    ops: tuple[SetupOp, ...]  # in the order bwrap must perform them
+    chdir: str
+    network: bool
+    uid: int | None = None  # the id seen inside a user namespace (None: the caller's)
+    setpriv: str | None = None  # root drops to ``drop_uid`` through this setpriv: no user namespace
+    drop_uid: int | None = None
+    env: dict[str, str] | None = None  # None: the caller's environment stays
 
 
 def bwrap_argv(
-    repo_dir,
-    scratch_dir,
-    read_only_paths=(),
+    repo_dir: str | os.PathLike[str],
+    scratch_dir: str | os.PathLike[str],
+    read_only_paths: Iterable[str | os.PathLike[str]] = (),
     network: bool = False,
     uid: int | None = None,
-    gid: int | None = None,
     *,
-    python_prefixes=None,
-    env: dict | None = None,
-    etc_overrides: dict | None = None,
-    drop_via: str = "setpriv",
+    python_prefixes: Iterable[str] | None = None,
+    env: dict[str, str] | None = None,
     tmpfs_size: int | None = 256 * 1024 * 1024,
     scratch_size: int | None = None,
-    hostname: str = "safehub",
-    bwrap: str | None = None,
 ) -> list[str]:
-    """A bubblewrap command line (ending with ``--``; append the worker's argv).
+    """A bubblewrap command line (ending with ``--``; append the worker's argv): :func:`plan`, then :func:`render`.
 
     The sandbox sees: the system folders (read-only), a few loader files of /etc, the Python
     installation (``python_prefixes``, by default this interpreter's prefixes and
@@ -79,8 +105,8 @@ def bwrap_argv(
 
     Root and not root behave differently (bwrap is not setuid here):
 
-    - not root: bwrap must create a user namespace (implied); ``uid``/``gid`` set the ids seen
-      inside, the kernel's view stays the caller's uid. ``--disable-userns`` then forbids
+    - not root: bwrap must create a user namespace (implied); ``uid`` sets the id (and group)
+      seen inside, the kernel's view stays the caller's uid. ``--disable-userns`` then forbids
       nested user namespaces.
     - root, no ``uid`` (or 0): ``--unshare-user --cap-drop ALL`` so the sandbox holds no
       capability: without a user namespace bwrap runs the command as full root, and without
@@ -88,25 +114,20 @@ def bwrap_argv(
       The kernel still sees uid 0: RLIMIT_NPROC does not bind and root-owned 0600 files
       would be readable if bound in.
     - root with a ``uid``: bwrap's ``--uid`` only maps the inside id to the caller's real uid
-      (0), which is no drop at all. So with ``drop_via="setpriv"`` (default) no user namespace
-      is made, every capability but SETUID/SETGID/SETPCAP is dropped, and ``setpriv`` switches
-      to ``uid``/``gid``, clears groups, the inheritable and bounding sets before exec'ing the
-      command. ``drop_via="caller"`` leaves the same capabilities and expects the worker to
-      call ``limits.drop_privileges`` before running any repository code.
-      ``drop_via="userns"`` uses ``--unshare-user --uid`` (cosmetic: kernel uid stays 0).
-      Folders bwrap creates for bind targets are mode 0700 as root: they are made 0755 here
-      so the dropped uid can traverse to the interpreter.
+      (0), which is no drop at all. So no user namespace is made, every capability but
+      SETUID/SETGID/SETPCAP (and DAC_READ_SEARCH, for bwrap itself) is dropped, and ``setpriv``
+      switches to ``uid`` (group the same), clears groups, the inheritable and bounding sets
+      before exec'ing the command. Folders bwrap creates for bind targets are mode 0700 as
+      root: they are made 0755 here so the dropped uid can traverse to the interpreter.
 
     Args:
         repo_dir: the repository folder, bound read-only.
         scratch_dir: the worker's writable folder (HOME, TMPDIR); also the working directory.
         read_only_paths: more paths to bind read-only (missing ones are skipped).
         network: keep the host network (adds resolv.conf and CA certificates).
-        uid, gid: ids for the workload (gid defaults to uid).
+        uid: the id the command runs as (see above).
         python_prefixes: folders of the interpreter to bind; default ``grants.python_read_paths()``.
         env: when given, ``--clearenv`` and one ``--setenv`` per item.
-        etc_overrides: ``{"passwd": path, ...}`` files bound on /etc/<name>.
-        drop_via: "setpriv", "caller" or "userns", for a root caller with a ``uid``.
         tmpfs_size: bytes for /tmp and /dev/shm each (tmpfs pages escape RLIMIT_AS); None
             leaves bwrap's default (half of RAM).
         scratch_size: when given (and this bwrap has ``--size``), the scratch folder is not the
@@ -114,143 +135,163 @@ def bwrap_argv(
             in memory, bounded, and vanish with the sandbox. Mode 0700 for the sandbox's own uid;
             1777 for a root caller that drops to ``uid`` (bwrap makes the tmpfs root's, and only
             the dropped uid runs inside). bwrap sets no inode limit: the kernel's default.
-        hostname: the host name inside.
-        bwrap: the bwrap binary; default from PATH.
 
     Raises:
         FileNotFoundError: bwrap (or setpriv when needed) is not installed.
-        ValueError: an unknown ``drop_via``.
     """
-    feats = bwrap_features(bwrap)
+    feats = bwrap_features()
+    sandbox = plan(repo_dir, scratch_dir, read_only_paths, network, uid, feats=feats, python_prefixes=python_prefixes,
+                   env=env, tmpfs_size=tmpfs_size, scratch_size=scratch_size)
+    return render(sandbox, feats)
+
+
+def plan(
+    repo_dir: str | os.PathLike[str],
+    scratch_dir: str | os.PathLike[str],
+    read_only_paths: Iterable[str | os.PathLike[str]],
+    network: bool,
+    uid: int | None,
+    *,
+    feats: dict[str, Any],
+    python_prefixes: Iterable[str] | None,
+    env: dict[str, str] | None,
+    tmpfs_size: int | None,
+    scratch_size: int | None,
+) -> Plan:
+    """Decide the sandbox (who runs inside, and every step of its file system); see :func:`bwrap_argv`."""
     if feats.get("path") is None:
         raise FileNotFoundError(errno.ENOENT, "bubblewrap (bwrap) is not installed")
-    if drop_via not in ("setpriv", "caller", "userns"):
-        raise ValueError(f"drop_via must be 'setpriv', 'caller' or 'userns', not {drop_via!r}")
-    is_root = os.geteuid() == 0
-    if gid is None and uid is not None:
-        gid = uid
-    drop = is_root and uid not in (None, 0)
+    drop = os.geteuid() == 0 and uid not in (None, 0)
     setpriv = None
-    if drop and drop_via == "setpriv":
+    if drop:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            raise FileNotFoundError(errno.ENOENT, "setpriv (util-linux) is not installed; use drop_via='caller'")
+            raise FileNotFoundError(errno.ENOENT, "setpriv (util-linux) is not installed")
         setpriv = os.path.realpath(setpriv)
-    userns = not (drop and drop_via in ("setpriv", "caller"))
+    scratch = os.path.realpath(os.fspath(scratch_dir))
+    mounts = _mounts(
+        repo=os.path.realpath(os.fspath(repo_dir)),
+        scratch=scratch,
+        # A tmpfs at the scratch folder's path: 1777 when root drops to another uid inside.
+        scratch_tmpfs=(int(scratch_size), "1777" if drop else "0700") if scratch_size and feats.get("size") else None,
+        prefixes=grants.python_read_paths() if python_prefixes is None else [os.path.realpath(p) for p in python_prefixes],
+        read_only_paths=[os.path.realpath(os.fspath(p)) for p in read_only_paths],
+        network=network,
+        setpriv=setpriv,
+    )
+    specials = (
+        SetupOp("--proc", "/proc"),
+        SetupOp("--dev", "/dev"),
+        SetupOp("--tmpfs", "/tmp", perms="1777", size=tmpfs_size),
+        SetupOp("--tmpfs", "/dev/shm", perms="1777", size=tmpfs_size),
+    )
+    return Plan(
+        bwrap=feats["path"],
+        ops=specials + tuple(_with_parents(mounts)),
+        chdir=scratch,
+        network=network,
+        uid=None if drop else uid,
+        setpriv=setpriv,
+        drop_uid=uid if drop else None,
+        env=env,
+    )
 
-    argv = [feats["path"], "--die-with-parent", "--new-session"]
-    if userns:
+
+def _mounts(*, repo: str, scratch: str, scratch_tmpfs: tuple[int, str] | None, prefixes: list[str],
+            read_only_paths: list[str], network: bool, setpriv: str | None) -> dict[str, SetupOp]:
+    """What the sandbox holds, by destination: the first step for a destination wins."""
+    mounts: dict[str, SetupOp] = {}
+
+    def add(op: SetupOp) -> None:
+        mounts.setdefault(op.dest, op)
+
+    def covered(path: str) -> bool:
+        return any(path == dest or path.startswith(dest.rstrip("/") + "/") for dest in mounts)
+
+    for d in grants.SYSTEM_DIRS:
+        if os.path.islink(d):
+            add(SetupOp("--symlink", d, source=os.readlink(d)))
+        elif os.path.isdir(d):
+            add(SetupOp("--ro-bind", d, source=d))
+    for name in (*grants.ETC_FILES, *(grants.ETC_NETWORK if network else ())):
+        if os.path.exists(f"/etc/{name}"):
+            add(SetupOp("--ro-bind", f"/etc/{name}", source=os.path.realpath(f"/etc/{name}")))
+    for path in [*sorted(set(prefixes), key=_components), *read_only_paths]:
+        if os.path.exists(path) and not covered(path):
+            add(SetupOp("--ro-bind", path, source=path))
+    add(SetupOp("--ro-bind", repo, source=repo))
+    if scratch_tmpfs is not None:
+        size, mode = scratch_tmpfs
+        add(SetupOp("--tmpfs", scratch, perms=mode, size=size))
+    else:
+        add(SetupOp("--bind", scratch, source=scratch))
+    if setpriv and not covered(setpriv):
+        add(SetupOp("--ro-bind", setpriv, source=setpriv))
+    return mounts
+
+
+def _with_parents(mounts: dict[str, SetupOp]) -> list[SetupOp]:
+    """The mounts, each after the folders that lead to it, a folder before anything beneath it.
+
+    The folders are made 0755 so a dropped uid can traverse them (bwrap creates them 0700
+    otherwise) and so nothing of the host's layout is implied.
+    """
+    def covered(path: str) -> bool:
+        return any(path == dest or path.startswith(dest.rstrip("/") + "/") for dest in mounts)
+
+    parents = {
+        "/" + "/".join(parts[:i])
+        for parts in map(_components, mounts)
+        for i in range(1, len(parts))
+    }
+    steps = [((_components(d), 0), SetupOp("--dir", d, perms="0755"))
+             for d in parents if not covered(d) and d not in TMPFS_SPECIALS]
+    steps += [((_components(dest), 1), op) for dest, op in mounts.items()]
+    return [op for _, op in sorted(steps, key=lambda step: step[0])]
+
+
+def render(sandbox: Plan, feats: dict[str, Any]) -> list[str]:
+    """The plan as bwrap's command line (ending with ``--``, after setpriv's when root drops)."""
+    argv = [sandbox.bwrap, "--die-with-parent", "--new-session"]
+    if sandbox.setpriv is None:
         # --cap-drop ALL: as root, bwrap otherwise leaves the sandbox every capability of its
         # user namespace, enough to remount the read-only repository read-write (the kernel
         # uid is still 0, so the write then lands in the real file).
         argv += ["--unshare-user", "--cap-drop", "ALL"]
         if feats.get("disable_userns"):
             argv.append("--disable-userns")
-        if uid is not None:
-            argv += ["--uid", str(uid), "--gid", str(gid)]
+        if sandbox.uid is not None:
+            argv += ["--uid", str(sandbox.uid), "--gid", str(sandbox.uid)]
     else:
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-        if setpriv:
-            # SETPCAP to empty the bounding set; DAC_READ_SEARCH so bwrap (root, otherwise
-            # capability-less) can chdir into a scratch folder that is 0700 for the target uid.
-            # setpriv's uid change clears every one of them before the command runs.
-            argv += ["--cap-add", "CAP_SETPCAP", "--cap-add", "CAP_DAC_READ_SEARCH"]
-    argv += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--hostname", hostname, "--unshare-cgroup-try"]
-    if not network:
+        # SETPCAP to empty the bounding set; DAC_READ_SEARCH so bwrap (root, otherwise
+        # capability-less) can chdir into a scratch folder that is 0700 for the target uid.
+        # setpriv's uid change clears every one of them before the command runs.
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                 "--cap-add", "CAP_SETPCAP", "--cap-add", "CAP_DAC_READ_SEARCH"]
+    argv += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--hostname", HOSTNAME, "--unshare-cgroup-try"]
+    if not sandbox.network:
         argv.append("--unshare-net")
-
-    # (destination, op, source): sorted so that a folder is set up before what lies beneath it.
-    mounts: list[tuple[str, list[str]]] = []
-    bound: list[str] = []
-
-    def bind(src: str, dest: str | None = None, *, rw: bool = False) -> None:
-        dest = dest or src
-        if dest in bound:
-            return
-        mounts.append((dest, ["--bind" if rw else "--ro-bind", src, dest]))
-        bound.append(dest)
-
-    for d in grants.SYSTEM_DIRS:
-        if os.path.islink(d):
-            mounts.append((d, ["--symlink", os.readlink(d), d]))
-            bound.append(d)
-        elif os.path.isdir(d):
-            bind(d)
-    etc_names = list(grants.ETC_FILES) + (list(grants.ETC_NETWORK) if network else [])
-    overrides = dict(etc_overrides or {})
-    for name in etc_names:
-        if name in overrides:
-            continue
-        if os.path.exists(f"/etc/{name}"):
-            bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}")
-    for name, path in overrides.items():
-        bind(os.fspath(path), f"/etc/{name}")
-
-    def covered(path: str) -> bool:
-        return any(path == b or path.startswith(b.rstrip("/") + "/") for b in bound)
-
-    prefixes = grants.python_read_paths() if python_prefixes is None else [os.path.realpath(p) for p in python_prefixes]
-    for p in sorted(set(prefixes), key=_components):
-        if os.path.exists(p) and not covered(p):
-            bind(p)
-    for p in read_only_paths or ():
-        p = os.path.realpath(os.fspath(p))
-        if os.path.exists(p) and not covered(p):
-            bind(p)
-    repo = os.path.realpath(os.fspath(repo_dir))
-    scratch = os.path.realpath(os.fspath(scratch_dir))
-    bind(repo)
-    if scratch_size and feats.get("size"):
-        mode = "1777" if drop else "0700"
-        mounts.append((scratch, (["--perms", mode] if feats.get("perms") else []) + ["--size", str(int(scratch_size)), "--tmpfs", scratch]))
-        bound.append(scratch)
-    else:
-        bind(scratch, rw=True)
-    if setpriv and not covered(setpriv):
-        bind(setpriv)
-
-    # The folders leading to each target: made 0755 so a dropped uid can traverse them (bwrap
-    # creates them 0700 otherwise) and so nothing of the host's layout is implied.
-    specials = ["/proc", "/dev", "/tmp", "/dev/shm"]
-    dirs: set[str] = set()
-    for dest, _ in mounts:
-        parts = _components(dest)
-        for i in range(1, len(parts)):
-            parent = "/" + "/".join(parts[:i])
-            if not covered(parent) and parent not in specials:
-                dirs.add(parent)
-    ops: list[tuple[tuple[str, ...], int, list[str]]] = []
-    perms = ["--perms", "0755"] if feats.get("perms") else []
-    for d in dirs:
-        ops.append((_components(d), 0, perms + ["--dir", d]))
-    for dest, op in mounts:
-        ops.append((_components(dest), 1, op))
-    ops.sort(key=lambda item: (item[0], item[1]))
-
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    size = ["--size", str(int(tmpfs_size))] if (tmpfs_size and feats.get("size")) else []
-    sticky = ["--perms", "1777"] if feats.get("perms") else []
-    argv += sticky + size + ["--tmpfs", "/tmp"]
-    argv += sticky + size + ["--tmpfs", "/dev/shm"]
-    for _, _, op in ops:
-        argv += op
-    argv += ["--chdir", scratch]
-    if env is not None:
+    for op in sandbox.ops:
+        if op.perms is not None and feats.get("perms"):
+            argv += ["--perms", op.perms]
+        if op.size and feats.get("size"):
+            argv += ["--size", str(int(op.size))]
+        argv += [op.option, *([op.source] if op.source is not None else []), op.dest]
+    argv += ["--chdir", sandbox.chdir]
+    if sandbox.env is not None:
         argv.append("--clearenv")
-        for key, value in env.items():
+        for key, value in sandbox.env.items():
             argv += ["--setenv", str(key), str(value)]
     argv.append("--")
-    if setpriv:
-        argv += [
-            setpriv,
-            f"--reuid={uid}",
-            f"--regid={gid}",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-        ]
+    if sandbox.setpriv is not None:
+        uid = sandbox.drop_uid
+        argv += [sandbox.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--"]
     return argv
+
+
+def _components(path: str) -> tuple[str, ...]:
+    return tuple(p for p in path.split("/") if p)
 
 
 @functools.lru_cache(maxsize=1)
