@@ -3,7 +3,8 @@
 It lives in the worker's folder because both sides speak it: the worker imports it relatively,
 the parent as ``safehub._worker.protocol`` (with ``layout`` and ``grants``, the only worker
 modules the parent may import). Its errors are its own (:class:`FrameError` and subclasses); the
-parent maps them to ``safehub.errors`` at one boundary (``safehub/_run/channel.py``).
+parent maps them to ``safehub.errors`` at one boundary (``safehub/_run/process.py``, the worker's
+channel), and reads every frame of a conversation in one place (``safehub/_run/conversation.py``).
 
 A frame, all integers big-endian::
 
@@ -22,7 +23,8 @@ present, every declared field of its type; fields a newer peer adds are ignored)
 conversation on the call's channel:
 
     parent -> worker   CALL     {action, model, returns} [+ one buffer: pickle of (args, kwargs)]
-    worker -> parent   ASK      {id, what, args}: the worker needs something mid-call and waits
+    worker -> parent   ASK      {id, what, args}: the worker needs something mid-call and waits;
+                                one question at a time: it reads the reply before it asks again
     parent -> worker   ANSWER   {id, value} [+ buffers, fds], or
                        REFUSE   {id, reason}; or the parent ends the call (kills the worker)
     worker -> parent   RESULT   {action, ...} or ERROR {error, type, message, traceback, ...}: the end

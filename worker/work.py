@@ -6,8 +6,9 @@ entrypoint, and ends the conversation with one RESULT or ERROR. Meanwhile the re
 may need something only the parent can give (a fetch, issue 10's broker): :class:`Channel` asks
 for it with ASK and waits for the ANSWER or REFUSE.
 
-Input: CALL {"action": "list"|"help"|"load", "model": str|null, "returns": "object"|"weights"};
-for "load", one buffer: pickle of (args, kwargs). The parent is trusted, so this side unpickles it.
+Input: CALL {"action": "list"|"help"|"load", "model": str|null, "returns": "object"|"weights"|"remote"}
+(``returns`` matters to a load only); for "load", one buffer: pickle of (args, kwargs). The
+parent is trusted, so this side unpickles it.
 
 Output: exactly one final frame
     RESULT {"action": "list", "entrypoints": [str, ...]}
@@ -20,13 +21,17 @@ Output: exactly one final frame
            an object result holds each torch storage's bytes and the cloudpickle of the
            object's structure (repository modules pickled by value), whose tensors refer to
            those storages (``objects.py``).
+    RESULT {"action": "load", "returns": "remote", "methods": [str, ...], "class": str}: the model
+           stays here and the conversation goes on with the parent's calls on it (``remote.py``).
     ERROR  {"error": category, "type": str, "message": str, "traceback": str, ...} where category
-           is hubconf_missing, missing_dependencies (+"missing"), entrypoint_not_found (+"model"),
+           is hubconf_missing, hubconf_unreadable (the sandbox cannot read it), missing_dependencies
+           (+"missing"), entrypoint_not_found (+"model"),
            exception (the repository's code raised; +"phase": import|arguments|call),
            bad_result (the result cannot be sent as asked), or sandbox (+"layer": a required
            layer is unavailable).
-    Both carry "sandbox": {"applied": [...], "missing": {layer: reason}}, and with the scratch
+    Each carries "sandbox": {"applied": [...], "missing": {layer: reason}}, and with the scratch
     tmpfs "scratch": {"size": bytes, "free": bytes} after the work, so the parent can say it filled.
+    The parent maps each category to its error in one table (``safehub/_run/conversation.py``).
     stdout and stderr are the repository's own; the parent relays them, marked, with control
     characters made visible, and capped.
 """

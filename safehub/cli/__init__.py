@@ -9,6 +9,7 @@ go to stderr, so stdout stays parseable.
 One module per command group, each with a ``register(subparsers)`` that ``_parser`` calls:
 
     models.py    list, help, load
+    run.py       run: call a remote model on tensors from a file, save what it returns
     trust.py     trust list|add|remove
     cache.py     cache list|verify|clean
     doctor.py    doctor
