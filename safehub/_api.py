@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _cache, _fetch, _log, _pins, _refs, _trust, constants
 from ._refs import RepoRef
+from ._run import returns as _returns
 from ._worker import hubconf as _hubconf
 from .errors import (
     EntrypointNotFoundError,
@@ -23,8 +24,6 @@ from .errors import (
     MissingDependenciesError,
     OfflineError,
 )
-
-_RETURNS = ("object", "weights", "remote")
 
 _TRUST_ARG_DOC = """trust_repo (bool or str): ``"check"``, ``True`` or ``False``. Asked only when the
             repository's code would run outside a sandbox (``isolate=False``, or
@@ -131,8 +130,11 @@ def _repo_dir(
     return entry.repo_dir
 
 
-def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: Any, **call: Any) -> Any:
-    """Run ``action`` in a worker, with a broker serving what the repository fetches."""
+def _isolated(repo_dir: Path, action: str, *, sandbox: Any, mode: _returns.Mode | None, lock: Any, **call: Any) -> Any:
+    """Run ``action`` in a worker, with a broker serving what the repository fetches.
+
+    ``mode``: a load's ``returns`` mode; None for a list or help, which bring no code back.
+    """
     from ._run import run_isolated
     from ._run.broker import Broker
 
@@ -141,7 +143,7 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
         # may hold anything its modules made). Its own trust_repo is the repository's word, not
         # the caller's: never taken as trust.
         repo_ref = _refs.parse(args.get("github"))
-        _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=returns == "object")
+        _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=_returns.trust_needed(True, mode))
         # With a lock, a nested repository must be pinned in it too, like the outer one.
         return _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
                             skip_validation=bool(args.get("skip_validation")), lock=lock)
@@ -153,7 +155,9 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.
             _log.info(f"{repo_dir} is private to root: the sandbox reads a copy of it")
             repo_dir = broker.view.add_tree(Path(repo_dir), f"local-{Path(repo_dir).name}")
-        return run_isolated(repo_dir, action, returns=returns, sandbox=sandbox, asks=broker.handlers(), view_dir=broker.view.root, **call)
+        if mode is not None:
+            call["returns"] = mode.name
+        return run_isolated(repo_dir, action, sandbox=sandbox, asks=broker.handlers(), view_dir=broker.view.root, **call)
 
 
 def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
@@ -244,11 +248,11 @@ def list(  # noqa: A001 - torch.hub's name
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
     repo_dir = _repo_dir(
-        github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
+        github, source, trust_repo=trust_repo, trust_needed=_returns.trust_needed(sandbox is not None),
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        return _isolated(repo_dir, "list", sandbox=sandbox, returns="weights", lock=lock)
+        return _isolated(repo_dir, "list", sandbox=sandbox, mode=None, lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
     return _hubconf.list_entrypoints(module)
@@ -294,11 +298,11 @@ def help(  # noqa: A001 - torch.hub's name
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
     repo_dir = _repo_dir(
-        github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
+        github, source, trust_repo=trust_repo, trust_needed=_returns.trust_needed(sandbox is not None),
         force_reload=force_reload, verbose=True, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        return _isolated(repo_dir, "help", model=model, sandbox=sandbox, returns="weights", lock=lock)
+        return _isolated(repo_dir, "help", model=model, sandbox=sandbox, mode=None, lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
     return _entry_in_process(module, model).__doc__
@@ -375,20 +379,18 @@ def load(
     """
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
-    if returns not in _RETURNS:
-        raise InvalidArgumentError(f"returns must be 'object', 'weights' or 'remote', not {returns!r}.")
-    if sandbox is None and returns != "object":
+    mode = _returns.mode_of(returns)
+    if sandbox is None and not mode.in_process:
         raise InvalidArgumentError(
             f"returns={returns!r} needs isolate=True: in-process, the repository's code runs here "
             "anyway. Call the model (or model.state_dict()) yourself, or pass isolate=True."
         )
-    trust_needed = sandbox is None or returns == "object"
     repo_dir = _repo_dir(
-        repo_or_dir, source, trust_repo=trust_repo, trust_needed=trust_needed,
+        repo_or_dir, source, trust_repo=trust_repo, trust_needed=_returns.trust_needed(sandbox is not None, mode),
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox, lock=lock)
+        return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, mode=mode, sandbox=sandbox, lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         module = _import_in_process(repo_dir)
         entry = _entry_in_process(module, model)

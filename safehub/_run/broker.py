@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import _cache, _egress, _log, constants
 from .._sandbox import Sandbox
-from .call import AskHandler, Refusal
+from .._asks import AskHandler, Refusal
 from .view import CallView
 
 MAX_FETCHES = 256  # files, GETs and nested repositories one call may ask for

@@ -1,38 +1,29 @@
 """One isolated call: ``list``, ``help`` or ``load`` of a hubconf.py, run in a worker (DESIGN 4).
 
-The call is a conversation (``safehub._worker.protocol``): the parent sends CALL, answers the
-worker's ASKs (or refuses them) until the worker sends its final RESULT or ERROR, all under the
-sandbox's deadline. ``process.Worker`` owns the process and leaves nothing behind;
-``replies.interpret`` turns the final frame into a value or an error.
+The call is a conversation (``conversation.py``): the parent sends CALL, answers the worker's
+ASKs (or refuses them) until the worker sends its final RESULT or ERROR, all under the sandbox's
+deadline. ``process.Worker`` owns the process and leaves nothing behind; a failure becomes its
+error in ``conversation.failure_of``, a result its value through the decoder of its ``returns``
+mode (``returns.py``), which may hand the worker on to a remote model's handle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import _log
+from .._asks import AskHandler
 from .._sandbox import Sandbox
 from .._worker import protocol
-from ..errors import HubconfError, InvalidArgumentError, ProtocolError
+from ..errors import HubconfError, InvalidArgumentError
+from . import conversation, replies
 from .process import Worker
-from .remote import open_remote
-from .replies import interpret, scratch_full
+from .returns import Mode, mode_of
 
 ACTIONS = ("list", "help", "load")
-RETURNS = ("object", "weights", "remote")
-MAX_ASKS = 10_000  # questions one call may ask; each is answered within the call's deadline
-
-# What the worker may ask for mid-call: ``what`` -> handler(args) -> (value, buffers, fds).
-# A handler raises Refusal to refuse; anything the worker asks that has no handler is refused.
-AskHandler = Callable[[dict[str, Any]], tuple[Any, list[bytes], list[int]]]
-
-
-class Refusal(Exception):
-    """A handler's refusal of one ASK; the text is sent to the worker as the reason."""
 
 
 def run_isolated(
@@ -44,7 +35,7 @@ def run_isolated(
     kwargs: dict[str, Any] | None = None,
     returns: str = "object",
     sandbox: Sandbox,
-    asks: dict[str, AskHandler] | None = None,
+    asks: Mapping[str, AskHandler] | None = None,
     view_dir: Path | None = None,
 ) -> Any:
     """Run ``list``, ``help`` or ``load`` for the hubconf.py in ``repo_dir`` in a worker.
@@ -74,53 +65,40 @@ def run_isolated(
         names = run_isolated(repo_dir, "list", sandbox=Sandbox())
         state = run_isolated(repo_dir, "load", model="resnet18", returns="weights", sandbox=Sandbox())
     """
-    repo_dir = _check_call(repo_dir, action, model, returns, sandbox)
-    request = {"action": action, "model": model, "returns": returns}
+    mode = mode_of(returns)
+    repo_dir = _check_call(repo_dir, action, model, sandbox)
+    request = {"action": action, "model": model, "returns": mode.name}
     buffers = [_dump_args(args, kwargs or {})] if action == "load" and (args or kwargs) else []
+    subject = conversation.Subject(model=model, repo_dir=repo_dir)
     with contextlib.ExitStack() as cleanup:
         worker = cleanup.enter_context(Worker(repo_dir, sandbox, view_dir))
-        worker.send(protocol.CALL, request, buffers)
-        frame = _converse(worker, asks or {})
-        if returns == "remote" and frame.kind == protocol.RESULT:
-            _report_missing_layers(frame.fields.get("sandbox"))
-            handle = open_remote(worker, frame, model or "")
-            cleanup.pop_all()  # the handle owns the worker now: it ends when the handle closes
-            return handle
+        frame = conversation.converse(worker, conversation.CALL, request, buffers, asks=asks or {})
         try:
-            worker.finish()  # the whole answer is in: let the worker flush its output and exit
             _report_missing_layers(frame.fields.get("sandbox"))
-            if frame.kind == protocol.RESULT and (full := scratch_full(frame.fields.get("sandbox"))):
+            handing_on = action == "load" and mode.keeps_worker and frame.kind == protocol.RESULT
+            if not handing_on:
+                worker.finish()  # the whole answer is in: let the worker flush its output and exit
+            failure = conversation.failure_of(frame, subject)
+            if failure is not None:
+                raise failure
+            value = _decode(frame, action, mode, worker, model)
+            if handing_on:
+                cleanup.pop_all()  # the handle owns the worker now: it ends when the handle closes
+            elif full := replies.scratch_full(frame.fields.get("sandbox")):
                 _log.warning(full)  # the repository went on; an exception it raised says it in its message
-            return interpret(frame, action, model, returns, repo_dir)
+            return value
         finally:
             frame.close_fds()
 
 
-def _converse(worker: Worker, asks: dict[str, AskHandler]) -> protocol.Frame:
-    """Answer the worker's questions until its final frame arrives; return that frame."""
-    for _ in range(MAX_ASKS + 1):
-        frame = worker.receive((protocol.ASK, protocol.RESULT, protocol.ERROR))
-        if frame.kind != protocol.ASK:
-            return frame
-        ask_id, what = frame.fields["id"], frame.fields["what"]
-        handler = asks.get(what)
-        if handler is None:
-            worker.send(protocol.REFUSE, {"id": ask_id, "reason": f"the parent does not serve {what[:60]!r} requests"})
-            continue
-        try:
-            value, buffers, fds = handler(frame.fields["args"])
-        except Refusal as exc:
-            worker.send(protocol.REFUSE, {"id": ask_id, "reason": str(exc)[:4096]})
-            continue
-        try:
-            worker.send(protocol.ANSWER, {"id": ask_id, "value": value}, buffers, fds)
-        finally:
-            for fd in fds:  # the worker has its copies now
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-    raise ProtocolError(f"the worker asked more than {MAX_ASKS} questions in one call")
-
-
+def _decode(frame: protocol.Frame, action: str, mode: Mode, worker: Worker, model: str | None) -> Any:
+    """A RESULT's value: the entrypoints, the docstring, or the load's result by its mode's decoder."""
+    replies.check_result(frame, action, mode.name)
+    if action == "list":
+        return replies.entrypoints(frame)
+    if action == "help":
+        return replies.docstring(frame)
+    return mode.decode(frame, worker, model or "")
 
 
 _reported: set[tuple[str, str]] = set()
@@ -139,11 +117,9 @@ def _report_missing_layers(report: Any) -> None:
             _log.warning(f"sandbox layer {name[:40]} is not active on this machine: {reason[:300]} (see `safehub doctor`)")
 
 
-def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sandbox: Sandbox) -> Path:
+def _check_call(repo_dir: Path, action: str, model: str | None, sandbox: Sandbox) -> Path:
     if action not in ACTIONS:
         raise InvalidArgumentError(f"action must be one of {ACTIONS}, not {action!r}")
-    if returns not in RETURNS:
-        raise InvalidArgumentError(f'returns must be "object", "weights" or "remote", not {returns!r}')
     if action != "list" and not isinstance(model, str):
         raise InvalidArgumentError("Invalid input: model should be a string of function name")
     if not isinstance(sandbox, Sandbox):

@@ -9,12 +9,15 @@ a timeout, a crash (with the signal's name), a broken protocol.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,17 +30,9 @@ from .._worker import protocol
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from . import launch
 from .output import Relay
-from .replies import MAX_INLINE_BYTES, MAX_SHARDS
 from .scratch import make_scratch, remove_tree
 
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
-REPLY_LIMITS = protocol.Limits(
-    max_header_bytes=4 * 1024 * 1024,
-    max_buffers=1,
-    max_buffer_bytes=MAX_INLINE_BYTES,
-    max_total_bytes=MAX_INLINE_BYTES,
-    max_fds=MAX_SHARDS,
-)
 
 
 class Worker:
@@ -84,8 +79,8 @@ class Worker:
         with self._protocol_errors():
             protocol.send_frame(self.sock, kind, fields, buffers, fds, deadline=self.deadline)
 
-    def receive(self, expected: tuple[str, ...], limits: protocol.Limits = REPLY_LIMITS) -> protocol.Frame:
-        """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
+    def receive(self, expected: tuple[str, ...], limits: protocol.Limits) -> protocol.Frame:
+        """The worker's next frame, held to its declaration (``protocol.MESSAGES``) and to ``limits``."""
         assert self.sock is not None
         with self._protocol_errors():
             frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
@@ -94,6 +89,13 @@ class Worker:
             except protocol.FrameError:
                 frame.close_fds()
                 raise
+
+    def unread_bytes(self) -> int:
+        """Bytes sent to the worker that it has not read yet: the kernel's count (``SIOCOUTQ``)."""
+        assert self.sock is not None
+        count = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, count, True)  # SIOCOUTQ == TIOCOUTQ on Linux
+        return count[0]
 
     @contextlib.contextmanager
     def _protocol_errors(self) -> Iterator[None]:

@@ -4,7 +4,7 @@
 ``state_dict``, ``eval`` and ``train``), but the model never leaves its sandboxed worker: every
 call is sent there as data and its result comes back as data (``session.py`` holds the worker;
 ``safehub/_worker/values.py`` says what data is). No code of the repository runs in this process,
-so no trust is needed. :func:`open_remote` turns a worker's answer to the load into a handle.
+so no trust is needed. :func:`open_remote` makes the handle of a worker that answered the load.
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .._worker import protocol
-from ..errors import ProtocolError
 from .process import Worker
+from .replies import MAX_NAME
 from .session import CALL_METHOD, RemoteSession
 
 if TYPE_CHECKING:
     import torch
-
-MAX_METHODS = 4096
-MAX_NAME = 256
 
 
 class RemoteModule:
@@ -214,24 +210,9 @@ class _RemoteMethod:
         return f"<remote method {self.__name__} of {self.handle!r}>"
 
 
-def open_remote(worker: Worker, frame: protocol.Frame, model: str) -> RemoteModule:
-    """The handle for a worker that answered a ``returns="remote"`` load; it owns the worker from here.
-
-    Raises:
-        ProtocolError: the answer is not a remote model's (checked before anything is kept).
-    """
-    fields = frame.fields
-    if frame.buffers or frame.fds:
-        frame.close_fds()
-        raise ProtocolError("the worker's answer to a remote load carries data")
-    if fields.get("action") != "load" or fields.get("returns") != "remote":
-        raise ProtocolError(f"the worker answered returns={str(fields.get('returns'))[:40]!r} to returns='remote'")
-    methods = fields.get("methods")
-    if (type(methods) is not list or len(methods) > MAX_METHODS
-            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and not m.startswith("_") for m in methods)):
-        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public names")
-    class_name = fields.get("class")
-    class_name = class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
+def open_remote(worker: Worker, model: str, methods: list[str], class_name: str) -> RemoteModule:
+    """The handle of a worker that answered a ``returns="remote"`` load (``replies.remote_model``
+    checked the answer); it owns the worker from here."""
     session = RemoteSession(worker, model)
     session.warm_up()
     return RemoteModule(session, methods, class_name)

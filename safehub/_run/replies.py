@@ -1,63 +1,110 @@
-"""The worker's final answer, read as hostile data: a value, or the safehub error it stands for.
+"""What a worker's successful reply carries, read as hostile data: the value each decoder makes of it.
 
-The one place where the worker's RESULT and ERROR frames become return values and exceptions
-(``protocol.py`` declares their fields; this module checks what they mean). Nothing in a reply
-is executed, except the unpickling of an object result, which needs trust (DESIGN 2).
+``conversation.py`` receives every frame and turns failures into errors; the successes come
+here: a RESULT of ``list`` or ``help``, a load's result for its ``returns`` mode (``returns.py``
+names the decoder of each: weights parsed as data, an object unpickled, a remote model's
+methods), and a remote call's RETURNED value. ``protocol.py`` declares the fields; this module
+checks what they mean. Nothing in a reply is executed, except the unpickling of an object
+result, which needs trust (DESIGN 2).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from .._results import decode_object, decode_weights, map_sealed_memfd
-from .._worker import protocol
-from ..errors import (
-    EntrypointNotFoundError,
-    HubconfError,
-    MissingDependenciesError,
-    ProtocolError,
-    RemoteError,
-    ResultDecodeError,
-    SafeHubError,
-    SandboxError,
+from .._results import (
+    MAX_NAME_CHARS,
+    MAX_NDIM,
+    MAX_TENSORS,
+    MAX_TOTAL_BYTES,
+    decode_object,
+    decode_weights,
+    map_sealed_memfd,
 )
+from .._worker import protocol, values
+from ..errors import ProtocolError, ResultDecodeError
 
 MAX_PAYLOAD_BYTES = 1024**4  # a memfd is mapped lazily: this only bounds the address space
 MAX_INLINE_BYTES = 2 * 1024**3  # an inline payload is read into memory
 MAX_SHARDS = 8  # memfds with one result (the worker writes one per core, at most 4)
-_MAX_TEXT = 1024 * 1024
+MAX_METHODS = 4096  # public methods a remote model may list
+MAX_NAME = 256  # characters of a method's or a class's name
+# A remote call's value: the weights decoder's caps bound its tensors and bytes too.
+VALUE_CAPS = values.Caps(max_tensors=MAX_TENSORS, max_total_bytes=MAX_TOTAL_BYTES, max_ndim=MAX_NDIM,
+                         max_key_chars=MAX_NAME_CHARS)
 
 
-def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path) -> Any:
-    """Check the reply against the request and decode it; nothing in it is executed but an object result."""
-    if frame.kind == protocol.ERROR:
-        raise _remote_failure(frame.fields, model, repo_dir)
-    if frame.kind != protocol.RESULT:
-        raise ProtocolError(f"the worker sent a {frame.kind!r} frame, expected a result")
+def check_result(frame: protocol.Frame, action: str, returns: str) -> None:
+    """Hold a RESULT to the request: the action asked, no data with a list or help, the ``returns`` asked."""
     fields = frame.fields
     if fields.get("action") != action:
         raise ProtocolError(f"the worker answered {fields.get('action')!r} to a {action!r} request")
     if action in ("list", "help") and (frame.buffers or frame.fds):
         raise ProtocolError(f"the worker's {action} answer carries unexpected data")
-    if action == "list":
-        names = fields.get("entrypoints")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ProtocolError("the worker's entrypoint list is not a list of str")
-        return names
-    if action == "help":
-        doc = fields.get("doc")
-        if doc is not None and not isinstance(doc, str):
-            raise ProtocolError("the worker's docstring is not a str")
-        return doc
-    if fields.get("returns") != returns:
+    if action == "load" and fields.get("returns") != returns:
         # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
-        raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
-    # Tensors are views on the private mappings, which live as long as they do: never closed here.
-    shards = result_shards(frame)
-    if returns == "weights":
-        return decode_weights(shards)
-    return decode_object(shards)
+        raise ProtocolError(f"the worker answered returns={str(fields.get('returns'))[:40]!r} to returns={returns!r}")
+
+
+def entrypoints(frame: protocol.Frame) -> list[str]:
+    """A ``list`` RESULT's entrypoint names."""
+    names = frame.fields.get("entrypoints")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProtocolError("the worker's entrypoint list is not a list of str")
+    return names
+
+
+def docstring(frame: protocol.Frame) -> str | None:
+    """A ``help`` RESULT's docstring."""
+    doc = frame.fields.get("doc")
+    if doc is not None and not isinstance(doc, str):
+        raise ProtocolError("the worker's docstring is not a str")
+    return doc
+
+
+# Tensors are views on the private mappings, which live as long as they do: never closed here.
+def weights(frame: protocol.Frame) -> dict[str, Any]:
+    """A ``returns="weights"`` RESULT (or a remote ``state_dict()``): tensors parsed as data."""
+    return decode_weights(result_shards(frame))
+
+
+def unpickled_object(frame: protocol.Frame) -> Any:
+    """A ``returns="object"`` RESULT, unpickled: runs code the repository chose (it needs trust)."""
+    return decode_object(result_shards(frame))
+
+
+def remote_model(frame: protocol.Frame) -> tuple[list[str], str]:
+    """A ``returns="remote"`` RESULT: the model's public methods and its class name, checked."""
+    fields = frame.fields
+    if frame.buffers or frame.fds:
+        raise ProtocolError("the worker's answer to a remote load carries data")
+    methods = fields.get("methods")
+    if (type(methods) is not list or len(methods) > MAX_METHODS
+            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and not m.startswith("_") for m in methods)):
+        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public names")
+    class_name = fields.get("class")
+    return methods, class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
+
+
+def returned_value(frame: protocol.Frame, method: str, name: str) -> Any:
+    """A RETURNED's value, read as hostile data: the weights layout for ``state_dict``, else a value tree.
+
+    ``name`` is the call as messages name it. Its fds are closed here (mappings keep their own).
+    """
+    try:
+        if method == "state_dict":
+            if frame.fields["value"] is not None:
+                raise ProtocolError("the worker answered state_dict() with something else than weights")
+            return weights(frame)
+        if "transport" in frame.fields or "sizes" in frame.fields:
+            raise ProtocolError(f"the worker answered {name} with weights")
+        segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
+        try:
+            return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
+        except values.BadTree as exc:
+            raise ResultDecodeError(f"the result of {name} is not valid data: {exc}") from None
+    finally:
+        frame.close_fds()
 
 
 def result_shards(frame: protocol.Frame) -> list[Any]:
@@ -72,7 +119,7 @@ def result_shards(frame: protocol.Frame) -> list[Any]:
             raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
         shards: list[Any] = []
         try:
-            for fd, size in zip(frame.fds, sizes):
+            for fd, size in zip(frame.fds, sizes, strict=True):
                 shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
                 if len(shards[-1]) != size:
                     raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")
@@ -86,45 +133,6 @@ def result_shards(frame: protocol.Frame) -> list[Any]:
             raise ResultDecodeError(f"the worker's result holds {len(frame.buffers[0])} bytes, not {sizes[0]}")
         return [frame.buffers[0]]
     raise ProtocolError(f"the worker's result transport {str(transport)[:40]!r} does not match what came with it")
-
-
-def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -> SafeHubError:
-    category = fields.get("error")
-    message, remote_type = _text(fields.get("message")), _text(fields.get("type"))
-    remote_traceback = _text(fields.get("traceback"))
-    if category == "hubconf_missing":
-        return HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
-    if category == "hubconf_unreadable":
-        return HubconfError(message or f"The sandbox cannot read {repo_dir}", repo_dir=str(repo_dir))
-    if category == "missing_dependencies":
-        missing = fields.get("missing")
-        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
-            return ProtocolError("the worker's list of missing dependencies is not a list of str")
-        return MissingDependenciesError(f"Missing dependencies: {', '.join(missing)}", missing=missing)
-    if category == "entrypoint_not_found":
-        return EntrypointNotFoundError(f"Cannot find callable {model} in hubconf", model=model)
-    if category == "exception":
-        phase = fields.get("phase")
-        where = {
-            "import": "hubconf.py raised while being imported",
-            "arguments": "the worker could not unpickle the entrypoint's arguments",
-            "call": f"the entrypoint {model!r} raised",
-        }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
-        full = scratch_full(fields.get("sandbox"))
-        return RemoteError(
-            f"{where}: {remote_type}: {message}" + (f" ({full})" if full else ""),
-            remote_type=remote_type,
-            remote_traceback=remote_traceback,
-        )
-    if category == "bad_result":
-        return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
-    if category == "sandbox":
-        return SandboxError(message, layer=_text(fields.get("layer")))
-    return ProtocolError(f"the worker sent an error of unknown category {category!r}")
-
-
-def _text(value: Any) -> str:
-    return value[:_MAX_TEXT] if isinstance(value, str) else ""
 
 
 def scratch_full(report: Any) -> str:

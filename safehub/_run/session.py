@@ -1,13 +1,13 @@
 """One remote model's worker for the life of its handle: calls, limits, and the end (DESIGN 1, 4).
 
 A :class:`RemoteSession` owns a ``process.Worker`` that answered a load with ``returns="remote"``
-and stays up. Each call is one exchange on the worker's channel (``protocol.py``: INVOKE, then
-RETURNED or FAILED), under the sandbox's ``timeout`` counted afresh; calls from several threads
-take turns (one lock). Arguments leave as data (``values.py``: tensors copied once into sealed
-memfds, or inline when small, so the worker never holds the caller's own memory); a reply is read
-as hostile: held to its declaration, capped like the weights decoder, memfds checked for their
-seals and mapped privately (results are views on them, not copies). During a call the worker's
-questions (fetches) are all refused: the inputs could leave through a URL.
+and stays up. Each call is one exchange of the worker's conversation (``conversation.py``: INVOKE,
+then RETURNED or FAILED), under the sandbox's ``timeout`` counted afresh; calls from several
+threads take turns (one lock). Arguments leave as data (``values.py``: tensors copied once into
+sealed memfds, or inline when small, so the worker never holds the caller's own memory); a reply
+is read as hostile (``replies.py``): held to its declaration, capped like the weights decoder,
+memfds checked for their seals and mapped privately (results are views on them, not copies).
+During a call the worker's questions (fetches) are all refused: the inputs could leave through a URL.
 
 A call that times out, a worker that dies or breaks the protocol, an interrupted call: the worker
 is ended (its whole tree killed, its scratch folder removed) and every later call raises
@@ -28,34 +28,19 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_weights, map_sealed_memfd
 from .._worker import protocol, values
 from ..errors import (
     InvalidArgumentError,
     ProtocolError,
     RemoteClosedError,
-    RemoteError,
-    ResultDecodeError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
+from . import conversation, replies
 from .process import EXIT_GRACE_S, Worker
-from .replies import MAX_INLINE_BYTES, result_shards
 
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
-MAX_REFUSALS = 1000  # questions one call may ask (each refused) before the worker is cut off
 FETCH_REFUSED = "a remote model's calls may not fetch: the inputs could leave through a URL"
-# A reply's tree is in its header; the weights decoder's caps bound its tensors and bytes.
-REPLY_LIMITS = protocol.Limits(
-    max_header_bytes=16 * 1024 * 1024,
-    max_buffers=1,
-    max_buffer_bytes=MAX_INLINE_BYTES,
-    max_total_bytes=MAX_INLINE_BYTES,
-    max_fds=protocol.MAX_VALUE_FDS,
-)
-VALUE_CAPS = values.Caps(max_tensors=MAX_TENSORS, max_total_bytes=MAX_TOTAL_BYTES, max_ndim=MAX_NDIM,
-                         max_key_chars=MAX_NAME_CHARS)
-_MAX_TEXT = 64 * 1024
 
 
 class RemoteSession:
@@ -102,8 +87,9 @@ class RemoteSession:
                 self._begin()
                 try:
                     frame = self._exchange(method, packed, inference)
-                    failure = _failure(frame.fields, method) if frame.kind == protocol.FAILED else None
-                    value = None if failure is not None else self._decode(frame, method)
+                    # The model's own failure leaves it up; a reply that breaks the protocol does not.
+                    failure = conversation.failure_of(frame, conversation.Subject(remote_call=_name(method)))
+                    value = None if failure is not None else replies.returned_value(frame, method, _name(method))
                 except BaseException as exc:
                     error = self._fail(exc, method)
                     if error is exc:
@@ -122,7 +108,7 @@ class RemoteSession:
         if "torch" in sys.modules:
             torch = sys.modules["torch"]
             packed = values.pack_call((torch.ones(1, 8),), {"k": [1.0, "s"]})
-            values.unpack(packed.tree, [bytes(b) for b in packed.buffers], VALUE_CAPS)
+            values.unpack(packed.tree, [bytes(b) for b in packed.buffers], replies.VALUE_CAPS)
 
     def close(self) -> None:
         """End the worker (politely: CLOSE, then the tree is killed if it lingers). Idempotent."""
@@ -161,34 +147,11 @@ class RemoteSession:
             self.state.notify_all()
 
     def _exchange(self, method: str, packed: values.Packed, inference: bool) -> protocol.Frame:
-        """Send the INVOKE; refuse every question the worker asks meanwhile; return its reply."""
-        worker = self.worker
-        worker.restart_clock()
+        """Send the INVOKE, refusing every question the worker asks meanwhile; return its reply."""
+        self.worker.restart_clock()
         fields = {"method": method, "call": packed.tree, "inference": inference}
-        worker.send(protocol.INVOKE, fields, packed.buffers, packed.fds)
-        for _ in range(MAX_REFUSALS + 1):
-            frame = worker.receive((protocol.ASK, protocol.RETURNED, protocol.FAILED), limits=REPLY_LIMITS)
-            if frame.kind != protocol.ASK:
-                return frame
-            worker.send(protocol.REFUSE, {"id": frame.fields["id"], "reason": FETCH_REFUSED})
-        raise ProtocolError(f"the worker asked more than {MAX_REFUSALS} questions in one call")
-
-    def _decode(self, frame: protocol.Frame, method: str) -> Any:
-        """A RETURNED frame's value, read as hostile. Its fds are closed here (mappings keep theirs)."""
-        try:
-            if method == "state_dict":
-                if frame.fields["value"] is not None:
-                    raise ProtocolError("the worker answered state_dict() with something else than weights")
-                return decode_weights(result_shards(frame))
-            if "transport" in frame.fields or "sizes" in frame.fields:
-                raise ProtocolError(f"the worker answered {_name(method)} with weights")
-            segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
-            try:
-                return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
-            except values.BadTree as exc:
-                raise ResultDecodeError(f"the result of {_name(method)} is not valid data: {exc}") from None
-        finally:
-            frame.close_fds()
+        return conversation.converse(self.worker, conversation.INVOKE, fields, packed.buffers, packed.fds,
+                                     asks={}, refuse_all=FETCH_REFUSED)
 
     def _fail(self, exc: BaseException, method: str) -> BaseException:
         """After anything that broke an exchange: end the worker; the error to raise."""
@@ -267,20 +230,6 @@ class RemoteSession:
                 self.worker.sock.close()
 
 
-def _failure(fields: dict[str, Any], method: str) -> Exception:
-    """The error for a FAILED reply: the model's own exception, or a result it could not send."""
-    category, message = fields.get("error"), _text(fields.get("message"))
-    remote_type, remote_traceback = _text(fields.get("type")), _text(fields.get("traceback"), 256 * 1024)
-    if category == "exception":
-        return RemoteError(f"the remote model's {_name(method)} raised {remote_type}: {message}",
-                           remote_type=remote_type, remote_traceback=remote_traceback)
-    if category == "bad_result":
-        return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
-    if category in ("no_method", "arguments"):
-        return InvalidArgumentError(message)
-    return ProtocolError(f"the worker failed a call with an error of unknown category {str(category)[:40]!r}")
-
-
 def _why(exc: BaseException, method: str) -> str:
     """Why the model is gone, after ``exc`` broke a call to ``method``."""
     name = _name(method)
@@ -301,10 +250,6 @@ def _gone_message(model: str, reason: str) -> str:
 
 def _name(method: str) -> str:
     return "the call" if method == CALL_METHOD else f"{method}()"
-
-
-def _text(value: Any, limit: int = _MAX_TEXT) -> str:
-    return value[:limit] if isinstance(value, str) else ""
 
 
 # -- every open session of this process, closed at exit ----------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _api
+from .._run.returns import MODES
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
 from ._options import REPO_HELP, add_command, entrypoint_arguments, json_option, repo_options, sandbox_from_options, sandbox_options
 from ._output import atomic_output, check_output_path, format_size, note, print_json, savable_tensors, stdout_to_stderr
@@ -61,7 +62,9 @@ def register(subparsers: Any) -> None:
                            "--arg values are JSON when they parse (3, 0.5, true, null, \"text\", [1, 2]),\n"
                            "else plain strings: --arg name=resnet is the string 'resnet'.")
     entrypoint_arguments(p)
-    p.add_argument("--returns", choices=("weights", "object"), default="weights",
+    # What comes back as a value to write: not a handle on a worker that stays up (`safehub run`).
+    p.add_argument("--returns", choices=[name for name, mode in MODES.items() if not mode.keeps_worker],
+                   default="weights",
                    help="weights (default): tensors into a .safetensors file; "
                         "object: torch.save the object (needs trust)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,

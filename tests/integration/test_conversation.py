@@ -13,7 +13,8 @@ import os
 import pytest
 
 from tests.local_repos import write_repo
-from safehub._run import call, run_isolated
+from safehub._asks import Refusal
+from safehub._run import conversation, run_isolated
 from safehub._sandbox import Sandbox
 from safehub.errors import ProtocolError
 
@@ -85,7 +86,7 @@ def test_a_question_is_answered_with_data_buffers_and_descriptors(repo):
 
 def test_a_handler_refuses_with_its_reason(repo):
     def no(args):
-        raise call.Refusal(f"not {args['url']}")
+        raise Refusal(f"not {args['url']}")
 
     result = run_isolated(repo, "load", model="ask", args=("fetch",), kwargs={"url": "http://10.0.0.1/"}, sandbox=SANDBOX, asks={"fetch": no})
     assert result == {"refused": "Refused: not http://10.0.0.1/"}
@@ -97,7 +98,7 @@ def test_questions_are_answered_in_order(repo):
 
 
 def test_a_worker_asking_without_end_is_cut_off(repo, monkeypatch):
-    monkeypatch.setattr(call, "MAX_ASKS", 20)
+    monkeypatch.setattr(conversation, "MAX_ASKS", 20)
     with pytest.raises(ProtocolError, match="more than 20 questions"):
         run_isolated(repo, "load", model="ask_many", args=(1000,), sandbox=SANDBOX, asks={"count": lambda args: (0, [], [])})
 
