@@ -25,8 +25,8 @@ yet, nor read a repository cached under ``/root/.cache``. The installation's own
 fine (0755 folders, 0644/0755 files throughout), only ``/root`` blocks. What works:
 
 - bubblewrap run by root with the drop done inside the sandbox (``safehub/_bwrap.py``,
-  ``bwrap_argv(uid=, drop_via="setpriv")``): bwrap's root is a fresh tmpfs, /root there holds only the bound
-  interpreter, and the folders leading to it are made 0755;
+  ``bwrap_argv(uid=...)``, through ``setpriv``): bwrap's root is a fresh tmpfs, /root there
+  holds only the bound interpreter, and the folders leading to it are made 0755;
 - without bubblewrap: in the forked child, as root, ``namespaces.enter(user=False, mount=True,
   ...)``, then ``namespaces.hide_and_rebind("/root", [python prefix, repo, ...])`` (an empty
   tmpfs over /root with those paths bound back), then :func:`drop_privileges`.
