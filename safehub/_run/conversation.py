@@ -22,7 +22,6 @@ never leave the parent blocked on a full socket until the timeout.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,7 +98,8 @@ def converse(
             WorkerTimeoutError, WorkerCrashedError as the channel reports them (``process.py``).
     """
     worker.send(exchange.request, fields, buffers, fds)
-    for asked in itertools.count():
+    asked = 0
+    while True:
         frame = worker.receive(exchange.expected, exchange.limits)
         if frame.kind != protocol.ASK:
             return frame
@@ -108,7 +108,7 @@ def converse(
         if worker.unread_bytes():
             raise ProtocolError("the worker asked again before reading the parent's reply: questions are one at a time")
         _reply(worker, frame.fields, asks, refuse_all)
-    raise AssertionError("unreachable")
+        asked += 1
 
 
 def _reply(worker: Worker, question: dict[str, Any], asks: Mapping[str, AskHandler], refuse_all: str | None) -> None:
