@@ -26,10 +26,10 @@ from ._worker import grants
 UNPRIVILEGED_UID = 65534  # "nobody": what a root parent drops its workers to
 HOSTNAME = "safehub"  # the host name inside
 
-_FEATURES: dict[str, dict] = {}
+_FEATURES: dict[str, dict[str, Any]] = {}
 
 
-def bwrap_features(bwrap: str | None = None) -> dict:
+def bwrap_features(bwrap: str | None = None) -> dict[str, Any]:
     """Version and option support of a bwrap binary (cached): ``path``, ``version``,
     ``disable_userns``, ``perms``, ``size``. ``path`` is None when bwrap is not installed."""
     path = bwrap or shutil.which("bwrap")
@@ -306,7 +306,7 @@ def bwrap_works() -> bool:
     return done.returncode == 0
 
 
-def probe() -> dict:
+def probe() -> dict[str, Any]:
     """``{"available": bool, "detail": str}`` for ``safehub doctor``: bwrap found and able to run here."""
     path = shutil.which("bwrap")
     if path is None:
