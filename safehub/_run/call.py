@@ -81,11 +81,11 @@ def run_isolated(
             failure = conversation.failure_of(frame, subject)
             if failure is not None:
                 raise failure
+            if not handing_on and (full := replies.scratch_full(frame.fields.get("sandbox"))):
+                _log.warning(full)  # the repository went on; an exception it raised says it in its message
             value = _decode(frame, action, mode, worker, model)
             if handing_on:
                 cleanup.pop_all()  # the handle owns the worker now: it ends when the handle closes
-            elif full := replies.scratch_full(frame.fields.get("sandbox")):
-                _log.warning(full)  # the repository went on; an exception it raised says it in its message
             return value
         finally:
             frame.close_fds()
