@@ -62,9 +62,6 @@ class HTTPStatusError(Exception):
         return f"HTTP {self.status} from {self.url}"
 
 
-# The old name, kept only for safehub/_run/broker.py (on main, another branch's) until it says
-
-
 def open_url(
     url: str,
     headers: Mapping[str, str] | None = None,

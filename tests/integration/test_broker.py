@@ -19,7 +19,7 @@ import torch
 
 import safehub
 from safehub import _trust
-from safehub._run import broker as _broker
+from safehub._egress import broker as _broker
 from safehub.errors import RemoteError
 from tests.local_repos import write_repo
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 import safehub
-from safehub._run import broker as _broker
+from safehub._egress import broker as _broker
 from tests.local_repos import write_repo
 
 pytestmark = pytest.mark.usefixtures("worker_start")

@@ -24,8 +24,8 @@ import time
 import pytest
 
 from safehub import _http
-from safehub._egress import CallBudget, Deadline, FetchPolicy, open_checked
-from safehub._egress_policy import is_github_endpoint
+from safehub._egress.connection import CallBudget, Deadline, FetchPolicy, open_checked
+from safehub._egress.policy import is_github_endpoint
 from safehub._sandbox import Sandbox
 from safehub.errors import FetchRefusedError, NetworkError
 from tests.loopback_servers import Canary, LoopbackHTTPServer, canary_pair, make_tls_files

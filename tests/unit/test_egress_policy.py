@@ -12,9 +12,9 @@ import pickle
 import pytest
 
 from safehub import constants
-from safehub._egress import FetchPolicy
-from safehub._egress_limits import CallBudget, Deadline
-from safehub._egress_policy import (
+from safehub._egress.connection import FetchPolicy
+from safehub._egress.limits import CallBudget, Deadline
+from safehub._egress.policy import (
     address_refusal,
     check_url,
     github_allow_hosts,

@@ -34,9 +34,9 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import constants
-from ._egress_limits import Deadline
-from .errors import FetchRefusedError, InvalidArgumentError, NetworkError
+from .. import constants
+from ..errors import FetchRefusedError, InvalidArgumentError, NetworkError
+from .limits import Deadline
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> addresses as strings; socket.getaddrinfo by default.

@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _egress, _log, constants
+from .. import _cache, _log, constants
+from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
-from .call import AskHandler, Refusal
+from . import connection as _egress
 from .view import CallView
 
 MAX_FETCHES = 256  # files, GETs and nested repositories one call may ask for

@@ -40,11 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _egress_policy, constants
-from ._egress_limits import CallBudget, Deadline, FetchRecord
-from ._egress_policy import IPAddress, Resolver, Target
-from ._http import HTTPStatusError
-from .errors import FetchRefusedError, NetworkError
+from .. import constants
+from .._http import HTTPStatusError
+from ..errors import FetchRefusedError, NetworkError
+from . import policy as _egress_policy
+from .limits import CallBudget, Deadline, FetchRecord
+from .policy import IPAddress, Resolver, Target
 
 __all__ = ["CallBudget", "CheckedResponse", "Deadline", "FetchPolicy", "FetchRecord", "open_checked"]
 

@@ -12,8 +12,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import constants
-from .errors import FetchRefusedError
+from .. import constants
+from ..errors import FetchRefusedError
 
 
 @dataclass(frozen=True)
