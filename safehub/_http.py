@@ -107,6 +107,9 @@ def stream_to_file(
 ) -> tuple[int, str]:
     """Copy a response body to ``out``; return (bytes written, sha256 hex).
 
+    The body is hashed once: a response that hashes what it reads (``body_sha256()``, as the
+    fetch broker's checked connection does) gives its own digest; any other is hashed here.
+
     Raises:
         IncompleteDownloadError: the body ended before its Content-Length.
         DownloadError subclass: the body exceeds ``max_bytes``.
@@ -121,6 +124,7 @@ def stream_to_file(
         raise DownloadError(
             f"{url} is {expected_len} bytes, over the limit of {max_bytes}.", url=url
         )
+    own_digest: Callable[[], str] | None = getattr(response, "body_sha256", None)
     digest = hashlib.sha256()
     received = 0
     try:
@@ -131,7 +135,8 @@ def stream_to_file(
             received += len(chunk)
             if max_bytes is not None and received > max_bytes:
                 raise DownloadError(f"{url} is over the limit of {max_bytes} bytes.", url=url)
-            digest.update(chunk)
+            if own_digest is None:
+                digest.update(chunk)
             out.write(chunk)
             if on_chunk is not None:
                 on_chunk(len(chunk))
@@ -151,4 +156,4 @@ def stream_to_file(
             expected=expected_len,
             received=received,
         )
-    return received, digest.hexdigest()
+    return received, own_digest() if own_digest is not None else digest.hexdigest()
