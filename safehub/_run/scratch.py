@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import _stale
 from .._bwrap import UNPRIVILEGED_UID
-from .._stale import remove_tree, sweepable_owners
+from .._stale import sweepable_owners
 
 SCRATCH_PREFIX = "safehub-worker-"
 
