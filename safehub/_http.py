@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from . import constants
 from .errors import IncompleteDownloadError, NetworkError
@@ -98,8 +98,19 @@ def open_url(
         ) from exc
 
 
+class Body(Protocol):
+    """What :func:`stream_to_file` reads: urllib's response, or the fetch broker's checked one
+    (``_egress/connection.py``, which also hashes what it reads: ``body_sha256()``)."""
+
+    headers: http.client.HTTPMessage
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def geturl(self) -> str: ...
+
+
 def stream_to_file(
-    response: http.client.HTTPResponse,
+    response: Body,
     out: BinaryIO,
     *,
     max_bytes: int | None = None,

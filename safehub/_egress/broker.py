@@ -196,7 +196,7 @@ class Broker:
         except SafeHubError as exc:
             raise Refusal(str(exc)) from None
 
-    def _record(self, record: BrokeredFetch) -> None:
+    def _record(self, record: FetchRecord) -> None:
         self.records.append(record)
         source = "from the cache" if record.cached else f"{record.size} bytes"
         _log.info(f"the worker fetched {record.url[:500]} ({record.kind}, {source}, sha256 {record.sha256[:16] or '-'})")
