@@ -137,7 +137,7 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, mode: _returns.Mode 
     ``mode``: a load's ``returns`` mode; None for a list or help, which bring no code back.
     """
     from ._run import run_isolated
-    from ._run.broker import Broker
+    from ._egress.broker import Broker
 
     def nested(args: dict[str, Any]) -> _cache.CacheEntry:
         # A nested repository's code reaches this process only inside an object result (which

@@ -15,8 +15,9 @@ Modules, each one job, with no import circle (``call`` -> ``returns`` -> ``remot
     warm.py          the zygote, parent side: started once, shared by threads, restarted when it dies
     output.py        the worker's stdout and stderr relayed to the caller's, marked and capped
     scratch.py       each call's private scratch folder: made, removed, swept when stale
-    broker.py        what the worker fetches, asked mid-call: served by policy into its view (DESIGN 4b)
-    view.py          the call's read-only view of the cache, where the broker puts what it served
+
+What the worker may ask for mid-call is served by ``safehub/_egress/`` (the broker), through the
+handler contract of ``safehub/_asks.py``; this package imports neither the broker nor its view.
 """
 
 from .call import run_isolated

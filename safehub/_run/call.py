@@ -52,7 +52,7 @@ def run_isolated(
             which stays up for the handle's calls (``remote.py``).
         sandbox: the limits (``Sandbox``).
         asks: handlers for what the worker may ask mid-call (``what`` -> handler); the rest is refused.
-        view_dir: the call's view of the cache (``broker.Broker``): the worker reads it, and its
+        view_dir: the call's view of the cache (``_egress.broker.Broker``): the worker reads it, and its
             fetch shims are on. None: no view, and the shims stay off.
 
     Raises:
