@@ -33,6 +33,7 @@ from .scratch import make_scratch, remove_tree
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
 REPLY_LIMITS = protocol.Limits(
     max_header_bytes=4 * 1024 * 1024,
+    max_header_nodes=100_000,  # a list of entrypoints, a report of the sandbox: small
     max_buffers=1,
     max_buffer_bytes=MAX_INLINE_BYTES,
     max_total_bytes=MAX_INLINE_BYTES,
