@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import _terminal
 from .._memfds import map_sealed_memfds
 from .._results import decode_object, decode_weights
 from .._sandbox import Sandbox
@@ -38,7 +39,10 @@ def result_cap(sandbox: Sandbox) -> int:
 
 def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path,
               max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
-    """Check the reply against the request and decode it; nothing in it is executed but an object result."""
+    """Check the reply against the request and decode it; nothing in it is executed but an object result.
+
+    Strings meant to be shown (entrypoint names, a docstring) come with their control characters
+    made visible (``_terminal``): a name or docstring can write to no terminal."""
     if frame.kind == protocol.ERROR:
         raise _remote_failure(frame.fields, model, repo_dir)
     if frame.kind != protocol.RESULT:
@@ -52,12 +56,12 @@ def interpret(frame: protocol.Frame, action: str, model: str | None, returns: st
         names = fields.get("entrypoints")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ProtocolError("the worker's entrypoint list is not a list of str")
-        return names
+        return [_terminal.visible(name) for name in names]
     if action == "help":
         doc = fields.get("doc")
         if doc is not None and not isinstance(doc, str):
             raise ProtocolError("the worker's docstring is not a str")
-        return doc
+        return None if doc is None else _terminal.visible_lines(doc)
     if fields.get("returns") != returns:
         # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
         raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
