@@ -305,16 +305,16 @@ class _Reader:
         self.ancbufsize = socket.CMSG_SPACE((max_fds + 1) * _INT_SIZE)
         self.fds: list[int] = []
 
-    def read(self, n: int) -> bytes | bytearray:
-        """``n`` bytes of the frame's head, grown as they arrive (never pre-sized): a declared
-        length costs nothing until sent. Each read is tried first and polled for only when nothing
-        is there yet."""
+    def read(self, n: int) -> bytearray:
+        """``n`` bytes of the frame's head, grown as they arrive (a piece of at most ``_CHUNK`` at
+        a time, never pre-sized): a declared length costs nothing until sent."""
         data = bytearray()
         while len(data) < n:
-            chunk = self._recv(min(n - len(data), _CHUNK), len(data), n)
-            if len(chunk) == n:
-                return chunk  # the whole read at once: no copy
-            data += chunk
+            piece = bytearray(min(n - len(data), _CHUNK))
+            got = self._recv_into(memoryview(piece), len(data), n)
+            if got == n:
+                return piece  # the whole read at once: no copy
+            data += memoryview(piece)[:got]
         return data
 
     def read_buffer(self, n: int) -> bytearray | mmap.mmap:
@@ -331,23 +331,9 @@ class _Reader:
                 filled += self._recv_into(view[filled:], filled, n)
         return data
 
-    def _recv(self, size: int, done: int, n: int) -> bytes:
-        while True:
-            _check_deadline(self.deadline)
-            try:
-                chunk, ancdata, flags, _ = self.sock.recvmsg(size, self.ancbufsize, _MSG_CMSG_CLOEXEC)
-            except BlockingIOError:
-                _wait(self.sock, select.POLLIN, self.deadline)
-                continue
-            except ConnectionResetError as exc:
-                raise FrameEOF("the peer reset the channel") from exc
-            if ancdata or flags & _MSG_CTRUNC:
-                self._take_fds(ancdata, flags)
-            if not chunk:
-                raise FrameEOF(f"the channel closed after {done} of {n} bytes")
-            return chunk
-
     def _recv_into(self, view: memoryview, done: int, n: int) -> int:
+        """Bytes received into ``view`` (at least one), with any fds that came along. Each read is
+        tried first and polled for only when nothing is there yet."""
         while True:
             _check_deadline(self.deadline)
             try:

@@ -10,6 +10,7 @@ a timeout, a crash (with the signal's name), a broken protocol.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from .._worker import protocol
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from . import launch
 from .output import Relay
-from .replies import MAX_INLINE_BYTES, MAX_SHARDS
+from .replies import MAX_INLINE_BYTES, MAX_SHARDS, result_cap
 from .scratch import make_scratch, remove_tree
 
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
@@ -88,6 +89,9 @@ class Worker:
     def receive(self, expected: tuple[str, ...], limits: protocol.Limits = REPLY_LIMITS) -> protocol.Frame:
         """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
         assert self.sock is not None
+        cap = result_cap(self.sandbox)
+        if cap < limits.max_total_bytes:  # no inline reply larger than the worker could hold
+            limits = dataclasses.replace(limits, max_buffer_bytes=min(limits.max_buffer_bytes, cap), max_total_bytes=cap)
         with self._protocol_errors():
             frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
             try:

@@ -123,6 +123,8 @@ HOSTILE = '''
             fd = _memfd(case, nbytes, weights=True)
             size = os.fstat(fd).st_size
             _send_and_linger(_head("result", {**weights, "transport": "memfd", "sizes": [size]}, nfds=1), fds=[fd])
+        if case == "inline_announced":  # a length, and nothing after it
+            _send_and_linger(_head("result", {**weights, "transport": "inline", "sizes": [nbytes]}, [nbytes]))
         if case == "inline":
             size = len(_weights_head(nbytes)) + nbytes
             _send_and_linger(_head("result", {**weights, "transport": "inline", "sizes": [size]}, [size]), _stream(nbytes, True))
@@ -156,6 +158,8 @@ HOSTILE = '''
             if case in ("sparse", "hugetlb"):
                 fd = _memfd(case, nbytes, weights=False)
                 _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, nfds=1), fds=[fd])
+            if case == "inline_announced":
+                _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, [nbytes]))
             if case == "inline":
                 _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, [nbytes]), _stream(nbytes, False))
             if case == "header_nodes":
@@ -208,12 +212,12 @@ def repo(tmp_path):
     return write_repo(tmp_path / "hostile", {"hubconf.py": HOSTILE})
 
 
-def forged(repo: Path, mode: str, case: str, nbytes: int = 0):
+def forged(repo: Path, mode: str, case: str, nbytes: int = 0, sandbox: Sandbox = SANDBOX):
     """The forged reply ``case`` to a remote call or an isolated load, in this process."""
     if mode == "remote":
-        with run_isolated(repo, "load", model="hostile", returns="remote", sandbox=SANDBOX) as remote:
+        with run_isolated(repo, "load", model="hostile", returns="remote", sandbox=sandbox) as remote:
             return remote.forge(case, nbytes)
-    return run_isolated(repo, "load", model="forge_result", args=(case, nbytes), returns="weights", sandbox=SANDBOX)
+    return run_isolated(repo, "load", model="forge_result", args=(case, nbytes), returns="weights", sandbox=sandbox)
 
 
 def in_child_caller(repo: Path, mode: str, case: str, nbytes: int) -> tuple[int, str]:
@@ -242,6 +246,14 @@ def test_a_hugetlb_memfd_is_refused_by_name(repo, mode):
     # Mapped, it fails in the caller (ENOMEM: no huge pages here), or takes from the machine's pool.
     with pytest.raises(ResultDecodeError, match=r"hugetlb memfd \(MFD_HUGETLB\)"):
         forged(repo, mode, "hugetlb", 2 * MIB)
+
+
+@pytest.mark.parametrize("mode", ["call", "remote"])
+def test_an_inline_reply_larger_than_the_worker_could_hold_is_refused_from_its_length(repo, mode):
+    # A worker of 1 GiB announces 1 GiB + 1 inline: refused before a byte of it is read.
+    sandbox = Sandbox(timeout=60, memory_limit=1024 * MIB)
+    with pytest.raises(ProtocolError, match="buffer of 1073741825 bytes, more than the cap of 1073741824"):
+        forged(repo, mode, "inline_announced", 1024 * MIB + 1, sandbox)
 
 
 @pytest.mark.parametrize("mode", ["call", "remote"])
