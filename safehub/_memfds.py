@@ -87,14 +87,14 @@ def map_sealed_memfds(fds: Sequence[int], *, max_bytes: int) -> list[memoryview]
     base = ctypes.addressof(anchor)
     del anchor  # its export of the region ends here
     prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED
-    for fd, start, size in zip(fds, starts, sizes):
+    for fd, start, size in zip(fds, starts, sizes, strict=True):
         # Over the region's own pages only: MAP_FIXED replaces them, and the region unmaps it with them.
         if _libc.mmap(base + start, size, prot, flags, fd, 0) in (None, _MAP_FAILED):
             error = ctypes.get_errno()
             region.close()
             raise ResultDecodeError(f"the worker's memfd could not be mapped: {os.strerror(error)}")
     whole = memoryview(region)
-    return [whole[start : start + size] for start, size in zip(starts, sizes)]
+    return [whole[start : start + size] for start, size in zip(starts, sizes, strict=True)]
 
 
 def map_sealed_memfd(fd: int, *, max_bytes: int = MAX_TOTAL_BYTES) -> memoryview:

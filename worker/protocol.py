@@ -142,13 +142,16 @@ class Limits:
     max_fds: int = 0
 
 
+Received = bytearray | mmap.mmap  # a received buffer: writable, in its final place
+
+
 @dataclass
 class Frame:
     """One decoded frame. ``fields`` excludes the reserved keys; the receiver owns ``fds``."""
 
     kind: str
     fields: dict[str, Any]
-    buffers: list[bytearray | mmap.mmap] = field(default_factory=list)  # writable: read once, in place
+    buffers: list[Received] = field(default_factory=list)  # writable: read once, in place
     fds: list[int] = field(default_factory=list)
 
     def close_fds(self) -> None:
@@ -317,14 +320,14 @@ class _Reader:
             data += memoryview(piece)[:got]
         return data
 
-    def read_buffer(self, n: int) -> bytearray | mmap.mmap:
+    def read_buffer(self, n: int) -> Received:
         """One of the frame's buffers, received straight into its final, writable place: no copy
         follows, here or in a decoder. A large one is an anonymous mapping, whose pages cost
         memory only as bytes arrive, so a declared length costs nothing until sent (a small one,
         at most ``_CHUNK``, is allocated ahead)."""
         if n == 0:
             return bytearray()
-        data: bytearray | mmap.mmap = bytearray(n) if n <= _CHUNK else mmap.mmap(-1, n)
+        data: Received = bytearray(n) if n <= _CHUNK else mmap.mmap(-1, n)
         with memoryview(data) as view:
             filled = 0
             while filled < n:

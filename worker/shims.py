@@ -46,20 +46,20 @@ class FetchRefused(OSError, RuntimeError):
     a repository's own handling of a failed download still catches it."""
 
 
-def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list[int]]], refused: type[BaseException],
+def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[Any], list[int]]], refused: type[BaseException],
             repo_dirs: list[str], view_dir: str, network: bool) -> None:
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
     if not network:
-        socket.socket.connect = _no_network  # type: ignore[method-assign]
-        socket.socket.connect_ex = _no_network  # type: ignore[method-assign]
+        socket.socket.connect = _no_network  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = _no_network  # type: ignore[method-assign,assignment]
     for name, patch in _PATCHES.items():
         if name in sys.modules:
             patch(sys.modules[name])
     sys.meta_path.insert(0, _PatchOnImport())
 
 
-def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
     try:
         return _state["ask"](what, args)
     except _state["refused"] as exc:

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
-from .layout import DTYPE_NAMES
+from .layout import DTYPE_NAMES, OBJECT_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
 from .sandbox.libc import prctl
@@ -160,7 +160,7 @@ class Channel:
         self.lock = threading.Lock()
         self.next_id = 1
 
-    def ask(self, what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+    def ask(self, what: str, args: dict[str, Any]) -> tuple[Any, list[protocol.Received], list[int]]:
         """(the answer's value, its buffers, its fds: the caller owns them), or raise Refused."""
         with self.lock:
             ask_id, self.next_id = self.next_id, self.next_id + 1
@@ -200,7 +200,7 @@ def _scratch_use(scratch_dir: str) -> dict[str, int]:
     return {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
 
 
-def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str]) -> Reply:
+def _answer(request: dict[str, Any], buffers: list[protocol.Received], repo_dirs: list[str]) -> Reply:
     repo_dir = repo_dirs[0]
     action, model, returns = request.get("action"), request.get("model"), request.get("returns")
     # Only modules imported from here on can be the repository's: looking at just those spares a
@@ -261,7 +261,7 @@ def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str])
 
         _register_repo_modules(cloudpickle, repo_dirs, [m for n, m in list(sys.modules.items()) if n not in preloaded])
         # The structure is pickled; every storage's bytes travel beside it, never through pickle.
-        parts, metadata = objects.dumps(value, DTYPE_NAMES), objects.OBJECT_METADATA
+        parts, metadata = objects.dumps(value, DTYPE_NAMES), OBJECT_METADATA
     else:
         raise ValueError(f"unknown returns={returns!r}")
     transport, buffers, fds = weights.encode_shards(parts, metadata)

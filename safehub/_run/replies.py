@@ -85,7 +85,7 @@ def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> 
                                 "(what the worker could hold: Sandbox(memory_limit=...))")
     if transport == "memfd" and len(frame.fds) == len(sizes) and not frame.buffers:
         shards = map_sealed_memfds(frame.fds, max_bytes=max_bytes)
-        for shard, size in zip(shards, sizes):
+        for shard, size in zip(shards, sizes, strict=True):
             if len(shard) != size:
                 raise ResultDecodeError(f"the worker's memfd holds {len(shard)} bytes, not the {size} announced")
         return shards
