@@ -7,6 +7,7 @@ sets a variable with ``monkeypatch.setenv`` takes effect at once and nothing is 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 # torch.hub's names and files, kept so caches and trust decisions are shared.
@@ -34,14 +35,7 @@ API_MAX_PAGES = 100
 # How many branches a commit is compared against before it is called a fork commit.
 MAX_BRANCHES_COMPARED = 20
 
-# The fetch broker (DESIGN 4b): what the parent fetches for one isolated call, at most.
-MAX_FETCH_URL_LENGTH = 4096
-MAX_FETCH_REDIRECTS = 5
-MAX_FETCHES_PER_CALL = 64
-MAX_FETCH_FILE_BYTES = 32 * 1024**3
-MAX_FETCH_CALL_BYTES = 64 * 1024**3
-# Per socket operation; the call's own deadline bounds the whole fetch.
-FETCH_IO_TIMEOUT_S = HTTP_TIMEOUT_S
+# The fetch broker's caps (DESIGN 4b) are safehub._egress.limits.Limits, beside the code.
 
 # safehub's own state inside the hub dir: metadata and locks, hidden from torch.hub.
 STATE_DIR_NAME = ".safehub"
@@ -57,7 +51,7 @@ def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-_COMPUTED = {
+_COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
     "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
     "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),
@@ -68,7 +62,8 @@ _COMPUTED = {
     "SAFEHUB_ALLOW_HOSTS": lambda: tuple(
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
-    "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
+    # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")
     ),
