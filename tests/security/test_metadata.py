@@ -88,6 +88,9 @@ OLD_TIMEVALS = struct.pack("qqqq", 978307200, 0, 978307200, 0)
 OLD_TIMESPECS = struct.pack("qqqq", 978307200, 0, 978307200, 0)
 FILE_ATTR_NODUMP = struct.pack("QIIII", 0x80, 0, 0, 0, 0)  # FS_XFLAG_NODUMP
 BUF = ctypes.create_string_buffer(64)
+def sys_call(nr, *args, _call=sys_call):
+    # Every int a full register (ctypes passes a bare int as a C int: the upper half is garbage).
+    return _call(nr, *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
 KEEP = []
 def xattr_args(value, size=None):  # struct xattr_args { u64 value; u32 size; u32 flags; }
     buf = value if isinstance(value, ctypes.Array) else ctypes.create_string_buffer(value, len(value))

@@ -40,7 +40,7 @@ import signal
 from typing import Any, Iterable
 
 from .. import grants
-from ..protocol import WorkerSettings
+from ..protocol import MemoryShares, WorkerSettings
 from . import landlock, limits, namespaces, seccomp
 from .libc import check, libc
 
@@ -92,12 +92,16 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     report = Report()
     wanted = set(settings.layers)
     report.applied += settings.applied_by_parent
+    if settings.memory_cgroup and "memory_cgroup" not in report.applied:
+        join_memory_cgroup(settings.memory_cgroup)  # before anything is forked or allocated
+        report.applied.append("memory_cgroup")
     close_other_fds(keep_fds)
     os.umask(0o077)  # files the worker creates are its own, even in a shared /tmp
     no_core_dumps()
     report.applied.append("session")
 
     in_bwrap = "bubblewrap" in report.applied
+    shares = settings.memory_shares(in_bubblewrap=in_bwrap)
     is_root = os.geteuid() == 0
     drop = is_root and "uid_drop" in wanted and not in_bwrap
     pid_ns = False
@@ -108,9 +112,9 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     if pid_ns:
         fork_into_pid_namespace(report)
     mount_ns = pid_ns
-    if "rlimits" in wanted and settings.max_scratch_size and "scratch_limit" not in report.applied:
+    if "rlimits" in wanted and shares.scratch and "scratch_limit" not in report.applied:
         owner = UNPRIVILEGED_UID if drop else os.getuid()
-        mount_ns = _bound_scratch(report, settings, in_mount_ns=mount_ns, in_bwrap=in_bwrap, owner=owner)
+        mount_ns = _bound_scratch(report, settings, shares.scratch, in_mount_ns=mount_ns, in_bwrap=in_bwrap, owner=owner)
     if drop:
         _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=mount_ns))
     elif is_root and "uid_drop" not in report.applied:
@@ -121,9 +125,17 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     if "landlock" in wanted:
         _attempt(report, "landlock", lambda: _landlock(settings))
     if "rlimits" in wanted:
-        _attempt(report, "rlimits", lambda: _rlimits(settings, report, nproc_base))
+        _attempt(report, "rlimits", lambda: _rlimits(settings, shares, report, nproc_base))
+    # Without a memory cgroup, the address-space bound holds only with seccomp's half of it.
+    one_space = "rlimits" in wanted and shares.one_address_space
     if "seccomp" in wanted:
-        _attempt(report, "seccomp", lambda: seccomp.install(network=settings.network))
+        installed = _attempt(
+            report, "seccomp", lambda: seccomp.install(network=settings.network, memfds=not one_space, one_address_space=one_space)
+        )
+        if installed and one_space:
+            report.applied.append("one_address_space")
+    if one_space and "one_address_space" not in report.applied:
+        report.missing["one_address_space"] = "needs seccomp: new processes and memfds escape memory_limit"
     for name in ("landlock", "rlimits", "seccomp"):
         if name not in wanted:
             report.missing[name] = "switched off by Sandbox(layers=...)"
@@ -203,8 +215,17 @@ def _init(status_w: int) -> None:
     os._exit(0)
 
 
-def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: bool, in_bwrap: bool, owner: int) -> bool:
-    """Cover the scratch folder with a tmpfs of ``max_scratch_size`` bytes, owned by ``owner``.
+def join_memory_cgroup(folder: str) -> None:
+    """Move this process into the memory cgroup the parent made for the call (every later child
+    is born in it). Raises OSError: the parent counted on it, so the worker must not go on."""
+    with open(os.path.join(folder, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _bound_scratch(
+    report: Report, settings: WorkerSettings, size: int, *, in_mount_ns: bool, in_bwrap: bool, owner: int
+) -> bool:
+    """Cover the scratch folder with a tmpfs of ``size`` bytes (``memory_shares``), owned by ``owner``.
 
     In the private mount namespace the namespaces layer made; as root without one, in a mount
     namespace made for it. Returns whether this process is in a private mount namespace now.
@@ -219,7 +240,7 @@ def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: boo
                 raise OSError("no private mount namespace to mount it in (user namespaces are off or refused)")
             namespaces.enter(user=False, net=False, ipc=False, mount=True)
             in_mount_ns = True
-        namespaces.mount_tmpfs(scratch, int(settings.max_scratch_size), uid=owner, gid=owner)
+        namespaces.mount_tmpfs(scratch, int(size), uid=owner, gid=owner)
         os.chdir(scratch)  # the working folder still was the folder the tmpfs now covers
     except Exception as exc:  # OSError from the kernel, RuntimeError from the mount namespace guard
         report.missing["scratch_limit"] = f"{exc}; each file is bounded to max_scratch_size instead, not their total"
@@ -289,15 +310,15 @@ def _landlock(settings: WorkerSettings) -> dict[str, Any]:
     return landlock.restrict(read, [os.path.realpath(settings.scratch_dir)], allow_tcp=settings.network)
 
 
-def _rlimits(settings: WorkerSettings, report: Report, nproc_base: int = 0) -> dict[str, Any]:
+def _rlimits(settings: WorkerSettings, shares: MemoryShares, report: Report, nproc_base: int = 0) -> dict[str, Any]:
     cpu = settings.cpu_time
     file_size = settings.max_file_size
-    scratch = settings.max_scratch_size
+    scratch = shares.scratch
     if scratch and "scratch_limit" not in report.applied:
         file_size = scratch if file_size is None else min(file_size, scratch)  # the fallback: per file
     processes = settings.max_processes
     applied = limits.apply_rlimits(
-        memory_bytes=settings.memory_limit,
+        memory_bytes=shares.address_space,
         cpu_seconds=None if cpu is None else max(1, int(cpu + 0.999)),
         max_processes=None if processes is None else processes + nproc_base,
         max_open_files=settings.max_open_files,
