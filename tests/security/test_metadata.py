@@ -20,11 +20,14 @@ import errno
 import fcntl
 import os
 import platform
+import shutil
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from tests.security.test_layers import IS_ROOT, NOBODY, _load, denied, require, run_child, shared_tmp  # noqa: F401
+from tests.security.test_layers import IS_ROOT, NOBODY, _load, denied, require, run_child
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,12 +134,17 @@ OWNERS = ["user"] + (["nobody"] if IS_ROOT else [])
 
 
 @pytest.fixture
-def files(shared_tmp):
+def files():
+    """make(owner) -> (practice, canary), in a folder every uid can traverse (not tmp_path's)."""
+    folder = Path(tempfile.mkdtemp(prefix="safehub-meta-", dir="/tmp"))
+    folder.chmod(0o755)
+
     def make(owner: str):
         uid = NOBODY if owner == "nobody" else None
-        return _canary(shared_tmp, "practice", uid), _canary(shared_tmp, "canary", uid)
+        return _canary(folder, "practice", uid), _canary(folder, "canary", uid)
 
-    return make
+    yield make
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(code: str, practice, canary):
