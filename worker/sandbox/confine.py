@@ -5,12 +5,15 @@ the forked, single-threaded work process, after the request arrived and before `
 imported. Layers go on in this order, each where the machine allows and ``settings.layers``
 asks for it:
 
+0. memory_cgroup: where the parent made one for the call (``settings.memory_cgroup``) and the
+   launch command did not enter it already, the process enters it before anything else, so all
+   it will fork and allocate counts against ``memory_limit`` (``WorkerSettings.memory_shares``).
 1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
 2. namespaces (user, net, ipc, pid, mount), unless bubblewrap already made them. A new pid
    namespace takes effect for children only, so the process forks here: a small init becomes
    pid 1 of the namespace (a fresh /proc mounted) and forks the work as pid 2, which goes on;
    the process left outside waits and mirrors the work's fate.
-3. The scratch folder (part of rlimits): a tmpfs of ``max_scratch_size`` mounted over it in
+3. The scratch folder (part of rlimits): a tmpfs of its ``memory_shares`` size mounted over it in
    the private mount namespace (bubblewrap mounts its own), owned by the uid the work runs as,
    and the working folder entered again. As root without a mount namespace, one is made for it;
    where none can be, rlimits bounds each file to ``max_scratch_size`` instead.
@@ -26,7 +29,9 @@ asks for it:
    scratch folder; no TCP (unless ``network``); no signals or abstract sockets out.
 7. rlimits: memory, CPU, processes, open files, file size, no core dumps; torch's thread
    counts lowered where its default pools would not fit in ``max_processes``.
-8. seccomp last, since it denies calls the layers before it make (unshare, mount).
+8. seccomp last, since it denies calls the layers before it make (unshare, mount). Without a
+   memory cgroup it also holds the worker to one address space (no new processes, no memfds),
+   the half of the memory bound rlimits cannot hold (reported as ``one_address_space``).
 
 A layer that cannot be applied is reported with the reason, never silently skipped; the worker
 then checks ``settings.require``.
