@@ -515,17 +515,19 @@ class WorkerSettings:
         tmpfs gets at most a quarter, each descriptor's buffers ``DESCRIPTOR_BUFFER_BYTES`` (a
         pipe's 64 KiB, a socket's default send buffer: seccomp refuses growing them), and the one
         address space the rest; seccomp refuses new processes and memfds (``one_address_space``).
-        bubblewrap's own /tmp and /dev/shm are tmpfs too, each no larger than the scratch, and
-        counted. No ``memory_limit``: nothing is bounded.
+        bubblewrap's own /tmp and /dev/shm are tmpfs too (``BUBBLEWRAP_TMPFS_BYTES``, and no
+        larger than the scratch), and counted. Without ``max_scratch_size`` the scratch is the
+        disk, not memory. No ``memory_limit``: nothing is bounded.
         """
         if self.memory_limit is None:
             return MemoryShares(None, self.max_scratch_size, one_address_space=False)
         if self.memory_cgroup is not None:
             return MemoryShares(self.memory_limit, self.max_scratch_size, one_address_space=False)
-        scratch = self.memory_limit // 4
-        if self.max_scratch_size is not None:
-            scratch = min(scratch, self.max_scratch_size)
-        tmpfs = scratch * (3 if in_bubblewrap else 1)
+        # No max_scratch_size: the scratch is the disk, not a tmpfs; bubblewrap's own stay.
+        scratch = None if self.max_scratch_size is None else min(self.memory_limit // 4, self.max_scratch_size)
+        tmpfs = scratch or 0
+        if in_bubblewrap:
+            tmpfs += 2 * min(BUBBLEWRAP_TMPFS_BYTES, scratch or BUBBLEWRAP_TMPFS_BYTES)
         buffers = (self.max_open_files or DEFAULT_OPEN_FILES) * DESCRIPTOR_BUFFER_BYTES
         return MemoryShares(max(0, self.memory_limit - tmpfs - buffers), scratch, one_address_space=True)
 
@@ -563,6 +565,7 @@ class WorkerSettings:
 # and SO_RCVBUF refused), with room for the kernel's own accounting.
 DESCRIPTOR_BUFFER_BYTES = 256 * 1024
 DEFAULT_OPEN_FILES = 1024  # counted where no max_open_files is set
+BUBBLEWRAP_TMPFS_BYTES = 256 * 1024 * 1024  # bubblewrap's /tmp and /dev/shm: at most this, and the scratch's size
 
 
 @dataclass(frozen=True)

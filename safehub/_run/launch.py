@@ -28,10 +28,10 @@ from typing import IO, Union
 from .. import _log
 from .._bwrap import UNPRIVILEGED_UID, bwrap_argv, bwrap_features, bwrap_works
 from .._worker import ENTRY_SCRIPT
-from .._worker.protocol import WorkerSettings
+from .._worker.protocol import BUBBLEWRAP_TMPFS_BYTES, WorkerSettings
 from . import memory_cgroup, warm
 
-TMPFS_SIZE = 256 * 1024 * 1024  # bytes of each of /tmp and /dev/shm in bubblewrap (tmpfs: memory)
+TMPFS_SIZE = BUBBLEWRAP_TMPFS_BYTES  # bytes of each of /tmp and /dev/shm in bubblewrap (tmpfs: memory)
 
 
 class ColdProcess:
