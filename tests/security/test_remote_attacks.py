@@ -34,6 +34,7 @@ from tests.process_trees import all_gone, tree_of
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("worker_start")]
 SANDBOX = Sandbox(timeout=60)
+UNBOUNDED = Sandbox(timeout=60, memory_limit=None)
 
 HOSTILE = '''
     import json
@@ -286,7 +287,9 @@ FORGED = {
 @pytest.mark.parametrize("case", sorted(FORGED))
 def test_a_forged_reply_is_refused_unread_and_ends_the_worker(repo, tmp_path, case):
     canary = tmp_path / "pickle-canary"
-    remote = load(repo)
+    # A forged memfd needs memfd_create, which a worker held to one address space (a
+    # memory_limit and no memory cgroup: SECURITY.md) may not call; those forgeries run unbounded.
+    remote = load(repo, UNBOUNDED if case in ("unsealed_memfd", "too_many_fds") else SANDBOX)
     processes = tree_of(remote.pid)
     # The error names the forged frame's defect: the parent received and refused that frame.
     with pytest.raises(ProtocolError, match=FORGED[case]):
