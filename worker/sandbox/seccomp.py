@@ -66,6 +66,7 @@ import os
 import platform
 import struct
 import sys
+from typing import Any
 
 from . import syscall_table
 from .libc import libc
@@ -348,7 +349,7 @@ class _Asm:
     def stmt(self, code: int, k: int) -> None:
         self.code.append((code, 0, 0, k & 0xFFFFFFFF))
 
-    def jump(self, code: int, k: int, jt, jf) -> None:
+    def jump(self, code: int, k: int, jt: int | str, jf: int | str) -> None:
         """jt/jf: a label name, or a count of instructions to skip (0: the next one)."""
         self.code.append((code, jt, jf, k & 0xFFFFFFFF))
 
@@ -422,7 +423,7 @@ def build_program(
     one_address_space: bool = False,
     machine: str | None = None,
     kill_action: int = SECCOMP_RET_KILL_PROCESS,
-):
+) -> tuple[bytes, list[str]]:
     """Assemble the filter. Returns ``(program_bytes, denied_names)``.
 
     Args:
@@ -540,7 +541,7 @@ def action_available(action: int) -> bool:
         return False
     nr = _ARCHES[platform.machine()][2]
     value = ctypes.c_uint32(action)
-    return libc().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0
+    return bool(libc().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0)
 
 
 def current_mode() -> int:
@@ -551,7 +552,7 @@ def current_mode() -> int:
     return res if res >= 0 else -1
 
 
-def install(*, network: bool = False, memfds: bool = True, one_address_space: bool = False) -> dict:
+def install(*, network: bool = False, memfds: bool = True, one_address_space: bool = False) -> dict[str, Any]:
     """Install the allow-list filter on every thread of this process.
 
     Args:
