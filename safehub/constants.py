@@ -69,7 +69,8 @@ _COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_ALLOW_HOSTS": lambda: tuple(
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
-    "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
+    # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")
     ),
