@@ -35,6 +35,9 @@ from tests.local_repos import write_repo
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("worker_start")]
 SANDBOX = Sandbox(timeout=60)
+# A worker held to one address space (a memory_limit and no memory cgroup: SECURITY.md) may not
+# call memfd_create; the attacks and results that need memfds run without a memory_limit.
+UNBOUNDED = Sandbox(timeout=60, memory_limit=None)
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -238,14 +241,14 @@ def in_child_caller(repo: Path, mode: str, case: str, nbytes: int) -> tuple[int,
 def test_a_sparse_memfd_is_refused_before_a_byte_is_read(repo, mode):
     # 4 GiB that cost the worker one page: read, they would cost the caller 4 GiB.
     with pytest.raises(ResultDecodeError, match=r"memfd is sparse \((0|4096) of its 42949[0-9]* bytes allocated\)"):
-        forged(repo, mode, "sparse", 4 * 1024 * MIB)
+        forged(repo, mode, "sparse", 4 * 1024 * MIB, UNBOUNDED)
 
 
 @pytest.mark.parametrize("mode", ["call", "remote"])
 def test_a_hugetlb_memfd_is_refused_by_name(repo, mode):
     # Mapped, it fails in the caller (ENOMEM: no huge pages here), or takes from the machine's pool.
     with pytest.raises(ResultDecodeError, match=r"hugetlb memfd \(MFD_HUGETLB\)"):
-        forged(repo, mode, "hugetlb", 2 * MIB)
+        forged(repo, mode, "hugetlb", 2 * MIB, UNBOUNDED)
 
 
 @pytest.mark.parametrize("mode", ["call", "remote"])
@@ -283,24 +286,32 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
+def memfd_mappings() -> int:
+    """Mappings of the worker's memfds in this process: the kept results did come in memfds."""
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:safehub-" in line for line in maps)
+
+
 def test_kept_results_of_a_remote_model_hold_no_descriptor(repo):
-    with run_isolated(repo, "load", model="hostile", returns="remote", sandbox=SANDBOX) as remote:
+    with run_isolated(repo, "load", model="hostile", returns="remote", sandbox=UNBOUNDED) as remote:
         remote.tensors(8, 64 * 1024)  # the first call's one-time descriptors (threads, caches)
         before = open_fds()
         # 8 tensors of 256 KiB each: past the inline size, so they come in memfds.
         kept = [remote.tensors(8, 64 * 1024) for _ in range(48)]
         after = open_fds()
+        assert memfd_mappings() >= 48
     assert [float(t[0]) for t in kept[-1].values()] == [float(i) for i in range(8)]
     assert after == before, f"48 kept results hold {len(after - before)} descriptors"
 
 
 def test_kept_weights_results_hold_no_descriptor(repo):
-    run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=SANDBOX)
+    run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=UNBOUNDED)
     before = open_fds()
-    kept = [run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=SANDBOX)
+    kept = [run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=UNBOUNDED)
             for _ in range(4)]
     gc.collect()  # nothing but the kept results may hold anything
     after = open_fds()
+    assert memfd_mappings() >= 4
     assert [float(t[0]) for t in kept[-1].values()] == [float(i) for i in range(8)]
     assert after == before, f"4 kept results hold {len(after - before)} descriptors"
 
