@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._asks import AskHandler, Refusal
-from .._worker import protocol
+from .._worker import protocol, values
 from ..errors import (
     EntrypointNotFoundError,
     HubconfError,
@@ -65,14 +65,15 @@ class Exchange:
 
 CALL = Exchange(
     protocol.CALL, protocol.RESULT, protocol.ERROR,
-    protocol.Limits(max_header_bytes=4 * 1024 * 1024, max_buffers=1, max_buffer_bytes=MAX_INLINE_BYTES,
-                    max_total_bytes=MAX_INLINE_BYTES, max_fds=MAX_SHARDS),
+    # A list of entrypoints, a report of the sandbox: small.
+    protocol.Limits(max_header_bytes=4 * 1024 * 1024, max_header_nodes=100_000, max_buffers=1,
+                    max_buffer_bytes=MAX_INLINE_BYTES, max_total_bytes=MAX_INLINE_BYTES, max_fds=MAX_SHARDS),
 )
 # A remote call's result tree is in its header; the value decoder's caps bound its tensors and bytes.
 INVOKE = Exchange(
     protocol.INVOKE, protocol.RETURNED, protocol.FAILED,
-    protocol.Limits(max_header_bytes=16 * 1024 * 1024, max_buffers=1, max_buffer_bytes=MAX_INLINE_BYTES,
-                    max_total_bytes=MAX_INLINE_BYTES, max_fds=protocol.MAX_VALUE_FDS),
+    protocol.Limits(max_header_bytes=16 * 1024 * 1024, max_header_nodes=values.Caps().max_nodes, max_buffers=1,
+                    max_buffer_bytes=MAX_INLINE_BYTES, max_total_bytes=MAX_INLINE_BYTES, max_fds=protocol.MAX_VALUE_FDS),
 )
 
 

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._results import (
-    MAX_NAME_CHARS,
-    MAX_NDIM,
-    MAX_TENSORS,
-    MAX_TOTAL_BYTES,
-    decode_object,
-    decode_weights,
-    map_sealed_memfd,
-)
+from .. import _terminal
+from .._memfds import map_sealed_memfds
+from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_object, decode_weights
+from .._sandbox import Sandbox
 from .._worker import protocol, values
 from ..errors import ProtocolError, ResultDecodeError
 
@@ -32,6 +27,11 @@ MAX_NAME = 256  # characters of a method's or a class's name
 # A remote call's value: the weights decoder's caps bound its tensors and bytes too.
 VALUE_CAPS = values.Caps(max_tensors=MAX_TENSORS, max_total_bytes=MAX_TOTAL_BYTES, max_ndim=MAX_NDIM,
                          max_key_chars=MAX_NAME_CHARS)
+
+
+def result_cap(sandbox: Sandbox) -> int:
+    """The most bytes one result may hold: what the worker could hold (its ``memory_limit``)."""
+    return min(MAX_PAYLOAD_BYTES, sandbox.memory_limit or MAX_PAYLOAD_BYTES)
 
 
 def check_result(frame: protocol.Frame, action: str, returns: str) -> None:
@@ -47,30 +47,30 @@ def check_result(frame: protocol.Frame, action: str, returns: str) -> None:
 
 
 def entrypoints(frame: protocol.Frame) -> list[str]:
-    """A ``list`` RESULT's entrypoint names."""
+    """A ``list`` RESULT's entrypoint names, their control characters made visible (``_terminal``)."""
     names = frame.fields.get("entrypoints")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ProtocolError("the worker's entrypoint list is not a list of str")
-    return names
+    return [_terminal.visible(name) for name in names]
 
 
 def docstring(frame: protocol.Frame) -> str | None:
-    """A ``help`` RESULT's docstring."""
+    """A ``help`` RESULT's docstring, its control characters made visible: it can write to no terminal."""
     doc = frame.fields.get("doc")
     if doc is not None and not isinstance(doc, str):
         raise ProtocolError("the worker's docstring is not a str")
-    return doc
+    return None if doc is None else _terminal.visible_lines(doc)
 
 
 # Tensors are views on the private mappings, which live as long as they do: never closed here.
-def weights(frame: protocol.Frame) -> dict[str, Any]:
+def weights(frame: protocol.Frame, max_bytes: int) -> dict[str, Any]:
     """A ``returns="weights"`` RESULT (or a remote ``state_dict()``): tensors parsed as data."""
-    return decode_weights(result_shards(frame))
+    return decode_weights(result_shards(frame, max_bytes))
 
 
-def unpickled_object(frame: protocol.Frame) -> Any:
+def unpickled_object(frame: protocol.Frame, max_bytes: int) -> Any:
     """A ``returns="object"`` RESULT, unpickled: runs code the repository chose (it needs trust)."""
-    return decode_object(result_shards(frame))
+    return decode_object(result_shards(frame, max_bytes))
 
 
 def remote_model(frame: protocol.Frame) -> tuple[list[str], str]:
@@ -80,25 +80,27 @@ def remote_model(frame: protocol.Frame) -> tuple[list[str], str]:
         raise ProtocolError("the worker's answer to a remote load carries data")
     methods = fields.get("methods")
     if (type(methods) is not list or len(methods) > MAX_METHODS
-            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and not m.startswith("_") for m in methods)):
-        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public names")
+            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and m.isprintable() and not m.startswith("_") for m in methods)):
+        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public, printable names")
     class_name = fields.get("class")
     return methods, class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
 
 
-def returned_value(frame: protocol.Frame, method: str, name: str) -> Any:
+def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int) -> Any:
     """A RETURNED's value, read as hostile data: the weights layout for ``state_dict``, else a value tree.
 
-    ``name`` is the call as messages name it. Its fds are closed here (mappings keep their own).
+    ``name`` is the call as messages name it; ``max_bytes`` bounds the result (``result_cap``).
+    Its fds are closed here: no mapping needs them.
     """
     try:
         if method == "state_dict":
             if frame.fields["value"] is not None:
                 raise ProtocolError("the worker answered state_dict() with something else than weights")
-            return weights(frame)
+            return weights(frame, max_bytes)
         if "transport" in frame.fields or "sizes" in frame.fields:
             raise ProtocolError(f"the worker answered {name} with weights")
-        segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
+        # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
+        segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)]
         try:
             return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
         except values.BadTree as exc:
@@ -107,26 +109,22 @@ def returned_value(frame: protocol.Frame, method: str, name: str) -> Any:
         frame.close_fds()
 
 
-def result_shards(frame: protocol.Frame) -> list[Any]:
+def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> list[Any]:
     """A weights or object result's shards (``transport``, ``sizes`` and what came with the frame):
-    each memfd checked for its seals and mapped privately, or the one inline buffer."""
+    the memfds checked and mapped privately, together (``_memfds``), or the one inline buffer.
+    ``max_bytes`` bounds the result. The frame's fds stay the caller's to close: no shard needs them."""
     fields = frame.fields
     sizes, transport = fields.get("sizes"), fields.get("transport")
     if type(sizes) is not list or not 1 <= len(sizes) <= MAX_SHARDS or not all(type(n) is int and n >= 0 for n in sizes):
         raise ProtocolError(f"the worker's result sizes {str(sizes)[:100]} are not 1 to {MAX_SHARDS} counts of bytes")
+    if sum(sizes) > max_bytes:
+        raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {max_bytes} "
+                                "(what the worker could hold: Sandbox(memory_limit=...))")
     if transport == "memfd" and len(frame.fds) == len(sizes) and not frame.buffers:
-        if sum(sizes) > MAX_PAYLOAD_BYTES:
-            raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
-        shards: list[Any] = []
-        try:
-            for fd, size in zip(frame.fds, sizes, strict=True):
-                shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
-                if len(shards[-1]) != size:
-                    raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")
-        except BaseException:
-            for shard in shards:
-                shard.close()  # no tensor is on them yet
-            raise
+        shards = map_sealed_memfds(frame.fds, max_bytes=max_bytes)
+        for shard, size in zip(shards, sizes, strict=True):
+            if len(shard) != size:
+                raise ResultDecodeError(f"the worker's memfd holds {len(shard)} bytes, not the {size} announced")
         return shards
     if transport == "inline" and len(frame.buffers) == len(sizes) == 1 and not frame.fds:
         if len(frame.buffers[0]) != sizes[0]:

@@ -35,9 +35,9 @@ class Mode:
 
 
 OBJECT = Mode("object", needs_trust=True, keeps_worker=False, in_process=True,
-              decode=lambda frame, worker, model: replies.unpickled_object(frame))
+              decode=lambda frame, worker, model: replies.unpickled_object(frame, replies.result_cap(worker.sandbox)))
 WEIGHTS = Mode("weights", needs_trust=False, keeps_worker=False, in_process=False,
-               decode=lambda frame, worker, model: replies.weights(frame))
+               decode=lambda frame, worker, model: replies.weights(frame, replies.result_cap(worker.sandbox)))
 REMOTE = Mode("remote", needs_trust=False, keeps_worker=True, in_process=False,
               decode=lambda frame, worker, model: open_remote(worker, model, *replies.remote_model(frame)))
 

@@ -89,7 +89,8 @@ class RemoteSession:
                     frame = self._exchange(method, packed, inference)
                     # The model's own failure leaves it up; a reply that breaks the protocol does not.
                     failure = conversation.failure_of(frame, conversation.Subject(remote_call=_name(method)))
-                    value = None if failure is not None else replies.returned_value(frame, method, _name(method))
+                    value = None if failure is not None else replies.returned_value(
+                        frame, method, _name(method), replies.result_cap(self.sandbox))
                 except BaseException as exc:
                     error = self._fail(exc, method)
                     if error is exc:
