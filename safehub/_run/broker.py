@@ -62,6 +62,8 @@ class BrokeredFetch:
     cached: bool
     path: str = ""  # where the parent keeps it
     commit_sha: str = ""  # a repository's commit
+    name: str = ""  # a file's name in its checkpoints folder
+    place: str = ""  # which checkpoints folder: "hub/checkpoints" or "checkpoints"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +86,8 @@ NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache e
 class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
-    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None,
+                 granted: frozenset[str] = frozenset()) -> None:
         self.sandbox = sandbox
         self.nested = nested
         # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
@@ -93,7 +96,7 @@ class Broker:
         self.policy = _egress.FetchPolicy.for_sandbox(sandbox)
         self.budget = _egress.CallBudget()
         self.deadline = _egress.Deadline(sandbox.timeout)
-        self.view = CallView()
+        self.view = CallView(granted)
         self.records: list[BrokeredFetch] = []
         self.count = 0
 
@@ -128,21 +131,24 @@ class Broker:
             raise Refusal(f"files are kept in the checkpoints folders, not {str(place)[:40]!r}")
         if hash_prefix is not None and (not isinstance(hash_prefix, str) or not re.fullmatch(r"[0-9a-fA-F]{1,64}", hash_prefix)):
             raise Refusal(f"the hash prefix {str(hash_prefix)[:80]!r} is not hexadecimal")
-        folder = _cache.hub_path() / "checkpoints" if place == "hub/checkpoints" else _torch_home() / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
         pinned = self._pinned(url)
+        # A read-only shared hub dir that holds the file serves it in place; else the writable one.
+        path = _cache.find_checkpoint(place, name) or _cache.checkpoint_dir(place) / name
         cached = path.is_file() and not path.is_symlink()
-        if cached and pinned is not None and _digest(path, trust_memo=False)[1] != pinned.sha256:
+        # The memo is this user's own (a private folder), so a pinned file is hashed once, not per call.
+        if cached and pinned is not None and _digest(path)[1] != pinned.sha256:
             raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
                           "remove it to fetch the pinned one, or run `safehub lock --load` again")
         if not cached:
             self._may_download(url)
+            path.parent.mkdir(parents=True, exist_ok=True)
             # A pinned file is checked against its whole sha256 before it is moved into place.
             with _told_to_the_worker():
                 _download_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress), self.open_url)
         size, digest = _digest(path)
-        self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path)))
+        if not cached:
+            _cache.record_checkpoint(path, place, url=url, size=size, sha256=digest)  # for `safehub cache verify`
+        self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path), name=name, place=place))
         return {"path": str(self.view.add_file(path, place, name))}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
@@ -257,32 +263,8 @@ def _download_to(url: str, path: Path, hash_prefix: str | None, progress: bool, 
     _download.fetch_to(url, path, hash_prefix, progress, open_url=open_url, unless_present=True)
 
 
-def _digest(path: Path, *, trust_memo: bool = True) -> tuple[int, str]:
-    """(size, sha256) of a cached file; remembered beside the cache, so a 1 GiB checkpoint is
-    hashed once, not on every load (a changed size, mtime or inode means a new file)."""
-    import json
-
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        memo = _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-        with contextlib.suppress(OSError, ValueError):
-            known = json.loads(memo.read_text()) if trust_memo else {}
-            if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
-                return st.st_size, known["sha256"]
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    with contextlib.suppress(OSError):
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "sha256": digest}))
-        os.replace(tmp, memo)
-    return st.st_size, digest
-
-
-def _torch_home() -> Path:
-    """torch.hub's ``_get_torch_home()``, read now (NVIDIA's entrypoints keep files there)."""
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
-    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", default)))
+def _digest(path: Path) -> tuple[int, str]:
+    return _cache.file_digest(path)
 
 
 def _safe_headers(headers: Any) -> dict[str, str]:
