@@ -137,7 +137,7 @@ def _checkpoint_row(c: _cache.Checkpoint, now: float) -> dict[str, Any]:
 def _print_table(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
@@ -222,7 +222,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         entries, unmatched = _selected(entries, args.repos)
         if unmatched:
             raise CommandError(f"Nothing in the cache matches {', '.join(unmatched)}.", exit_code=EXIT_ERROR)
-    results = [_verify_entry(entry, pins) for entry in entries]
+    results: list[dict[str, Any]] = [_verify_entry(entry, pins) for entry in entries]
     if not args.repos:
         results += [_verify_checkpoint(c, file_pins) for c in _cache.iter_checkpoints()]
     changed = [r for r in results if not r["ok"]]
