@@ -159,6 +159,16 @@ def test_a_baked_read_only_hub_dir_serves_locked_loads_offline_and_nothing_is_wr
         assert proc.returncode == 0, proc.stdout + proc.stderr
         proc = run("cache", "verify", "--locked", str(lock), env=env, wrap=wrap)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # safehub run: the model stays in the sandbox (returns="remote"), only data crosses.
+        from safetensors.torch import save_file
+
+        x = torch.ones(1, 4)
+        save_file({"0": x}, str(tmp_path / "x.safetensors"))
+        proc = run("run", "acme/outer:main", "net", "--arg", f"url={url}", "--locked", str(lock),
+                   "--input", str(tmp_path / "x.safetensors"), "--output", str(tmp_path / "y.safetensors"), env=env, wrap=wrap)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        expected = x @ (state["weight"] * 2.0).T + state["bias"]
+        assert torch.allclose(load_file(tmp_path / "y.safetensors")["output"], expected)
     finally:
         if wrap is None:
             give_back_write(image)
@@ -193,6 +203,10 @@ def test_a_shared_hub_dir_serves_in_place_and_what_it_lacks_goes_to_the_writable
     env = {**os.environ, "TORCH_HOME": str(own), "SAFEHUB_SHARED_HUB_DIRS": str(image / "hub")}
     wrap = read_only(image)
     try:
+        # The read-only hub dir alone: what must be downloaded fails, naming the dir and the fix.
+        proc = run("list", "acme/other", env={**os.environ, "TORCH_HOME": str(image)}, wrap=wrap)
+        assert proc.returncode == cli.EXIT_ERROR, proc.stdout + proc.stderr
+        assert "read-only" in proc.stderr and str(image / "hub") in proc.stderr and "SAFEHUB_SHARED_HUB_DIRS" in proc.stderr
         github.clear_log()
         proc = run("--offline", "load", "acme/outer:main", "net", "--arg", f"url={url}", "--locked", str(lock),
                    "-o", str(tmp_path / "w.safetensors"), env=env, wrap=wrap)
