@@ -241,6 +241,15 @@ def file_digest(path: Path, *, trust_memo: bool = True) -> tuple[int, str]:
     return st.st_size, digest
 
 
+def remember_file_digest(path: Path, sha256: str) -> None:
+    """Remember the sha256 of a file this process just put in place (measured as it arrived)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        _write_atomic(digest_memo_path("files", str(path)), json.dumps({"path": str(path), "stamp": stamp, "sha256": sha256}),
+                      sync=False)
+
+
 def _state_dir(kind: str, *, create: bool = True, hub_dir: Path | None = None) -> Path:
     path = (hub_path() if hub_dir is None else hub_dir) / constants.STATE_DIR_NAME / kind
     if create:

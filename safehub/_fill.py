@@ -86,18 +86,20 @@ def _fill_file(lock_path: str | os.PathLike[str], url: str, pin: _pins.FilePin, 
 
 def _download(url: str, path: Path, sha256: str, progress: bool) -> None:
     from . import _download as download
-    from . import _egress
+    from ._egress.connection import CallBudget, CheckedResponse, Deadline, FetchPolicy, open_checked
     from ._sandbox import Sandbox
 
     # The broker's policy: what a worker could have fetched at lock time, and nothing private.
-    policy = _egress.FetchPolicy.for_sandbox(Sandbox())
-    budget, deadline = _egress.CallBudget(), _egress.Deadline(_FILL_DEADLINE_S)
+    policy = FetchPolicy.for_sandbox(Sandbox())
+    budget, deadline = CallBudget(), Deadline(_FILL_DEADLINE_S)
     _log.info(f'Downloading: "{url}" to {path}')
 
-    def open_url(u: str) -> object:
-        return _egress.open_checked(u, policy=policy, budget=budget, deadline=deadline)
+    def open_url(u: str) -> CheckedResponse:
+        return open_checked(u, policy=policy, budget=budget, deadline=deadline)
 
-    download.fetch_to(url, path, sha256, progress, open_url=open_url, unless_present=True)
+    saved = download.fetch_to(url, path, sha256, progress, open_url=open_url, unless_present=True)
+    if saved is not None:
+        _cache.remember_file_digest(path, saved.sha256)  # measured on the way in
 
 
 def _may_download(what: str) -> None:

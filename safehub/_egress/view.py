@@ -27,8 +27,7 @@ import uuid
 from pathlib import Path
 
 from .. import _cache, _log, _stale
-from .._stale import remove_tree
-from .scratch import owners
+from .._stale import remove_tree, sweepable_owners
 
 VIEWS = "views"
 _LOUD_COPY_BYTES = 64 * 1024**2
@@ -40,7 +39,7 @@ class CallView:
 
     def __init__(self, granted: frozenset[str] = frozenset()) -> None:
         top = _cache.runtime_subdir(VIEWS)
-        _stale.sweep(top, "", owners())
+        _stale.sweep(top, "", sweepable_owners())
         self.granted = granted  # real paths of cache files the worker may read in place
         self.root = top / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.root.mkdir(mode=0o755)
