@@ -72,7 +72,16 @@ class Broker:
 
     def close(self) -> None:
         self.view.remove()
+        self._restamp(self.records)
         _record.publish(self.records)
+
+    @staticmethod
+    def _restamp(records: list[FetchRecord]) -> None:
+        """A view's hard link, made and removed, changes its file's ctime, which the digest memo
+        keys on: remember the digests this call measured under the stamps this call caused."""
+        for record in records:
+            if record.kind == "file" and record.path:
+                _cache.remember_file_digest(Path(record.path), record.sha256)
 
     def __enter__(self) -> Broker:
         return self
@@ -126,7 +135,9 @@ class Broker:
             record = FetchRecord(kind="file", url=url, final_url=url, size=size, sha256=digest, cached=True, path=str(path),
                                  name=name, place=place)
         self._record(record)
-        return {"path": str(self.view.add_file(path, place, name))}, [], []
+        shown = self.view.add_file(path, place, name)
+        self._restamp([record])
+        return {"path": str(shown)}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         url = self._url(args)
