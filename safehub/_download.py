@@ -30,9 +30,7 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
-
-from . import _extract, _filelock, _http
+from . import _extract, _filelock, _http, _log
 from .errors import DownloadError, HashMismatchError, InvalidArgumentError
 
 logger = logging.getLogger("safehub")
@@ -240,7 +238,7 @@ def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bo
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch_into(url, out, progress, open_url)
+            digest = _fetch_into(url, out, progress, open_url, label=dst.name)
         _check_hash(url, digest, hash_prefix)
         os.replace(tmp_path, dst)
     except BaseException:
@@ -249,8 +247,10 @@ def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bo
         raise
 
 
-def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None) -> str:
-    """Stream ``url`` into ``out``; return the body's sha256 hex."""
+def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None, *,
+                label: str = "") -> str:
+    """Stream ``url`` into ``out``; return the body's sha256 hex. The progress bar, labelled
+    ``label``, is drawn only on a terminal and never with ``-q`` (``_log.progress``)."""
     try:
         response = (open_url or _http.open_url)(url)
     except _http.HTTPStatusError as exc:
@@ -258,15 +258,9 @@ def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], An
     with response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        with tqdm(
-            total=total,
-            disable=not progress,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-        ) as bar:
-            _, digest = _http.stream_to_file(response, out, on_chunk=bar.update)
+        with _log.progress(label or os.path.basename(urllib.parse.urlsplit(url).path), verbose=progress,
+                           total=total) as on_chunk:
+            _, digest = _http.stream_to_file(response, out, on_chunk=on_chunk)
     return digest
 
 

@@ -16,6 +16,7 @@ message.
     │   ├── ForkCommitError (ValueError)      a commit no branch or tag of the repository holds
     │   └── NetworkError                      the host could not be reached
     ├── OfflineError (RuntimeError)           SAFEHUB_OFFLINE=1 and the cache lacks something
+    ├── DiskFullError (OSError)               no space left in a folder safehub writes; path
     ├── DownloadError (RuntimeError)          a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   ├── HashMismatchError                 the sha256 does not match
@@ -24,6 +25,8 @@ message.
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
     ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
+    │   ├── HubconfNotFoundError (FileNotFoundError)  no hubconf.py (or no folder) there
+    │   ├── DamagedCacheError                 the cached tree changed since it was fetched; path, repo
     │   ├── MissingDependenciesError          `dependencies` names modules that are not installed
     │   └── EntrypointNotFoundError           no callable of that name
     ├── WorkerError (RuntimeError)            the isolated worker failed
@@ -31,6 +34,7 @@ message.
     │   ├── WorkerCrashedError                the worker died; exit_code, signal_name
     │   ├── WorkerTimeoutError (TimeoutError) the worker ran past Sandbox.timeout
     │   ├── RemoteClosedError                 a remote model's worker has ended; reason
+    │   ├── SandboxLimitError                 a limit of the sandbox made it fail; limit, value
     │   └── ProtocolError                     the worker sent bytes that break the protocol
     │       └── ResultDecodeError             a result that fails validation (weights, pickle)
     └── SandboxError (RuntimeError)           a Sandbox setting is invalid or unavailable
@@ -106,6 +110,10 @@ class OfflineError(SafeHubError, RuntimeError):
     """Offline mode is on and the cache cannot answer."""
 
 
+class DiskFullError(SafeHubError, OSError):
+    """A write failed for lack of space (ENOSPC, EDQUOT). Attribute: ``path``, the folder."""
+
+
 class DownloadError(SafeHubError, RuntimeError):
     """A download failed. Attribute: ``url``."""
 
@@ -145,12 +153,22 @@ class HubconfError(SafeHubError, RuntimeError):
     """``hubconf.py`` is missing or fails."""
 
 
+class HubconfNotFoundError(HubconfError, FileNotFoundError):
+    """No ``hubconf.py`` in the folder, or no such folder: torch.hub raises FileNotFoundError there.
+    Attribute: ``repo_dir``."""
+
+
+class DamagedCacheError(HubconfError):
+    """The cached tree of a repository changed since it was fetched (a file edited, added or
+    removed), and loading it failed. Attributes: ``path`` (the tree), ``repo``."""
+
+
 class MissingDependenciesError(HubconfError):
     """Modules named in ``dependencies`` are not installed. Attribute: ``missing``."""
 
 
 class EntrypointNotFoundError(HubconfError):
-    """No callable entrypoint of that name. Attribute: ``model``."""
+    """No callable entrypoint of that name. Attributes: ``model``, ``suggestions`` (close names)."""
 
 
 class WorkerError(SafeHubError, RuntimeError):
@@ -176,6 +194,16 @@ class WorkerTimeoutError(WorkerError, TimeoutError):
 class RemoteClosedError(WorkerError):
     """A remote model (``returns="remote"``) was called after its worker ended: closed, timed
     out, crashed, broke the protocol, or past its idle or whole-life limit. Attribute: ``reason``."""
+
+
+class SandboxLimitError(WorkerError):
+    """A limit of the sandbox, not the repository, made the worker fail (memory, processes, open
+    files, scratch, file size, CPU time). Attributes: ``limit`` (the Sandbox setting's name),
+    ``value`` (its value), and where the worker saw it ``remote_type`` and ``remote_traceback``."""
+
+    def __str__(self) -> str:
+        tb = getattr(self, "remote_traceback", "")
+        return f"{self.message}\n\nRemote traceback (from the worker):\n{tb}" if tb else self.message
 
 
 class ProtocolError(WorkerError):

@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _egress, _log, constants
+from .. import _cache, _disk, _egress, _log, constants
 from .._sandbox import Sandbox
+from ..errors import DiskFullError, OfflineError
 from .call import AskHandler, Refusal
 from .view import CallView
 
@@ -77,6 +78,10 @@ def recording() -> Iterator[list[BrokeredFetch]]:
     finally:
         _recorded.reset(token)
 
+
+# Failures that are the caller's, not the repository's: they end the call as they are, rather than
+# reaching the worker as a refused fetch whose error the repository would then raise as its own.
+CALLERS_ERRORS: tuple[type[BaseException], ...] = (OfflineError, DiskFullError)
 
 NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache entry (_cache.CacheEntry)
 
@@ -136,10 +141,13 @@ class Broker:
         if cached and pinned is not None and _digest(path, trust_memo=False)[1] != pinned.sha256:
             raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
                           "remove it to fetch the pinned one, or run `safehub lock --load` again")
-        if not cached:
+        if cached:
+            _log.info(f'Using the cached file {path} for "{url[:500]}"')
+        else:
             self._may_download(url)
+            _log.info(f'Downloading: "{url[:500]}" to {path}')
             # A pinned file is checked against its whole sha256 before it is moved into place.
-            with _told_to_the_worker():
+            with _told_to_the_worker(), _disk.writing_in(folder, f"the file {name} fetched for the worker"):
                 _download_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress), self.open_url)
         size, digest = _digest(path)
         self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path)))
@@ -178,6 +186,8 @@ class Broker:
 
         try:
             entry = self.nested(args)
+        except CALLERS_ERRORS:
+            raise
         except SafeHubError as exc:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
         self._record(BrokeredFetch("repo", github, github, 0, entry.archive_sha256, True, str(entry.repo_dir), entry.commit_sha))
@@ -208,7 +218,10 @@ class Broker:
 
     def _may_download(self, url: str) -> None:
         if constants.SAFEHUB_OFFLINE:
-            raise Refusal(f"{url[:500]} is not in the cache and SAFEHUB_OFFLINE is set")
+            # The caller's setting, not the repository's failure: the call ends with it (exit 4).
+            raise OfflineError(f"Offline mode (SAFEHUB_OFFLINE=1) is on and {url[:500]}, which the repository "
+                               f"fetches, is not in the cache ({_cache.hub_path() / 'checkpoints'}). Load it once "
+                               "online, or unset SAFEHUB_OFFLINE.", url=url[:500])
 
     def _count(self) -> None:
         self.count += 1
@@ -229,6 +242,8 @@ def _told_to_the_worker() -> Iterator[None]:
 
     try:
         yield
+    except CALLERS_ERRORS:
+        raise
     except SafeHubError as exc:
         raise Refusal(str(exc)) from None
 

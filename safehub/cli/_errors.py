@@ -47,15 +47,49 @@ class CommandError(errors.SafeHubError):
 Message = Callable[[BaseException, argparse.Namespace | None], str]
 
 
+# The library's messages speak Python (they name the keyword that changes a thing); on the command
+# line the same advice names the option. One table, read in order (longest phrases first), turns the
+# one into the other; ``tests/unit/test_cli_errors.py`` checks that every CLI word it names exists.
+CLI_WORDS: tuple[tuple[str, str], ...] = (
+    ("isolate=safehub.Sandbox(network=True)", "--network"),
+    ("Sandbox(network=True)", "--network"),
+    ("Sandbox(allow_hosts=...)", "--allow-host HOST[:PORT]"),
+    ("Sandbox(timeout=...)", "--timeout SECONDS"),
+    ("Sandbox(memory_limit=...)", "--memory-limit SIZE"),
+    ("Sandbox(max_processes=...)", "--max-processes N"),
+    ("Sandbox(max_open_files=...)", "--max-open-files N"),
+    ("Sandbox(cpu_time=...)", "--cpu-time SECONDS"),
+    ("Sandbox(max_scratch_size=...)", "--scratch-size SIZE"),
+    ("Sandbox(max_file_size=...)", "--max-file-size SIZE"),
+    ("Sandbox(fetch=False)", "the sandbox's settings"),
+    ('returns="object"', "--returns object"),
+    ("returns='object'", "--returns object"),
+    ('returns="weights"', "--returns weights"),
+    ("returns='weights'", "--returns weights"),
+    ("trust_repo=True", "--trust"),
+    ("force_reload=True", "--force-reload"),
+    ("skip_validation=True", "--skip-validation"),
+    ("without lock=", "without --locked"),
+    ("safehub.set_dir() or TORCH_HOME", "--hub-dir or TORCH_HOME"),
+)
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python API's advice said in the command line's words."""
+    for python, cli in CLI_WORDS:
+        message = message.replace(python, cli)
+    return message
+
+
 def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
-    """The error's own message, on one line whatever it holds."""
+    """The error's own message, on one line whatever it holds, in the command line's words."""
     if isinstance(exc, errors.SafeHubError):
         message = exc.message
     elif isinstance(exc, OSError) and exc.filename is not None:
         message = f"{exc.strerror or exc}: {exc.filename}"
     else:
         message = str(exc) or type(exc).__name__
-    return " ".join(message.split())
+    return cli_words(" ".join(message.split()))
 
 
 def _untrusted(exc: BaseException, args: argparse.Namespace | None) -> str:
@@ -74,7 +108,9 @@ def _no_entrypoint(exc: BaseException, args: argparse.Namespace | None) -> str:
     if args is None or not getattr(args, "model", None):
         return _plain(exc, args)
     local = " --source local" if getattr(args, "source", "github") == "local" else ""
-    return (f"{args.repo} has no entrypoint {args.model!r}; `safehub list {args.repo}{local}` shows "
+    suggestions = getattr(exc, "suggestions", None) or []
+    guess = f"did you mean {' or '.join(repr(s) for s in suggestions)}? " if suggestions else ""
+    return (f"{args.repo} has no entrypoint {args.model!r}; {guess}`safehub list {args.repo}{local}` shows "
             "the entrypoints it has.")
 
 
@@ -110,7 +146,10 @@ ERROR_TABLE: tuple[Rule, ...] = (
     Rule(errors.LockFileError, EXIT_INTEGRITY, _plain),
     Rule(errors.ForkCommitError, EXIT_INTEGRITY, _plain),
     Rule(errors.ArchiveError, EXIT_INTEGRITY, _plain),
+    Rule(errors.DamagedCacheError, EXIT_INTEGRITY, _plain),  # what `cache verify` would find
     Rule(errors.FetchRefusedError, EXIT_INTEGRITY, _plain),  # a rule of the fetch policy: no retry cures it
+    # The caller's disk, not the network: a download into a full hub dir is no network failure.
+    Rule(errors.DiskFullError, EXIT_ERROR, _plain),
     # A name to fix, not a failure a retry would cure.
     Rule(errors.RepoNotFoundError, EXIT_ERROR, _plain),
     Rule(errors.RefNotFoundError, EXIT_ERROR, _plain),
@@ -119,6 +158,7 @@ ERROR_TABLE: tuple[Rule, ...] = (
     Rule(errors.DownloadError, EXIT_NETWORK, _plain),
     Rule(errors.EntrypointNotFoundError, EXIT_ERROR, _no_entrypoint),
     Rule(errors.RemoteError, EXIT_ERROR, _remote),
+    Rule(errors.SandboxLimitError, EXIT_ERROR, _remote),
     Rule(errors.SafeHubError, EXIT_ERROR, _plain),
     Rule(OSError, EXIT_ERROR, _plain),  # a file that could not be read or written
     Rule(BaseException, EXIT_ERROR, _unexpected),  # a bug: still one line, unless --debug

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import _cache, _refs, constants
 from ._errors import EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, add_group, json_option, non_negative_float
+from ._options import add_command, add_group, non_negative_float
 from ._output import format_age, format_size, note, print_json
 
 
@@ -32,14 +32,12 @@ def register(subparsers: Any) -> None:
     q = add_command(actions, "list", func=cmd_cache_list, help="show cached repositories",
                     description="Show each cached repository: folder, repo, ref, commit, size and age.",
                     epilog="examples:\n  safehub cache list\n  safehub cache list --json")
-    json_option(q)
     q = add_command(actions, "verify", func=cmd_cache_verify, help="check cached trees against their recorded digest",
                     description="Hash each cached tree again and compare it with the digest recorded when it was\n"
                                 f"fetched. Exits {EXIT_INTEGRITY} naming every tree that changed.",
                     epilog="examples:\n  safehub cache verify\n  safehub cache verify someone/repo someone/other:v2 --json")
     q.add_argument("repos", metavar="REPO", nargs="*",
                    help="owner/repo (every ref) or owner/repo:ref; default: everything cached")
-    json_option(q)
     q = add_command(actions, "clean", func=cmd_cache_clean, help="remove cached repositories",
                     description="Remove cached repositories (tree and record, under their lock).\n\n"
                                 "With no REPO, --all or --older-than, nothing is removed: it shows what --all\n"
@@ -55,7 +53,6 @@ def register(subparsers: Any) -> None:
     q.add_argument("--older-than", metavar="DAYS", type=non_negative_float,
                    help="only repositories fetched more than DAYS days ago")
     q.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
-    json_option(q)
 
 
 def _entries() -> list[_cache.CacheEntry]:
