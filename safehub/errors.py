@@ -1,14 +1,16 @@
 """The exceptions safehub raises, and nothing else.
 
 Every error is a :class:`SafeHubError`. Where a torch.hub caller already catches a builtin
-(torch.hub raises ``ValueError`` and ``RuntimeError``), the safehub error subclasses that builtin
-too, so code written for torch.hub keeps working. Facts are attributes, never parsed from the
-message.
+(torch 2.13's hub raises ``ValueError``, ``RuntimeError``, ``FileNotFoundError`` for a missing
+hubconf.py, and urllib's ``HTTPError``/``URLError``, which are ``OSError``, when GitHub or a
+download fails), the safehub error subclasses that builtin too, so code written for torch.hub
+keeps working; ``tests/integration/test_error_compat.py`` runs both on the same bad inputs.
+Facts are attributes, never parsed from the message.
 
     SafeHubError
     ├── InvalidRefError (ValueError)          owner/repo[:ref] is not a valid GitHub name
     ├── InvalidArgumentError (ValueError)     any other bad argument (source, returns, ...)
-    ├── GitHubError (RuntimeError)            the GitHub API or archive host failed
+    ├── GitHubError (RuntimeError, OSError)   the GitHub API or archive host failed
     │   ├── RateLimitError                    403/429 with the rate limit spent
     │   ├── AuthenticationError               401: a bad or expired GITHUB_TOKEN
     │   ├── RepoNotFoundError                 404 on the repository
@@ -17,7 +19,7 @@ message.
     │   └── NetworkError                      the host could not be reached
     ├── OfflineError (RuntimeError)           SAFEHUB_OFFLINE=1 and the cache lacks something
     ├── DiskFullError (OSError)               no space left in a folder safehub writes; path
-    ├── DownloadError (RuntimeError)          a download failed
+    ├── DownloadError (RuntimeError, OSError) a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   ├── HashMismatchError                 the sha256 does not match
     │   └── FetchRefusedError                 the fetch policy refused a URL, address or cap
@@ -78,7 +80,7 @@ class InvalidArgumentError(SafeHubError, ValueError):
     """An argument other than the repository string is invalid."""
 
 
-class GitHubError(SafeHubError, RuntimeError):
+class GitHubError(SafeHubError, RuntimeError, OSError):
     """GitHub (or the configured mirror) failed. Attributes: ``url``, ``status``."""
 
 
@@ -114,7 +116,7 @@ class DiskFullError(SafeHubError, OSError):
     """A write failed for lack of space (ENOSPC, EDQUOT). Attribute: ``path``, the folder."""
 
 
-class DownloadError(SafeHubError, RuntimeError):
+class DownloadError(SafeHubError, RuntimeError, OSError):
     """A download failed. Attribute: ``url``."""
 
 

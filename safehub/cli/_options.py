@@ -72,6 +72,14 @@ def repo_options(parser: argparse.ArgumentParser) -> None:
                              "(fewer API requests)")
 
 
+def check_repo(args: argparse.Namespace) -> None:
+    """A malformed owner/repo[:ref] is said first (exit 2), before any other check of the command."""
+    if getattr(args, "source", "github") == "github":
+        from .._refs import parse
+
+        parse(args.repo)
+
+
 def sandbox_options(parser: argparse.ArgumentParser, *, no_isolate: bool) -> None:
     """The sandbox's settings (read by :func:`sandbox_from_options`), and --no-isolate where it applies.
 

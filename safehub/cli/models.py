@@ -20,6 +20,7 @@ from .._worker import with_article
 from ._options import (
     REPO_HELP,
     add_command,
+    check_repo,
     entrypoint_arguments,
     repo_options,
     sandbox_from_options,
@@ -132,6 +133,7 @@ _OBJECT_FORMATS = {".pt": "torch", ".pth": "torch"}
 
 def cmd_load(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    check_repo(args)
     if args.returns == "object" and output.suffix.lower() == ".safetensors":
         raise CommandError(f"--output {output}: --returns object writes the whole object with torch.save, "
                            "which a .safetensors file cannot hold. Name the file .pt, or drop --returns object "

@@ -25,7 +25,7 @@ from typing import Any
 from .. import _api
 from .._worker import with_article
 from ._errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, entrypoint_arguments, parse_kwarg, repo_options, sandbox_from_options, sandbox_options
+from ._options import add_command, check_repo, entrypoint_arguments, parse_kwarg, repo_options, sandbox_from_options, sandbox_options
 from ._output import TENSOR_FORMATS, check_output_path, format_size, print_json, stdout_to_stderr, write_tensors
 
 
@@ -63,6 +63,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    check_repo(args)
     input_path = Path(args.input) if args.input is not None else None
     check_output_path(output, formats=TENSOR_FORMATS)
     positional, keywords = read_inputs(input_path) if input_path is not None else ([], {})
