@@ -51,7 +51,8 @@ def stdout_to_stderr() -> Iterator[None]:
         yield
 
 
-# What an output file's extension says it holds, and how tensors are written in it.
+# What an output file's extension says it holds, and how tensors are written in it. A name
+# without an extension gets the command's default format, the first one listed.
 TENSOR_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 
 
@@ -65,9 +66,9 @@ def check_output_path(path: Path, *, formats: dict[str, str] | None = None, opti
         raise CommandError(f"{option} {path}: the folder {path.parent} does not exist.", exit_code=EXIT_ERROR)
     if formats is None:
         return None
-    found = formats.get(path.suffix.lower())
+    found = formats.get(path.suffix.lower()) if path.suffix else next(iter(formats.values()))
     if found is None:
-        names = " or ".join(sorted(formats))
+        names = " or ".join(formats)
         raise CommandError(f"{option} {path}: the file name must end in {names}, which says what it holds "
                            f"(e.g. {path.with_suffix(next(iter(formats)))}).", exit_code=EXIT_USAGE)
     return found
@@ -76,7 +77,7 @@ def check_output_path(path: Path, *, formats: dict[str, str] | None = None, opti
 def write_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
     """Tensors into ``path`` in the format its extension names: safetensors (with ``metadata``), or
     ``torch.save`` of the dict for .pt/.pth (read back with ``torch.load(path, weights_only=True)``)."""
-    kind = TENSOR_FORMATS[path.suffix.lower()]
+    kind = TENSOR_FORMATS.get(path.suffix.lower(), "safetensors")
     with atomic_output(path) as tmp:
         if kind == "safetensors":
             from safetensors.torch import save_file

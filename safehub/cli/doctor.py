@@ -100,7 +100,8 @@ def _user_namespaces(layers: dict[str, Any]) -> dict[str, Any]:
             "user.max_user_namespaces is 0: sudo sysctl -w user.max_user_namespaces=15000",
             "Docker: its default seccomp profile refuses unshare; run with --security-opt seccomp=unconfined "
             "or a profile that allows it",
-            "or run as root (namespaces without a user namespace, and a drop to uid 65534)",
+            *(() if os.geteuid() == 0 else
+              ("or run as root (namespaces without a user namespace, and a drop to uid 65534)",)),
             "to fail instead of running with fewer layers: Sandbox(require=(\"namespaces\",))",
         ],
     }

@@ -318,3 +318,126 @@ def test_an_output_file_on_a_full_disk_names_the_folder(repo, tmp_path):
                                           "-o", str(tiny / "w.safetensors")])
     proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240)
     assert_error(proc, cli.EXIT_ERROR, "No space left on device", str(tiny))
+
+
+# -- remote models from the command line and in Python ---------------------------------------------
+
+
+def test_run_takes_call_arguments_and_pt_and_npy_inputs(repo, tmp_path):
+    import numpy
+    from safetensors.torch import load_file
+
+    x = torch.ones(1, 2)
+    torch.save({"0": x}, tmp_path / "x.pt")
+    numpy.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = torch.nn.Linear(2, 2)(x) * 3.0
+    for source in ("x.pt", "x.npy"):
+        out = tmp_path / f"y-{source}.safetensors"
+        assert_ok(safehub_cli("run", "acme/models", "encoder", "--input", str(tmp_path / source),
+                              "--call-arg", "scale=3", "-o", str(out)))
+        assert torch.allclose(load_file(out)["output"], expected)
+    out = tmp_path / "y.pt"
+    assert_ok(safehub_cli("run", "acme/models", "encoder", "--input", str(tmp_path / "x.pt"), "--call-arg", "scale=3",
+                          "-o", str(out)))
+    assert torch.allclose(torch.load(out, weights_only=True)["output"], expected)
+    # A .pt input is data: a pickle that would run code is refused, before any worker starts.
+    torch.save({"0": x, "evil": Path("/")}, tmp_path / "evil.pt")
+    assert_error(safehub_cli("run", "acme/models", "encoder", "--input", str(tmp_path / "evil.pt"), "-o", str(out)),
+                 cli.EXIT_ERROR, "weights_only=True")
+
+
+def test_a_remote_module_reads_attributes_and_returns_itself(repo):
+    import safehub
+
+    with safehub.load("acme/models", "encoder", isolate=True, returns="remote") as m:
+        assert m.training is True and m.width == 2 and m.names == ["a", "b"]
+        assert m.eval() is m and m.training is False
+        assert m.to("cpu") is m and m.float() is m
+        state = m.state_dict()
+        named = dict(m.named_parameters())
+        assert sorted(named) == ["linear.bias", "linear.weight"]
+        assert all(torch.equal(named[k], state[k]) for k in named)
+        assert [p.shape for p in m.parameters()] == [torch.Size([2, 2]), torch.Size([2])]
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            m.nope  # noqa: B018
+        assert not hasattr(m, "nope")
+        with pytest.raises(safehub.errors.RemoteError, match=r"^the remote model raised RuntimeError"):
+            m(torch.ones(1, 5))
+
+
+def test_a_tuple_of_model_and_preprocess_gives_a_clear_error(repo):
+    import safehub
+
+    with pytest.raises(safehub.errors.ResultDecodeError, match=r"returned a tuple \(Encoder, function\).*one model"):
+        safehub.load("acme/models", "with_transform", isolate=True, returns="remote")
+
+
+def test_a_remote_timeout_says_what_timed_out(repo):
+    import safehub
+
+    with safehub.load("acme/models", "encoder", isolate=safehub.Sandbox(timeout=60), returns="remote") as m:
+        gone = m.call("forward", torch.ones(1, 2))
+        assert gone.shape == (1, 2)
+    with pytest.raises(safehub.errors.RemoteClosedError, match="closed"):
+        m(torch.ones(1, 2))
+
+
+# -- doctor where user namespaces are refused ------------------------------------------------------
+
+# A seccomp filter that refuses every new user namespace (unshare and clone with CLONE_NEWUSER;
+# clone3 as unimplemented, as Docker's profile does, so libc falls back to clone), applied to the
+# doctor's process before it starts: the kernel itself refuses, nothing in safehub is faked.
+REFUSE_USERNS = r'''
+import ctypes, errno, os, platform, struct, sys
+ARCH, NR = {"x86_64": (0xC000003E, (272, 56, 435)), "aarch64": (0xC00000B7, (97, 220, 435))}[platform.machine()]
+unshare, clone, clone3 = NR
+CLONE_NEWUSER = 0x10000000
+refuse = 0x00050000 | int(sys.argv[1])  # SECCOMP_RET_ERRNO | errno
+def ins(code, jt, jf, k): return struct.pack("HBBI", code, jt, jf, k)
+prog = [
+    ins(0x20, 0, 0, 4), ins(0x15, 1, 0, ARCH), ins(0x06, 0, 0, 0x7FFF0000),  # arch, else allow
+    ins(0x20, 0, 0, 0),                                                       # nr
+    ins(0x15, 4, 0, unshare), ins(0x15, 3, 0, clone), ins(0x15, 0, 1, clone3),
+    ins(0x06, 0, 0, 0x00050000 | errno.ENOSYS), ins(0x06, 0, 0, 0x7FFF0000),
+    ins(0x20, 0, 0, 16), ins(0x45, 0, 1, CLONE_NEWUSER),                      # args[0] & CLONE_NEWUSER
+    ins(0x06, 0, 0, refuse), ins(0x06, 0, 0, 0x7FFF0000),
+]
+buf = ctypes.create_string_buffer(b"".join(prog))
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(len(prog), ctypes.addressof(buf))), 0, 0) == 0, ctypes.get_errno()
+os.execv(sys.executable, [sys.executable, "-m", "safehub", *sys.argv[2:]])
+'''
+
+
+@pytest.mark.parametrize("refusal", ["ENOSPC", "EPERM"])
+def test_doctor_where_user_namespaces_are_refused(tmp_path, refusal):
+    import errno
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    hub.chmod(0o777)
+    env = {**os.environ, "HOME": str(tmp_path), "TORCH_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", REFUSE_USERNS, str(getattr(errno, refusal)), "--hub-dir", str(hub), "doctor"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240, env=env)
+    text = assert_ok(proc).stdout
+    layers = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and len(line.split()) > 1}
+    assert "disabled or restricted" in layers["namespaces"], text
+    assert "user namespaces:" in text and "still active:" in text and "apparmor_restrict_unprivileged_userns" in text
+    if os.geteuid() == 0:
+        # Root needs no user namespace for the others: they hold, and so does the sized scratch tmpfs.
+        assert "as root only" in layers["namespaces"] and "nothing is lost" in text, text
+        assert "sized tmpfs" in layers["rlimits"], text
+    else:
+        assert "MISSING" in layers["namespaces"] and "no network, ipc, pid or mount namespace" in text, text
+        assert "sized tmpfs" not in layers["rlimits"] and "scratch a plain folder" in layers["rlimits"], text
+    for layer in ("landlock", "seccomp", "rlimits"):
+        assert "active" in layers[layer], text
+    proc = subprocess.run([sys.executable, "-c", REFUSE_USERNS, str(getattr(errno, refusal)), "--hub-dir", str(hub),
+                           "doctor", "--json"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240, env=env)
+    report = json.loads(assert_ok(proc).stdout)
+    assert report["user_namespaces"]["restricted"] is True and "landlock" in report["user_namespaces"]["still_active"]
