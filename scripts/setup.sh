@@ -20,8 +20,8 @@ fi
 # Ask for the CPU build first: a plain "torch" requirement would pull a multi-GB CUDA build.
 step "installing torch 2.13.0, CPU build (the largest step: a few minutes on a fresh machine)"
 .venv/bin/python -m pip install "${PIP_QUIET[@]}" --disable-pip-version-check "torch==2.13.0"
-step "installing safehub (editable) with its test tools"
-.venv/bin/python -m pip install "${PIP_QUIET[@]}" --disable-pip-version-check -e '.[test]'
+step "installing safehub (editable) with its test and lint tools"
+.venv/bin/python -m pip install "${PIP_QUIET[@]}" --disable-pip-version-check -e '.[test,lint]'
 
 # bubblewrap gives the worker its namespaces; safehub degrades loudly without it.
 if command -v bwrap >/dev/null 2>&1; then

@@ -51,8 +51,8 @@ def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
     if not network:
-        socket.socket.connect = _no_network  # type: ignore[method-assign]
-        socket.socket.connect_ex = _no_network  # type: ignore[method-assign]
+        socket.socket.connect = _no_network  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = _no_network  # type: ignore[method-assign,assignment]
     for name, patch in _PATCHES.items():
         if name in sys.modules:
             patch(sys.modules[name])
