@@ -130,6 +130,8 @@ class OfflineError(SafeHubError, RuntimeError):
 class DiskFullError(SafeHubError, OSError):
     """A write failed for lack of space (ENOSPC, EDQUOT). Attribute: ``path``, the folder."""
 
+    path: str | None = None
+
 
 class DownloadError(SafeHubError, RuntimeError, OSError):
     """A download failed. Attribute: ``url``."""
@@ -189,10 +191,15 @@ class HubconfNotFoundError(HubconfError, FileNotFoundError):
     """No ``hubconf.py`` in the folder, or no such folder: torch.hub raises FileNotFoundError there.
     Attribute: ``repo_dir``."""
 
+    repo_dir: str | None = None
+
 
 class DamagedCacheError(HubconfError):
     """The cached tree of a repository changed since it was fetched (a file edited, added or
     removed), and loading it failed. Attributes: ``path`` (the tree), ``repo``."""
+
+    path: str | None = None
+    repo: str | None = None
 
 
 class MissingDependenciesError(HubconfError):
@@ -205,6 +212,7 @@ class EntrypointNotFoundError(HubconfError):
     """No callable entrypoint of that name. Attributes: ``model``, ``suggestions`` (close names)."""
 
     model: str | None = None
+    suggestions: list[str] | None = None
 
 
 class WorkerError(SafeHubError, RuntimeError):
@@ -246,6 +254,13 @@ class SandboxLimitError(WorkerError):
     """A limit of the sandbox, not the repository, made the worker fail (memory, processes, open
     files, scratch, file size, CPU time). Attributes: ``limit`` (the Sandbox setting's name),
     ``value`` (its value), and where the worker saw it ``remote_type`` and ``remote_traceback``."""
+
+    limit: str | None = None
+    value: float | None = None
+    remote_type: str | None = None
+    remote_traceback: str = ""
+    exit_code: int | None = None
+    signal_name: str | None = None
 
     def __str__(self) -> str:
         tb = getattr(self, "remote_traceback", "")

@@ -26,15 +26,16 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "an error to fix: unknown repository, ref or entrypoint, broken hubconf.py, missing "
     "dependencies, the repository's code raised, a sandbox limit was hit, a file could not be "
-    "written",
+    "written (a full disk included, named by its folder)",
     EXIT_USAGE: "usage: a bad option or argument, including a malformed owner/repo[:ref]",
     EXIT_UNTRUSTED: "untrusted: the repository's code would run outside the sandbox and it is not "
     "trusted (pass --trust, or run `safehub trust add`)",
     EXIT_NETWORK: "GitHub or the network failed: unreachable, rate limited, token refused, server "
-    "error, cut-off download, or --offline with nothing cached (a retry or GITHUB_TOKEN may help)",
+    "error, cut-off download, or --offline with something not in the cache, a repository or a file it "
+    "fetches (a retry or GITHUB_TOKEN may help)",
     EXIT_INTEGRITY: "integrity: an archive's sha256 differs from the lock file; the lock file is "
     "missing, unreadable or lacks the repository; a commit on no branch or tag (a fork's); a "
-    "hostile archive; `cache verify` found a changed tree",
+    "hostile archive; `cache verify` found a changed tree, or a load failed on one",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

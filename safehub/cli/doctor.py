@@ -22,7 +22,7 @@ from ._output import print_json
 
 
 def register(subparsers: Any) -> None:
-    p = add_command(subparsers, "doctor", func=cmd_doctor, help="show what this machine and setup offer",
+    add_command(subparsers, "doctor", func=cmd_doctor, help="show what this machine and setup offer",
                     description="Report the sandbox layers available here, the hub dir, the trusted list, the\n"
                                 "GitHub endpoints, offline mode, whether GITHUB_TOKEN is set (never its value),\n"
                                 "and the Python and torch versions.",
