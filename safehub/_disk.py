@@ -20,10 +20,13 @@ _FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exce
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) is a write refused for lack of space."""
+    """Whether ``exc`` (or what it was raised from) is a write refused for lack of space. A
+    library's own error that carries no errno (safetensors' writer) is known by the OS's words."""
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        if not isinstance(exc, OSError) and any(f"{words} (os error {number})" in str(exc) for number, words in _FULL.items()):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1

@@ -269,9 +269,9 @@ def test_missing_dependencies_give_the_pip_line(make_repo):
 
 def test_an_entrypoint_typo_gets_did_you_mean(repo, tmp_path):
     assert_error(safehub_cli("load", "acme/models", "encodr", "-o", str(tmp_path / "w.pt")), cli.EXIT_ERROR,
-                 "did you mean 'encoder'?", "safehub list acme/models")
+                 "did you mean 'encoder'", "safehub list acme/models")
     assert_error(safehub_cli("help", "acme/models", "encodr", "--no-isolate", "--trust"), cli.EXIT_ERROR,
-                 "did you mean 'encoder'?")
+                 "did you mean 'encoder'")
 
 
 def test_a_damaged_cached_tree_names_the_cache_and_force_reload(make_repo, tmp_path):
