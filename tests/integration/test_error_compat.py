@@ -97,3 +97,15 @@ def test_the_missing_folder_is_named(folders):
     with pytest.raises(FileNotFoundError, match="No such folder: .*no/such/folder"):
         safehub.load(folders["missing"], "x", source="local")
     assert not Path(folders["missing"]).exists()
+
+
+def test_a_hash_mismatch_and_a_missing_destination_folder(github, tmp_path):
+    url = github.add_file("w-deadbeef.pth", b"not the hashed bytes")
+    kwargs = {"progress": False, "check_hash": True}
+    expected = _call(torch.hub, "load_state_dict_from_url", (url,), {**kwargs, "model_dir": str(tmp_path / "m1")}, {})
+    got = _call(safehub, "load_state_dict_from_url", (url,), {**kwargs, "model_dir": str(tmp_path / "m2")}, {})
+    assert type(expected) is RuntimeError and isinstance(got, RuntimeError), (expected, got)
+    nowhere = str(tmp_path / "no" / "folder" / "w.pth")
+    expected = _call(torch.hub, "download_url_to_file", (url, nowhere), {"progress": False}, {})
+    got = _call(safehub, "download_url_to_file", (url, nowhere), {"progress": False}, {})
+    assert isinstance(got, type(expected)), (expected, got)
