@@ -166,7 +166,7 @@ def _attribute(model: Any, args: Any) -> Reply:
     try:
         value = getattr(model, name)
     except AttributeError:
-        return _failed("no_attribute", f"the remote {type(model).__name__} has no attribute {name!r}")
+        return _failed("no_attribute", f"the remote {type(model).__name__} has no public method or attribute {name!r}")
     except BaseException as exc:  # a property of the model's that raised
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
     try:

@@ -189,7 +189,7 @@ class RemoteSession:
                     raise ProtocolError(f"the worker answered a call to {_name(method)} with the model and data")
                 return SELF
             if "transport" in frame.fields or "sizes" in frame.fields:
-                raise ProtocolError(f"the worker answered a call to {_name(method)} with weights")
+                raise ProtocolError(f"the worker answered {_name(method)} with weights")
             segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
             try:
                 return values.unpack(frame.fields["value"], segments, VALUE_CAPS)

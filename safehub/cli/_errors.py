@@ -67,6 +67,7 @@ CLI_WORDS: tuple[tuple[str, str], ...] = (
     ("returns='object'", "--returns object"),
     ('returns="weights"', "--returns weights"),
     ("returns='weights'", "--returns weights"),
+    ('returns="remote"', "`safehub run`"),
     ("trust_repo=True", "--trust"),
     ("force_reload=True", "--force-reload"),
     ("skip_validation=True", "--skip-validation"),

@@ -360,7 +360,7 @@ def test_a_remote_module_reads_attributes_and_returns_itself(repo):
         assert sorted(named) == ["linear.bias", "linear.weight"]
         assert all(torch.equal(named[k], state[k]) for k in named)
         assert [p.shape for p in m.parameters()] == [torch.Size([2, 2]), torch.Size([2])]
-        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        with pytest.raises(AttributeError, match="no public method or attribute 'nope'"):
             m.nope  # noqa: B018
         assert not hasattr(m, "nope")
         with pytest.raises(safehub.errors.RemoteError, match=r"^the remote model raised RuntimeError"):
