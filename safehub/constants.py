@@ -7,6 +7,7 @@ sets a variable with ``monkeypatch.setenv`` takes effect at once and nothing is 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 # torch.hub's names and files, kept so caches and trust decisions are shared.
@@ -57,7 +58,7 @@ def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-_COMPUTED = {
+_COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
     "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
     "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),
@@ -68,7 +69,8 @@ _COMPUTED = {
     "SAFEHUB_ALLOW_HOSTS": lambda: tuple(
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
-    "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
+    # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")
     ),
