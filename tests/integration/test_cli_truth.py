@@ -314,8 +314,10 @@ def test_an_output_file_on_a_full_disk_names_the_folder(repo, tmp_path):
     tiny = tmp_path / "tiny-out"
     tiny.mkdir()
     assert_ok(safehub_cli("list", "acme/models"))  # cached outside the namespace
+    # In-process (--no-isolate): a worker could not start inside an unprivileged user's namespace,
+    # and the write of the output is what this test is about.
     argv = _full_tmpfs_argv(tiny, "64k", [sys.executable, "-m", "safehub", "load", "acme/models", "wide",
-                                          "-o", str(tiny / "w.safetensors")])
+                                          "--no-isolate", "--trust", "-o", str(tiny / "w.safetensors")])
     proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=240)
     assert_error(proc, cli.EXIT_ERROR, "No space left on device", str(tiny))
 
