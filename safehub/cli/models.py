@@ -140,7 +140,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                            "to write the tensors.", exit_code=EXIT_USAGE)
     check_output_path(output, formats=TENSOR_FORMATS if args.returns == "weights" else _OBJECT_FORMATS)
     kwargs = dict(args.kwargs or [])
-    from .._run.broker import recording
+    from .._egress.record import recording
 
     # In-process (--no-isolate) the object is here anyway: the command takes its tensors itself.
     returns = "object" if args.no_isolate else args.returns
