@@ -33,6 +33,8 @@ WEIGHTS_METHODS = protocol.REMOTE_WEIGHTS_METHODS  # answered in the weights lay
 _INVOKE_LIMITS = protocol.Limits(
     max_header_bytes=64 * 1024 * 1024, max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40,
     max_fds=protocol.MAX_VALUE_FDS,
+    max_header_nodes=64 * 1024 * 1024,  # the parent's tree: values.unpack's caps say the rest, as a failed call
+
 )
 
 _held: list[Any] = []  # the model, once loaded with returns="remote"

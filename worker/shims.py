@@ -46,7 +46,7 @@ class FetchRefused(OSError, RuntimeError):
     a repository's own handling of a failed download still catches it."""
 
 
-def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list[int]]], refused: type[BaseException],
+def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[Any], list[int]]], refused: type[BaseException],
             repo_dirs: list[str], view_dir: str, network: bool) -> None:
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
@@ -59,7 +59,7 @@ def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list
     sys.meta_path.insert(0, _PatchOnImport())
 
 
-def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
     try:
         return _state["ask"](what, args)
     except _state["refused"] as exc:

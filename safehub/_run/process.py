@@ -10,6 +10,7 @@ a timeout, a crash (with the signal's name), a broken protocol.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -26,15 +27,16 @@ from .._sandbox import Sandbox, worker_environ
 from .._worker import protocol
 from .._limit_errors import SIGNAL_LIMITS, limit_error
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
-from . import launch
+from . import launch, memory_cgroup
 from .output import Relay
-from .replies import MAX_INLINE_BYTES, MAX_SHARDS
 from .._stale import remove_tree
+from .replies import MAX_INLINE_BYTES, MAX_SHARDS, result_cap
 from .scratch import make_scratch
 
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
 REPLY_LIMITS = protocol.Limits(
     max_header_bytes=4 * 1024 * 1024,
+    max_header_nodes=100_000,  # a list of entrypoints, a report of the sandbox: small
     max_buffers=1,
     max_buffer_bytes=MAX_INLINE_BYTES,
     max_total_bytes=MAX_INLINE_BYTES,
@@ -53,6 +55,7 @@ class Worker:
         self.sock: socket.socket | None = None
         self.relays: list[Relay] = []
         self.scratch_dir: Path | None = None
+        self.cgroup: memory_cgroup.MemoryCgroup | None = None
         self.deadline = 0.0
 
     def __enter__(self) -> Worker:
@@ -72,6 +75,12 @@ class Worker:
             self.scratch_dir = make_scratch(for_dropped_uid=drop)
             view = None if self.view_dir is None else str(self.view_dir)
             settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir)).replace(view_dir=view)
+            limit = self.sandbox.memory_limit
+            if limit is not None and "rlimits" in self.sandbox.wanted_layers():
+                # One bound for the whole sandbox where a cgroup can be had; else memory_shares.
+                self.cgroup = memory_cgroup.MemoryCgroup.create(limit)
+                if self.cgroup is not None:
+                    settings = settings.replace(memory_cgroup=str(self.cgroup.path))
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
         except OSError as exc:
@@ -89,6 +98,9 @@ class Worker:
     def receive(self, expected: tuple[str, ...], limits: protocol.Limits = REPLY_LIMITS) -> protocol.Frame:
         """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
         assert self.sock is not None
+        cap = result_cap(self.sandbox)
+        if cap < limits.max_total_bytes:  # no inline reply larger than the worker could hold
+            limits = dataclasses.replace(limits, max_buffer_bytes=min(limits.max_buffer_bytes, cap), max_total_bytes=cap)
         with self._protocol_errors():
             frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
             try:
@@ -121,13 +133,20 @@ class Worker:
             code = self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             return ProtocolError(f"the worker closed the channel without answering ({exc})")
+        if self.cgroup is not None and self.cgroup.oom_kills():
+            limit = self.cgroup.limit / 1024**2
+            message = (
+                f"the sandbox reached its memory_limit of {limit:g} MiB (every process, memfd and tmpfs file "
+                "of it counted) and the kernel ended it before it answered; raise Sandbox(memory_limit=...)"
+            )
+            return WorkerCrashedError(message, exit_code=code, signal_name="SIGKILL")
         if code is None:
             message = "the worker ended before answering; the zygote that forked it did not report its exit status"
             return WorkerCrashedError(message, exit_code=None, signal_name=None)
         crashed = crashed_error(code)
-        limit = SIGNAL_LIMITS.get(crashed.signal_name or "")
-        if limit:  # only a limit sends this signal: say which, not "crashed"
-            return limit_error(limit, self.sandbox, f"the worker was killed by {crashed.signal_name}",
+        setting = SIGNAL_LIMITS.get(crashed.signal_name or "")
+        if setting:  # only a limit sends this signal: say which, not "crashed"
+            return limit_error(setting, self.sandbox, f"the worker was killed by {crashed.signal_name}",
                                exit_code=crashed.exit_code, signal_name=crashed.signal_name)
         return crashed
 
@@ -156,6 +175,8 @@ class Worker:
             self.proc.wait()
         for relay in self.relays:
             relay.join(timeout=EXIT_GRACE_S)
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self.scratch_dir is not None:
             remove_tree(self.scratch_dir)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .. import errors
+from .._terminal import visible
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -84,14 +85,15 @@ def cli_words(message: str) -> str:
 
 
 def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
-    """The error's own message, on one line whatever it holds, in the command line's words."""
+    """The error's own message, on one line whatever it holds, its control characters made visible,
+    in the command line's words."""
     if isinstance(exc, errors.SafeHubError):
         message = exc.message
     elif isinstance(exc, OSError) and exc.filename is not None:
         message = f"{exc.strerror or exc}: {exc.filename}"
     else:
         message = str(exc) or type(exc).__name__
-    return cli_words(" ".join(message.split()))
+    return cli_words(" ".join(visible(message).split()))
 
 
 def _untrusted(exc: BaseException, args: argparse.Namespace | None) -> str:

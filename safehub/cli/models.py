@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import _api
 from ._errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CommandError
+from .._terminal import visible, visible_lines
 from .._worker import with_article
 from ._options import (
     REPO_HELP,
@@ -110,7 +111,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_json({"repo": args.repo, "entrypoints": names})
     else:
         for name in names:
-            print(name)
+            print(visible(name))
     return EXIT_OK
 
 
@@ -122,7 +123,7 @@ def cmd_help(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"repo": args.repo, "model": args.model, "doc": inspect.cleandoc(doc) if doc else doc})
     elif doc:
-        print(inspect.cleandoc(doc))
+        print(visible_lines(inspect.cleandoc(doc)))
     else:
         note(f"{args.model} has no docstring.")
     return EXIT_OK

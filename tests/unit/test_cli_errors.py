@@ -133,3 +133,17 @@ def test_the_cli_says_the_librarys_advice_in_its_own_words(python, cli_phrase):
     line = _errors.error_line(errors.SafeHubError(python), args())
     assert cli_phrase in line
     assert "Sandbox(" not in line and "returns=" not in line and "lock=" not in line
+
+
+def test_the_workers_text_in_an_error_is_made_visible_where_the_error_is_made():
+    import pickle
+
+    error = errors.RemoteError("raised Evil\x1b]0;title\x07: boom\r\nsafehub: all good", remote_type="Evil\x1b",
+                               remote_traceback="Traceback\n\x1b[2J  line\nsafehub: fake\n")
+    text = str(error)
+    assert "\x1b" not in text and "\r" not in text
+    assert "raised Evil\\x1b]0;title\\x07: boom safehub: all good" in text  # one line, visible
+    assert "\n[worker] \\x1b[2J  line\n[worker] safehub: fake" in text  # the traceback's lines marked
+    assert error.remote_type == "Evil\x1b"  # facts stay as they came: data
+    assert str(pickle.loads(pickle.dumps(error))) == text
+    assert cli._errors.error_line(ValueError("raw\x9b2J"), None).startswith("unexpected ValueError: raw\\x9b2J")
