@@ -63,6 +63,12 @@ _COMPUTED: dict[str, Callable[[], Any]] = {
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
     # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    # The per-user folder for what readers of the cache write (views, digest memos); see _cache.runtime_dir.
+    "SAFEHUB_RUNTIME_DIR": lambda: _env("SAFEHUB_RUNTIME_DIR"),
+    # Read-only hub dirs consulted, in order, before the writable one (colon-separated).
+    "SAFEHUB_SHARED_HUB_DIRS": lambda: tuple(
+        os.path.abspath(os.path.expanduser(entry)) for entry in (_env("SAFEHUB_SHARED_HUB_DIRS") or "").split(":") if entry.strip()
+    ),
     "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")

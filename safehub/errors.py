@@ -25,6 +25,8 @@ Facts are attributes, never parsed from the message.
     │   └── FetchRefusedError                 the fetch policy refused a URL, address or cap
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
+    ├── TreeChangedError (RuntimeError)       a pinned tree in the cache is not the pinned one
+    ├── ReadOnlyCacheError (RuntimeError)     something must be written in a read-only hub dir
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
     ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
     │   ├── HubconfNotFoundError (FileNotFoundError)  no hubconf.py (or no folder) there
@@ -183,6 +185,23 @@ class LockFileError(SafeHubError, ValueError):
 
     path: str | None = None
     repo: str | None = None
+
+
+class TreeChangedError(SafeHubError, RuntimeError):
+    """A cached tree differs from the tree its lock file pins, and it could not be fetched again
+    (offline, or a read-only hub dir). Nothing of it ran. Attributes: ``repo``, ``path``,
+    ``changes`` (``+ path``, ``- path``, ``~ path``, as far as the install's manifest tells)."""
+
+    repo: str | None = None
+    path: str | None = None
+    changes: list[str] | None = None
+
+
+class ReadOnlyCacheError(SafeHubError, RuntimeError):
+    """A download or install must write in a hub dir this process cannot write (a read-only mount,
+    or another user's). Attribute: ``hub_dir``."""
+
+    hub_dir: str | None = None
 
 
 class UntrustedRepoError(SafeHubError, RuntimeError):

@@ -157,7 +157,9 @@ def _fetch_to(url: str, dst: str, hash_prefix: str | None, progress: bool) -> No
 def _served_path(value: Any) -> str:
     """The path the parent answered with, which must lie in this call's view folder."""
     path = value.get("path") if isinstance(value, dict) else None
-    if not isinstance(path, str) or not os.path.realpath(path).startswith(_state["view_dir"] + os.sep):
+    # The entry's folder, not the entry: a view entry may be a link to a file granted to this call.
+    where = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)) if isinstance(path, str) else ""
+    if not isinstance(path, str) or not where.startswith(_state["view_dir"] + os.sep):
         raise OSError(errno.EPROTO, "safehub: the parent's answer names no file of the call's view")
     return path
 

@@ -31,6 +31,8 @@ class FetchRecord:
         cached: the cache had it, and nothing was fetched.
         path: where the parent keeps it ("" for a GET).
         commit_sha: a repository's commit ("" otherwise).
+        name, place: a file's name and checkpoints folder (``"hub/checkpoints"`` or
+            ``"checkpoints"``), so ``safehub cache fill`` puts it back there ("" otherwise).
     """
 
     kind: str
@@ -41,6 +43,8 @@ class FetchRecord:
     cached: bool = False
     path: str = ""
     commit_sha: str = ""
+    name: str = ""
+    place: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -36,7 +36,8 @@ EXIT_CODES = {
     "fetches (a retry or GITHUB_TOKEN may help)",
     EXIT_INTEGRITY: "integrity: an archive's sha256 differs from the lock file; the lock file is "
     "missing, unreadable or lacks the repository; a commit on no branch or tag (a fork's); a "
-    "hostile archive; `cache verify` found a changed tree, or a load failed on one",
+    "hostile archive; a pinned tree changed in the cache (and could not be fetched again); `cache "
+    "verify` found a changed tree or checkpoint; a load failed on a changed tree",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -148,6 +149,7 @@ ERROR_TABLE: tuple[Rule, ...] = (
     # a GitHubError, and neither is cured by a retry.
     Rule(errors.HashMismatchError, EXIT_INTEGRITY, _plain),
     Rule(errors.LockFileError, EXIT_INTEGRITY, _plain),
+    Rule(errors.TreeChangedError, EXIT_INTEGRITY, _plain),
     Rule(errors.ForkCommitError, EXIT_INTEGRITY, _plain),
     Rule(errors.ArchiveError, EXIT_INTEGRITY, _plain),
     Rule(errors.DamagedCacheError, EXIT_INTEGRITY, _plain),  # what `cache verify` would find

@@ -67,7 +67,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
                     key, pin = _api.pin(fetch.url, skip_validation=args.skip_validation)
                     pins[key] = pin
                 else:
-                    files[fetch.url] = _pins.FilePin(fetch.sha256, fetch.size)
+                    # Where it was kept, so `safehub cache fill` puts it back there.
+                    files[fetch.url] = _pins.FilePin(fetch.sha256, fetch.size, fetch.name, fetch.place)
     text = _pins.dumps(pins, files)
     if output is None:
         sys.stdout.write(text)

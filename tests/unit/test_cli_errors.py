@@ -32,6 +32,8 @@ EXPECTED = {
     "FetchRefusedError": cli.EXIT_INTEGRITY,
     "ArchiveError": cli.EXIT_INTEGRITY,
     "LockFileError": cli.EXIT_INTEGRITY,
+    "TreeChangedError": cli.EXIT_INTEGRITY,
+    "ReadOnlyCacheError": cli.EXIT_ERROR,
     "UntrustedRepoError": cli.EXIT_UNTRUSTED,
     "HubconfError": cli.EXIT_ERROR,
     "MissingDependenciesError": cli.EXIT_ERROR,
