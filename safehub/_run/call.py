@@ -18,7 +18,7 @@ from .. import _log
 from .._asks import AskHandler
 from .._sandbox import Sandbox
 from .._worker import protocol
-from ..errors import HubconfError, InvalidArgumentError
+from ..errors import HubconfNotFoundError, InvalidArgumentError
 from . import conversation, replies
 from .process import Worker
 from .returns import Mode, mode_of
@@ -69,7 +69,7 @@ def run_isolated(
     repo_dir = _check_call(repo_dir, action, model, sandbox)
     request = {"action": action, "model": model, "returns": mode.name}
     buffers = [_dump_args(args, kwargs or {})] if action == "load" and (args or kwargs) else []
-    subject = conversation.Subject(model=model, repo_dir=repo_dir)
+    subject = conversation.Subject(model=model, repo_dir=repo_dir, sandbox=sandbox)
     with contextlib.ExitStack() as cleanup:
         worker = cleanup.enter_context(Worker(repo_dir, sandbox, view_dir))
         frame = conversation.converse(worker, conversation.CALL, request, buffers, asks=asks or {})
@@ -127,7 +127,7 @@ def _check_call(repo_dir: Path, action: str, model: str | None, sandbox: Sandbox
     repo_dir = Path(repo_dir).resolve()
     if not (repo_dir / "hubconf.py").is_file():
         # Said here, without starting a worker; the worker checks again (the folder may change).
-        raise HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+        raise HubconfNotFoundError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
     return repo_dir
 
 

@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from .._asks import AskHandler, Refusal
+from .._limit_errors import known_limit, limit_error
+from .._worker import hubconf as _hubconf
 from .._worker import protocol, values
 from ..errors import (
     EntrypointNotFoundError,
     HubconfError,
+    HubconfNotFoundError,
     InvalidArgumentError,
     MissingDependenciesError,
     ProtocolError,
@@ -142,7 +145,9 @@ class Subject:
 
     model: str | None = None  # the entrypoint of a call
     repo_dir: Path | None = None  # the repository of a call
-    remote_call: str | None = None  # a call on a remote model, as named in messages: "the call", "encode()"
+    remote_call: str | None = None  # a call on a remote model, as named in messages: "the model", "encode()"
+    remote_whose: str = "the remote model"  # whose code raised, in a remote call: "the remote model's encode()"
+    sandbox: Any = None  # the call's Sandbox, to name a limit it hit with its value
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ class Failure:
 
 
 def _hubconf_missing(f: Failure) -> SafeHubError:
-    return HubconfError(f"No hubconf.py in {f.repo_dir}", repo_dir=f.repo_dir)
+    return HubconfNotFoundError(f"No hubconf.py in {f.repo_dir}", repo_dir=f.repo_dir)
 
 
 def _hubconf_unreadable(f: Failure) -> SafeHubError:
@@ -181,11 +186,15 @@ def _missing_dependencies(f: Failure) -> SafeHubError:
     missing = f.fields.get("missing")
     if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
         raise ProtocolError("the worker's list of missing dependencies is not a list of str")
-    return MissingDependenciesError(f"Missing dependencies: {', '.join(missing)}", missing=missing)
+    return MissingDependenciesError(_hubconf.missing_dependencies_message(missing), missing=missing)
 
 
 def _entrypoint_not_found(f: Failure) -> SafeHubError:
-    return EntrypointNotFoundError(f"Cannot find callable {f.subject.model} in hubconf", model=f.subject.model)
+    suggestions = f.fields.get("suggestions")
+    suggestions = [s for s in suggestions[:3] if isinstance(s, str) and s.isidentifier() and len(s) <= 100] \
+        if isinstance(suggestions, list) else []
+    return EntrypointNotFoundError(_hubconf.entrypoint_not_found_message(str(f.subject.model), suggestions),
+                                   model=f.subject.model, suggestions=suggestions)
 
 
 _PHASES = {
@@ -195,14 +204,21 @@ _PHASES = {
 }
 
 
-def _exception(f: Failure) -> SafeHubError:
+def _exception(f: Failure) -> Exception:
+    limit = known_limit(f.fields.get("limit"))  # the exception is a sandbox limit the code ran into
     if f.subject.remote_call is not None:
-        message = f"the remote model's {f.subject.remote_call} raised {f.remote_type}: {f.message}"
+        if limit and f.subject.sandbox is not None:
+            return limit_error(limit, f.subject.sandbox, f"a call to {f.subject.remote_call} raised {f.remote_type}: {f.message}",
+                               remote_type=f.remote_type, remote_traceback=f.remote_traceback)
+        message = f"{f.subject.remote_whose} raised {f.remote_type}: {f.message}"
     else:
         phase = f.fields.get("phase")
-        where = _PHASES.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        where = _PHASES.get(phase if isinstance(phase, str) else "", "the repository's code raised").format(model=f.subject.model)
+        if limit and f.subject.sandbox is not None:
+            return limit_error(limit, f.subject.sandbox, f"{where}: {f.remote_type}: {f.message}",
+                               remote_type=f.remote_type, remote_traceback=f.remote_traceback)
         full = scratch_full(f.fields.get("sandbox"))
-        message = f"{where.format(model=f.subject.model)}: {f.remote_type}: {f.message}" + (f" ({full})" if full else "")
+        message = f"{where}: {f.remote_type}: {f.message}" + (f" ({full})" if full else "")
     return RemoteError(message, remote_type=f.remote_type, remote_traceback=f.remote_traceback)
 
 
@@ -214,12 +230,16 @@ def _sandbox(f: Failure) -> SafeHubError:
     return SandboxError(f.message, layer=_text(f.fields.get("layer")))
 
 
-def _invalid_call(f: Failure) -> SafeHubError:
+def _invalid_call(f: Failure) -> Exception:
     return InvalidArgumentError(f.message)
 
 
+def _no_attribute(f: Failure) -> Exception:
+    return AttributeError(f.message)  # a remote model's attribute read: what Python raises for one it lacks
+
+
 # The worker's category -> (the failure frames it may come in, the error it stands for).
-FAILURES: dict[str, tuple[tuple[str, ...], Callable[[Failure], SafeHubError]]] = {
+FAILURES: dict[str, tuple[tuple[str, ...], Callable[[Failure], Exception]]] = {
     "hubconf_missing": ((protocol.ERROR,), _hubconf_missing),
     "hubconf_unreadable": ((protocol.ERROR,), _hubconf_unreadable),
     "missing_dependencies": ((protocol.ERROR,), _missing_dependencies),
@@ -229,10 +249,11 @@ FAILURES: dict[str, tuple[tuple[str, ...], Callable[[Failure], SafeHubError]]] =
     "bad_result": ((protocol.ERROR, protocol.FAILED), _bad_result),
     "no_method": ((protocol.FAILED,), _invalid_call),
     "arguments": ((protocol.FAILED,), _invalid_call),
+    "no_attribute": ((protocol.FAILED,), _no_attribute),
 }
 
 
-def failure_of(frame: protocol.Frame, subject: Subject) -> SafeHubError | None:
+def failure_of(frame: protocol.Frame, subject: Subject) -> Exception | None:
     """None for a success; for a failure (ERROR, FAILED), the error it stands for, to raise.
 
     Raises:

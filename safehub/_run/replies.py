@@ -29,6 +29,9 @@ VALUE_CAPS = values.Caps(max_tensors=MAX_TENSORS, max_total_bytes=MAX_TOTAL_BYTE
                          max_key_chars=MAX_NAME_CHARS)
 
 
+SELF = object()  # a remote call's result that is the model itself (``to("cpu")``, ``float()``): its handle
+
+
 def result_cap(sandbox: Sandbox) -> int:
     """The most bytes one result may hold: what the worker could hold (its ``memory_limit``)."""
     return min(MAX_PAYLOAD_BYTES, sandbox.memory_limit or MAX_PAYLOAD_BYTES)
@@ -93,10 +96,14 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
     Its fds are closed here: no mapping needs them.
     """
     try:
-        if method == "state_dict":
+        if method in protocol.REMOTE_WEIGHTS_METHODS:
             if frame.fields["value"] is not None:
-                raise ProtocolError("the worker answered state_dict() with something else than weights")
+                raise ProtocolError(f"the worker answered {method}() with something else than weights")
             return weights(frame, max_bytes)
+        if frame.fields.get("self") is True:
+            if frame.fields["value"] is not None or frame.buffers or frame.fds:
+                raise ProtocolError(f"the worker answered a call to {name} with the model and data")
+            return SELF
         if "transport" in frame.fields or "sizes" in frame.fields:
             raise ProtocolError(f"the worker answered {name} with weights")
         # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
@@ -104,7 +111,7 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
         try:
             return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
         except values.BadTree as exc:
-            raise ResultDecodeError(f"the result of {name} is not valid data: {exc}") from None
+            raise ResultDecodeError(f"the result of a call to {name} is not valid data: {exc}") from None
     finally:
         frame.close_fds()
 

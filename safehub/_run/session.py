@@ -33,6 +33,7 @@ from ..errors import (
     InvalidArgumentError,
     ProtocolError,
     RemoteClosedError,
+    SandboxLimitError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
@@ -40,6 +41,8 @@ from . import conversation, replies
 from .process import EXIT_GRACE_S, Worker
 
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
+GETATTR_METHOD = protocol.REMOTE_GETATTR  # reading a plain attribute: ``remote.training``
+SELF = replies.SELF  # a call's result that is the model itself (``to("cpu")``, ``float()``): the handle
 FETCH_REFUSED = "a remote model's calls may not fetch: the inputs could leave through a URL"
 
 
@@ -81,14 +84,14 @@ class RemoteSession:
         try:
             packed = values.pack_call(args, kwargs)
         except values.NotData as exc:
-            raise InvalidArgumentError(f"the arguments of {_name(method)} cannot be sent to the remote model: {exc}") from None
+            raise InvalidArgumentError(f"the arguments of a call to {_name(method)} cannot be sent to the remote model: {exc}") from None
         try:
             with self.call_lock:
                 self._begin()
                 try:
                     frame = self._exchange(method, packed, inference)
                     # The model's own failure leaves it up; a reply that breaks the protocol does not.
-                    failure = conversation.failure_of(frame, conversation.Subject(remote_call=_name(method)))
+                    failure = conversation.failure_of(frame, _subject(method, self.sandbox))
                     value = None if failure is not None else replies.returned_value(
                         frame, method, _name(method), replies.result_cap(self.sandbox))
                 except BaseException as exc:
@@ -238,6 +241,8 @@ def _why(exc: BaseException, method: str) -> str:
         return f"a call to {name} ran past its time limit of {exc.timeout:g} s (Sandbox(timeout=...)) and its worker was ended"
     if isinstance(exc, WorkerCrashedError):
         return f"its worker died during a call to {name}: {exc}"
+    if isinstance(exc, SandboxLimitError):
+        return f"its worker hit a limit of the sandbox during a call to {name}: {exc.message}"
     if isinstance(exc, ProtocolError):
         return f"its worker broke the protocol during a call to {name}: {exc}"
     if isinstance(exc, RemoteClosedError):
@@ -250,7 +255,14 @@ def _gone_message(model: str, reason: str) -> str:
 
 
 def _name(method: str) -> str:
-    return "the call" if method == CALL_METHOD else f"{method}()"
+    """What a call is a call to, in a sentence: "the model" (its own ``__call__``) or "encode()"."""
+    return "the model" if method == CALL_METHOD else f"{method}()"
+
+
+def _subject(method: str, sandbox: Any) -> conversation.Subject:
+    """A remote call, as its errors name it."""
+    whose = "the remote model" if method == CALL_METHOD else f"the remote model's {method}()"
+    return conversation.Subject(remote_call=_name(method), remote_whose=whose, sandbox=sandbox)
 
 
 # -- every open session of this process, closed at exit ----------------------------------------
