@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from safehub._run import conversation, returns
+from safehub._worker import hubconf as _hubconf
 from safehub._worker import protocol
 from safehub.errors import (
     EntrypointNotFoundError,
     HubconfError,
+    HubconfNotFoundError,
     InvalidArgumentError,
     MissingDependenciesError,
     ProtocolError,
@@ -28,7 +30,7 @@ from safehub.errors import (
 )
 
 CALL = conversation.Subject(model="net", repo_dir=Path("/repos/net"))
-REMOTE_CALL = conversation.Subject(remote_call="encode()")
+REMOTE_CALL = conversation.Subject(remote_call="encode()", remote_whose="the remote model's encode()")
 
 
 def test_each_mode_is_declared_once_with_design_2s_trust():
@@ -61,10 +63,10 @@ def failed(kind: str, category: str, **fields) -> protocol.Frame:
 
 
 @pytest.mark.parametrize("category, fields, error, message", [
-    ("hubconf_missing", {}, HubconfError, "No hubconf.py in /repos/net"),
+    ("hubconf_missing", {}, HubconfNotFoundError, "No hubconf.py in /repos/net"),
     ("hubconf_unreadable", {}, HubconfError, "no luck"),
-    ("missing_dependencies", {"missing": ["scipy"]}, MissingDependenciesError, "Missing dependencies: scipy"),
-    ("entrypoint_not_found", {}, EntrypointNotFoundError, "Cannot find callable net in hubconf"),
+    ("missing_dependencies", {"missing": ["scipy"]}, MissingDependenciesError, _hubconf.missing_dependencies_message(["scipy"])),
+    ("entrypoint_not_found", {}, EntrypointNotFoundError, _hubconf.entrypoint_not_found_message("net", [])),
     ("exception", {"phase": "call"}, RemoteError, "the entrypoint 'net' raised: ValueError: no luck"),
     ("exception", {"phase": "import"}, RemoteError, "hubconf.py raised while being imported: ValueError: no luck"),
     ("bad_result", {}, ResultDecodeError, "no luck"),
@@ -80,10 +82,11 @@ def test_each_error_category_of_a_call_is_its_error(category, fields, error, mes
     ("bad_result", ResultDecodeError, "no luck"),
     ("no_method", InvalidArgumentError, "no luck"),
     ("arguments", InvalidArgumentError, "no luck"),
+    ("no_attribute", AttributeError, "no luck"),
 ])
 def test_each_failure_category_of_a_remote_call_is_its_error(category, error, message):
     got = conversation.failure_of(failed(protocol.FAILED, category), REMOTE_CALL)
-    assert type(got) is error and got.message == message
+    assert type(got) is error and getattr(got, "message", str(got)) == message
     if error is RemoteError:
         assert got.remote_type == "ValueError" and got.remote_traceback == "tb"
 
