@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from . import _cache, _fetch, _log, _pins, _refs, _tree, _trust, constants
-from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
     EntrypointNotFoundError,
@@ -23,7 +22,6 @@ from .errors import (
     InvalidArgumentError,
     LockFileError,
     MissingDependenciesError,
-    OfflineError,
 )
 
 _RETURNS = ("object", "weights", "remote")
@@ -82,33 +80,6 @@ def _local_dir(path: object) -> Path:
     return repo_dir
 
 
-def _cache_entry(
-    repo_ref: RepoRef,
-    *,
-    force_reload: bool,
-    verbose: bool,
-    skip_validation: bool,
-    lock: str | os.PathLike[str] | None = None,
-) -> _cache.CacheEntry:
-    """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
-    pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
-    if not force_reload:
-        entry = _fetch.cached(repo_ref, pin)
-        if entry is not None:
-            _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
-            return entry
-    if constants.SAFEHUB_OFFLINE:
-        raise OfflineError(
-            f"Offline mode (SAFEHUB_OFFLINE=1) is on and {repo_ref} is not in the cache "
-            f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
-        )
-    if pin is not None:
-        resolved = pin.resolved(repo_ref)  # a locked load asks the API nothing: the pin names the commit
-    else:
-        resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
-    return _fetch.fetch_repo(resolved, force_reload=force_reload, verbose=verbose, pin=pin)
-
-
 def _repo_dir(
     repo_or_dir: object,
     source: str,
@@ -128,8 +99,8 @@ def _repo_dir(
         return _local_dir(repo_or_dir)
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
-    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
-                         skip_validation=skip_validation, lock=lock)
+    entry = _fetch.entry_for(repo_ref, force_reload=force_reload, verbose=verbose,
+                             skip_validation=skip_validation, lock=lock)
     return entry.repo_dir
 
 
@@ -145,8 +116,8 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
         repo_ref = _refs.parse(args.get("github"))
         _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=returns == "object")
         # With a lock, a nested repository must be pinned in it too, like the outer one.
-        return _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
-                            skip_validation=bool(args.get("skip_validation")), lock=lock)
+        return _fetch.entry_for(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
+                                skip_validation=bool(args.get("skip_validation")), lock=lock)
 
     file_pins = _pins.read_files(lock) if lock is not None else None
     granted = _granted_files(file_pins)
@@ -194,7 +165,7 @@ def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
 def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _pins.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
-    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    entry = _fetch.entry_for(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
     if entry.commit_sha == _cache.UNKNOWN_COMMIT:
         raise LockFileError(
             f"Cannot pin {repo_ref}: its cached archive (fetched with skip_validation) named no commit. "
@@ -205,7 +176,7 @@ def pin(github: str, *, skip_validation: bool = False, force_reload: bool = Fals
     if not entry.tree_matches():
         # What is pinned is what the archive extracts to, never a tree changed since.
         _log.warning(f"The cached tree of {repo_ref} changed since it was fetched; fetching it again to pin it.")
-        entry = _cache_entry(repo_ref, force_reload=True, verbose=False, skip_validation=skip_validation)
+        entry = _fetch.entry_for(repo_ref, force_reload=True, verbose=False, skip_validation=skip_validation)
     tree_sha256 = entry.tree_sha256 if entry.tree_format == _tree.FORMAT else _cache.tree_manifest(entry.repo_dir).digest
     return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256, tree_sha256)
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _download, _http, _log, constants
+from .. import _cache, _download, _http, _log
 from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
 from ..errors import SafeHubError
@@ -200,8 +200,8 @@ class Broker:
         return pin
 
     def _may_download(self, url: str) -> None:
-        if constants.SAFEHUB_OFFLINE:
-            raise Refusal(f"{url[:500]} is not in the cache and SAFEHUB_OFFLINE is set")
+        with _told_to_the_worker():
+            _http.require_online(url[:500], url=url)
 
     def _count(self, what: str) -> None:
         """Count one ask against the call's budget, before anything else is decided about it."""
