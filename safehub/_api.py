@@ -147,7 +147,8 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
                             skip_validation=bool(args.get("skip_validation")), lock=lock)
 
     file_pins = _pins.read_files(lock) if lock is not None else None
-    with Broker(sandbox, nested=nested, file_pins=file_pins) as broker:
+    hub_pins = _pins.read_hub(lock) if lock is not None else None
+    with Broker(sandbox, nested=nested, file_pins=file_pins, hub_pins=hub_pins) as broker:
         if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
             # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.

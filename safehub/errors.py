@@ -19,7 +19,8 @@ message.
     ├── DownloadError (RuntimeError)          a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   ├── HashMismatchError                 the sha256 does not match
-    │   └── FetchRefusedError                 the fetch policy refused a URL, address or cap
+    │   ├── FetchRefusedError                 the fetch policy refused a URL, address or cap
+    │   └── HubFileError                      the Hugging Face Hub (or its cache, offline) lacks a file; kind
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
@@ -126,6 +127,15 @@ class FetchRefusedError(DownloadError):
     ``"address"`` (the host resolves to a loopback, private or otherwise non-public address),
     ``"resolve"`` (no address), ``"redirect"`` (too many, or https to http), ``"file_size"``,
     ``"call_bytes"``, ``"fetch_count"``, ``"deadline"`` or ``"response"`` (a malformed answer).
+    """
+
+
+class HubFileError(DownloadError):
+    """A Hugging Face Hub file or snapshot could not be served.
+
+    ``kind`` says why, as huggingface_hub's own errors would: ``entry_not_found``,
+    ``revision_not_found``, ``repository_not_found``, ``gated``, ``local_entry_not_found``
+    (offline, or ``local_files_only``, and not in the cache) or ``http`` (another answer).
     """
 
 

@@ -11,6 +11,12 @@ of :meth:`Broker.handlers` for ``call.run_isolated``:
   as it is, with no network (torch.hub's rule), also offline. The answer is its path in the
   call's view (``view.py``).
 - ``get`` {url}: a plain GET's body (urllib, requests), at most ``MAX_GET_BYTES``, in a sealed memfd.
+- ``hf_file`` {repo_id, filename, subfolder, repo_type, revision, endpoint, local_files_only,
+  force_download} and ``hf_snapshot`` {repo_id, repo_type, revision, allow_patterns,
+  ignore_patterns, ...}: the Hugging Face Hub's ``hf_hub_download`` and ``snapshot_download``,
+  fetched into the user's Hugging Face cache in huggingface_hub's layout (``_hf``); the answer is
+  the file's (or snapshot folder's) path in the view's ``huggingface/hub``, or, when the Hub or
+  the cache lacks it, {error, message} for the worker to raise as huggingface_hub would.
 - ``repo`` {github, force_reload, skip_validation, trust_repo, calling_fn}: a nested
   ``torch.hub.load`` / ``list`` / ``help``, through the parent's whole pipeline (``nested``,
   given by ``_api``); the answer is the repository's tree in the view.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -35,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _egress, _log, constants
+from .. import _cache, _egress, _hf, _log, constants
 from .._sandbox import Sandbox
 from .call import AskHandler, Refusal
 from .view import CallView
@@ -62,6 +69,7 @@ class BrokeredFetch:
     cached: bool
     path: str = ""  # where the parent keeps it
     commit_sha: str = ""  # a repository's commit
+    hub_file: tuple[str, str, str, str] | None = None  # a Hub file: repo_type, repo_id, revision, filename
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,11 +92,13 @@ NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache e
 class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
-    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None,
+                 hub_pins: dict[Any, Any] | None = None) -> None:
         self.sandbox = sandbox
         self.nested = nested
         # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
         self.file_pins = file_pins
+        self.hub_pins = hub_pins  # with a lock file: the Hub files it pins (_pins.HubPin by key)
         # One policy, budget and deadline for the whole call: every connection of every fetch.
         self.policy = _egress.FetchPolicy.for_sandbox(sandbox)
         self.budget = _egress.CallBudget()
@@ -109,12 +119,13 @@ class Broker:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def open_url(self, url: str) -> Any:
-        """A response for ``url`` under the call's policy (addresses checked and pinned, caps)."""
-        return _egress.open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline)
+    def open_url(self, url: str, **options: Any) -> Any:
+        """A response for ``url`` under the call's policy (addresses checked and pinned, caps);
+        ``options`` as ``_egress.open_checked`` takes them (method, headers, credentials, follow)."""
+        return _egress.open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline, **options)
 
     def handlers(self) -> dict[str, AskHandler]:
-        return {"fetch": self.fetch, "get": self.get, "repo": self.repo}
+        return {"fetch": self.fetch, "get": self.get, "repo": self.repo, "hf_file": self.hf_file, "hf_snapshot": self.hf_snapshot}
 
     # -- the handlers --------------------------------------------------------------------------
 
@@ -147,12 +158,17 @@ class Broker:
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         url = self._url(args)
-        pinned = self._pinned(url)
+        method = args.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            raise Refusal(f"only GET and HEAD go through the parent, not {str(method)[:20]}")
+        pinned = self._pinned(url) if method == "GET" else None
         self._may_download(url)
         fd = os.memfd_create("safehub-get", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             with _told_to_the_worker():
-                value, size, digest = _get_into(url, fd, self.open_url)
+                # A HEAD's redirect goes back as it came: the worker's client follows it (or not), asking again.
+                opener = functools.partial(self.open_url, method=method, follow="all" if method == "GET" else "none")
+                value, size, digest = _get_into(url, fd, opener)
             if pinned is not None and digest != pinned.sha256:
                 raise Refusal(f"the body of {url[:500]} is not what the lock file pins (sha256 {digest[:16]}..., "
                               f"pinned {pinned.sha256[:16]}...); run `safehub lock --load` again if the change is expected")
@@ -162,9 +178,35 @@ class Broker:
         except BaseException:
             os.close(fd)
             raise
-        self._record(BrokeredFetch("get", url, value["url"], size, digest, False))
+        if method == "GET":
+            self._record(BrokeredFetch("get", url, value["url"], size, digest, False))
         return value, [], [fd]
 
+    def hf_file(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+        request = self._hub_request(args, with_file=True)
+        served = self._hub_served(lambda: [self._hub().file(request)])
+        if isinstance(served, dict):
+            return served, [], []
+        path = self.view.add_hub_file(served[0], _hf.snapshot_relative(served[0]))
+        return {"path": str(path), "commit": served[0].commit_sha}, [], []
+
+    def hf_snapshot(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+        request = self._hub_request(args, with_file=False)
+        patterns = [_patterns(args.get(name)) for name in ("allow_patterns", "ignore_patterns")]
+        commits: list[str] = []
+
+        def fetch() -> list[_hf.HubServed]:
+            commit, files = self._hub().snapshot(request, *patterns)
+            commits.append(commit)
+            return files
+
+        served = self._hub_served(fetch)
+        if isinstance(served, dict):
+            return served, [], []
+        folder = self.view.hub_snapshot(request.folder_name, commits[0], request.revision)
+        for item in served:
+            self.view.add_hub_file(item, _hf.snapshot_relative(item))
+        return {"path": str(folder), "commit": commits[0]}, [], []
     def repo(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
@@ -182,6 +224,40 @@ class Broker:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
         self._record(BrokeredFetch("repo", github, github, 0, entry.archive_sha256, True, str(entry.repo_dir), entry.commit_sha))
         return {"path": str(self.view.add_tree(entry.repo_dir, entry.repo_dir.name))}, [], []
+
+    # -- the Hugging Face Hub ------------------------------------------------------------------
+
+    def _hub(self) -> _hf.HubFetcher:
+        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _digest(path, trust_memo=not pinned), pins=self.hub_pins)
+
+    def _hub_request(self, args: dict[str, Any], *, with_file: bool) -> _hf.HubRequest:
+        if not self.sandbox.fetch:
+            raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
+        self._count()
+        try:
+            return _hf.request_from(args, with_file=with_file)
+        except ValueError as exc:
+            raise Refusal(str(exc)) from None
+
+    def _hub_served(self, fetch: Callable[[], list[_hf.HubServed]]) -> list[_hf.HubServed] | dict[str, Any]:
+        """Files fetched and recorded; a file the Hub or the cache lacks is the worker's to raise
+        as huggingface_hub would ({error, message}); a refusal or a failed download is refused."""
+        from ..errors import HubFileError, SafeHubError
+
+        try:
+            served = fetch()
+        except HubFileError as exc:
+            if exc.kind == "integrity":
+                raise Refusal(str(exc)) from None
+            return {"error": exc.kind, "message": str(exc)}
+        except (SafeHubError, ValueError) as exc:
+            raise Refusal(str(exc)) from None
+        for item in served:
+            request = item.request
+            self._record(BrokeredFetch("hf", request.resolve_url(), request.resolve_url(item.commit_sha), item.size, item.sha256,
+                                       item.cached, str(item.snapshot_path), item.commit_sha,
+                                       (request.repo_type, request.repo_id, request.revision, request.filename)))
+        return served
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -246,7 +322,9 @@ def _get_into(url: str, fd: int, open_url: Any) -> tuple[dict[str, Any], int, st
         os.write(fd, body)
         return {"status": exc.status, "url": exc.url, "headers": _safe_headers(exc.headers)}, len(body), hashlib.sha256(body).hexdigest()
     with response, os.fdopen(os.dup(fd), "wb") as out:
-        size, digest = _http.stream_to_file(response, out, max_bytes=MAX_GET_BYTES)
+        # A HEAD (or a redirect handed back) has no body to read, whatever its Content-Length says.
+        bodiless = response.status in (301, 302, 303, 307, 308) or getattr(response, "method", "GET") == "HEAD"
+        size, digest = (0, hashlib.sha256().hexdigest()) if bodiless else _http.stream_to_file(response, out, max_bytes=MAX_GET_BYTES)
         return {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}, size, digest
 
 
@@ -285,6 +363,16 @@ def _torch_home() -> Path:
     return Path(os.path.expanduser(os.environ.get("TORCH_HOME", default)))
 
 
+def _patterns(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > 256 or not all(isinstance(p, str) and len(p) <= 1024 for p in items):
+        raise Refusal("allow_patterns and ignore_patterns are a str or a list of str")
+    return items
+
+
 def _safe_headers(headers: Any) -> dict[str, str]:
-    keep = ("content-type", "content-length", "etag", "last-modified", "content-disposition")
+    keep = ("content-type", "content-length", "etag", "last-modified", "content-disposition", "location",
+            "x-repo-commit", "x-linked-etag", "x-linked-size", "x-error-code", "x-error-message")
     return {k: str(v)[:1000] for k, v in headers.items() if k.lower() in keep}
