@@ -258,9 +258,12 @@ class HubFetcher:
         blob.parent.mkdir(parents=True, exist_ok=True)
         tmp = blob.with_name(f"{blob.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.incomplete")
         try:
-            with self._request(request, location, "GET") as response, open(tmp, "wb") as out:
-                got, sha256 = _http.stream_to_file(response, out)
-                _log.info(f"Downloaded {request.shown} ({got} bytes) into the Hugging Face cache")
+            try:
+                with self._request(request, location, "GET") as response, open(tmp, "wb") as out:
+                    got, sha256 = _http.stream_to_file(response, out)
+                    _log.info(f"Downloaded {request.shown} ({got} bytes) into the Hugging Face cache")
+            except FetchRefusedError as exc:
+                raise FetchRefusedError(f"{exc.message.rstrip('.')} (where the Hub sends {request.shown}).", **exc._facts) from None
             with open(tmp, "rb") as f:
                 git_id = _git_blob_id(f, got) if len(etag) == 40 else None
             expected = pin.sha256 if pin is not None else (etag if len(etag) == 64 else None)

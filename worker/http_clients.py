@@ -100,9 +100,23 @@ def patch_httpx(httpx: Any) -> None:
     async def aclose(self: Any) -> None:
         pass
 
+    def enter(self: Any) -> Any:
+        return self
+
+    def exit(self: Any, *exc_info: Any) -> None:
+        pass
+
+    async def aenter(self: Any) -> Any:
+        return self
+
+    async def aexit(self: Any, *exc_info: Any) -> None:
+        pass
+
     httpx.HTTPTransport.__init__ = init
     httpx.HTTPTransport.handle_request = handle_request
     httpx.HTTPTransport.close = close
+    httpx.HTTPTransport.__enter__, httpx.HTTPTransport.__exit__ = enter, exit
+    httpx.AsyncHTTPTransport.__aenter__, httpx.AsyncHTTPTransport.__aexit__ = aenter, aexit
     httpx.AsyncHTTPTransport.__init__ = init
     httpx.AsyncHTTPTransport.handle_async_request = handle_async_request
     httpx.AsyncHTTPTransport.aclose = aclose
