@@ -30,6 +30,7 @@ def hf_hub(hf_hub_emulator: HubEmulator, monkeypatch: pytest.MonkeyPatch) -> Ite
     hub.repos.clear()
     hub.blobs.clear()
     hub.token = None
+    hub.forged.clear()
     hub.clear_log()
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.setenv("SAFEHUB_ALLOW_HOSTS", ",".join(hub.hosts))

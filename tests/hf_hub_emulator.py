@@ -19,7 +19,8 @@ it::
 - A private repository answers ``RepoNotFound`` unless ``Authorization: Bearer {token}``.
 
 Every request is logged (origin, method, path, Authorization). ``tamper(sha256, data)`` makes the
-CDN serve other bytes for a blob. Standard library only; the servers run in daemon threads.
+CDN serve other bytes for a blob; ``forge(path, status, headers)`` makes the endpoint answer a path
+with exactly that (a hostile or broken Hub). Standard library only; the servers run in daemon threads.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class HubEmulator:
         self.blobs: dict[str, bytes] = {}  # sha256 -> bytes the CDN serves
         self.log: list[Logged] = []
         self.token: str | None = None  # what private repositories require
+        self.forged: dict[str, tuple[int, dict[str, str]]] = {}  # path -> the endpoint's whole answer
         self._lock = threading.Lock()
         self._hub = _serve(host, self, "hub")
         self._cdn = _serve(host, self, "cdn")
@@ -128,6 +130,9 @@ class HubEmulator:
         """Have the CDN serve ``data`` for the blob ``sha256`` (a compromised or broken mirror)."""
         self.blobs[sha256] = data
 
+    def forge(self, path: str, status: int, headers: dict[str, str]) -> None:
+        self.forged[path] = (status, headers)
+
     def requests(self, origin: str | None = None) -> list[Logged]:
         with self._lock:
             return [r for r in self.log if origin is None or r.origin == origin]
@@ -147,6 +152,8 @@ class HubEmulator:
         with self._lock:
             self.log.append(Logged(origin, request.command, request.path, auth))
         path = urlsplit(request.path).path
+        if origin == "hub" and path in self.forged:
+            return _send(request, *self.forged[path], b"")
         if origin == "cdn":
             return self._cdn_get(request, path)
         parts = [unquote(p) for p in path.strip("/").split("/")]
