@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             spec = f"bench/repo{index}:main"
             install(f"repo{index}", files, Path(tmp))
 
-            def in_process() -> list[str]:
+            def in_process(spec: str = spec) -> list[str]:
                 with forgetting_modules():
                     return torch.hub.list(spec, skip_validation=True, trust_repo=True, verbose=False)
 
-            def isolated() -> list[str]:
+            def isolated(spec: str = spec) -> list[str]:
                 return safehub.list(spec, isolate=True, verbose=False)
 
             assert in_process() == isolated(), "the paths disagree"

@@ -7,6 +7,7 @@ once and costs nothing.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 from pathlib import Path
@@ -159,7 +160,7 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
 
 def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
     """Whether a user other than the owner can read every file and folder of ``tree`` (by mode bits)."""
-    for count, (top, dirs, files) in enumerate(os.walk(tree)):
+    for count, (top, _dirs, files) in enumerate(os.walk(tree)):
         if count > limit or os.stat(top).st_mode & 0o005 != 0o005:
             return False
         for name in files:
@@ -211,7 +212,7 @@ def list(  # noqa: A001 - torch.hub's name
     source: str = "github",
     isolate: Any = False,
     lock: str | os.PathLike[str] | None = None,
-) -> list[str]:
+) -> builtins.list[str]:  # builtins: this module's own list() shadows it
     r"""List all callable entrypoints available in the repo specified by ``github``.
 
     Args:

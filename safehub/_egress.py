@@ -359,7 +359,7 @@ class _Pinned:
         raise last
 
 
-class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):
+class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):  # type: ignore[misc]
     def __init__(self, target: Target, addresses: Sequence[IPAddress], deadline: Deadline, io_timeout: float) -> None:
         http.client.HTTPConnection.__init__(self, target.host, target.port, timeout=io_timeout)
         self._pin(target, addresses, deadline, io_timeout)
@@ -368,7 +368,7 @@ class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):
         self.sock = self._connect_pinned()
 
 
-class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
+class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):  # type: ignore[misc]
     def __init__(self, target: Target, addresses: Sequence[IPAddress], deadline: Deadline, io_timeout: float,
                  context: ssl.SSLContext) -> None:
         http.client.HTTPSConnection.__init__(self, target.host, target.port, timeout=io_timeout, context=context)
@@ -403,7 +403,7 @@ class _DeadlineSource(io.RawIOBase):
     @classmethod
     def response(cls, sock: socket.socket, *args: Any, deadline: Deadline, io_timeout: float, url: str,
                  **kwargs: Any) -> http.client.HTTPResponse:
-        return http.client.HTTPResponse(_Makefile(cls(sock, deadline, io_timeout, url)), *args, **kwargs)
+        return http.client.HTTPResponse(_Makefile(cls(sock, deadline, io_timeout, url)), *args, **kwargs)  # type: ignore[arg-type]
 
     def readable(self) -> bool:
         return True

@@ -156,7 +156,7 @@ def _check_declared_count(fp, name: str, max_members: int) -> None:  # noqa: ANN
     fp.seek(0)
     if record is None:
         raise ArchiveError(f"{name!r} is not a zip archive (no end-of-central-directory record).")
-    count = record[zipfile._ECD_ENTRIES_TOTAL]  # noqa: SLF001
+    count = record[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]  # noqa: SLF001
     if count > max_members:
         raise ArchiveError(f"{name!r} declares {count} members, over the limit of {max_members}.")
 

@@ -226,7 +226,7 @@ def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
     from . import _bwrap
 
     wanted = (sandbox or Sandbox()).wanted_layers()
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
     found_layers = _probe_worker_layers()
     found_layers["bubblewrap"] = _bwrap.probe()
     for name in KNOWN_LAYERS:

@@ -50,6 +50,8 @@ class SafeHubError(Exception):
     """
 
     def __init__(self, message: str = "", **facts: Any) -> None:
+        # Each class declares its facts as annotated class attributes (default None), so a type
+        # checker sees ``exc.repo`` and a fact nobody passed reads as None, not AttributeError.
         super().__init__(message)
         self.message = message
         self._facts = facts
@@ -70,6 +72,8 @@ def _rebuild(cls: type[SafeHubError], message: str, facts: dict[str, Any]) -> Sa
 class InvalidRefError(SafeHubError, ValueError):
     """The ``owner/repo[:ref]`` string breaks GitHub's naming rules. Attribute: ``value``."""
 
+    value: str | None = None
+
 
 class InvalidArgumentError(SafeHubError, ValueError):
     """An argument other than the repository string is invalid."""
@@ -78,9 +82,14 @@ class InvalidArgumentError(SafeHubError, ValueError):
 class GitHubError(SafeHubError, RuntimeError):
     """GitHub (or the configured mirror) failed. Attributes: ``url``, ``status``."""
 
+    url: str | None = None
+    status: int | None = None
+
 
 class RateLimitError(GitHubError):
     """The API rate limit is spent. Attribute: ``reset_at`` (epoch seconds or None)."""
+
+    reset_at: float | None = None
 
 
 class AuthenticationError(GitHubError):
@@ -94,9 +103,15 @@ class RepoNotFoundError(GitHubError):
 class RefNotFoundError(GitHubError, ValueError):
     """No branch, tag or commit of that name. Attributes: ``repo``, ``ref``."""
 
+    repo: str | None = None
+    ref: str | None = None
+
 
 class ForkCommitError(GitHubError, ValueError):
     """The commit exists only in a fork. Attributes: ``repo``, ``ref``."""
+
+    repo: str | None = None
+    ref: str | None = None
 
 
 class NetworkError(GitHubError):
@@ -110,13 +125,21 @@ class OfflineError(SafeHubError, RuntimeError):
 class DownloadError(SafeHubError, RuntimeError):
     """A download failed. Attribute: ``url``."""
 
+    url: str | None = None
+
 
 class IncompleteDownloadError(DownloadError):
     """The body ended before Content-Length. Attributes: ``expected``, ``received``."""
 
+    expected: int | None = None
+    received: int | None = None
+
 
 class HashMismatchError(DownloadError):
     """The file's sha256 does not match. Attributes: ``expected``, ``actual``."""
+
+    expected: str | None = None
+    actual: str | None = None
 
 
 class FetchRefusedError(DownloadError):
@@ -128,6 +151,8 @@ class FetchRefusedError(DownloadError):
     ``"resolve"`` (no address), ``"redirect"`` (too many, or https to http), ``"file_size"``,
     ``"call_bytes"``, ``"fetch_count"``, ``"deadline"`` or ``"response"`` (a malformed answer).
     """
+
+    reason: str | None = None
 
 
 class HubFileError(DownloadError):
@@ -146,9 +171,14 @@ class ArchiveError(SafeHubError, ValueError):
 class LockFileError(SafeHubError, ValueError):
     """A lock file is unreadable, or has no entry for a repository. Attributes: ``path``, ``repo``."""
 
+    path: str | None = None
+    repo: str | None = None
+
 
 class UntrustedRepoError(SafeHubError, RuntimeError):
     """The repository's code would run outside a sandbox and it is not trusted. Attribute: ``repo``."""
+
+    repo: str | None = None
 
 
 class HubconfError(SafeHubError, RuntimeError):
@@ -158,9 +188,13 @@ class HubconfError(SafeHubError, RuntimeError):
 class MissingDependenciesError(HubconfError):
     """Modules named in ``dependencies`` are not installed. Attribute: ``missing``."""
 
+    missing: list[str] | None = None
+
 
 class EntrypointNotFoundError(HubconfError):
     """No callable entrypoint of that name. Attribute: ``model``."""
+
+    model: str | None = None
 
 
 class WorkerError(SafeHubError, RuntimeError):
@@ -170,6 +204,9 @@ class WorkerError(SafeHubError, RuntimeError):
 class RemoteError(WorkerError):
     """The repository's code raised. Attributes: ``remote_type``, ``remote_traceback``."""
 
+    remote_type: str | None = None
+    remote_traceback: str = ""
+
     def __str__(self) -> str:
         tb = getattr(self, "remote_traceback", "")
         return f"{self.message}\n\nRemote traceback (from the worker):\n{tb}" if tb else self.message
@@ -178,14 +215,21 @@ class RemoteError(WorkerError):
 class WorkerCrashedError(WorkerError):
     """The worker died before answering. Attributes: ``exit_code``, ``signal_name``."""
 
+    exit_code: int | None = None
+    signal_name: str | None = None
+
 
 class WorkerTimeoutError(WorkerError, TimeoutError):
     """The worker ran past its time limit. Attribute: ``timeout``."""
+
+    timeout: float | None = None
 
 
 class RemoteClosedError(WorkerError):
     """A remote model (``returns="remote"``) was called after its worker ended: closed, timed
     out, crashed, broke the protocol, or past its idle or whole-life limit. Attribute: ``reason``."""
+
+    reason: str | None = None
 
 
 class ProtocolError(WorkerError):
@@ -198,3 +242,5 @@ class ResultDecodeError(ProtocolError):
 
 class SandboxError(SafeHubError, RuntimeError):
     """A sandbox setting is invalid, or a required layer is unavailable. Attribute: ``layer``."""
+
+    layer: str | None = None

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Ask for the CPU build first: a plain "torch" requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
 
 # bubblewrap gives the worker its namespaces; safehub degrades loudly without it.
 if ! command -v bwrap >/dev/null 2>&1; then

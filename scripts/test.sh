@@ -18,6 +18,9 @@ run() {  # run LABEL COMMAND...
   summary+=("$label: $result in $((SECONDS - start))s")
 }
 
+if [[ $# == 0 ]]; then  # a whole run also checks names and types; a run of chosen tests does not
+  run "lint (ruff, mypy)" bash scripts/lint.sh
+fi
 run "as $(id -un) (uid $(id -u))" .venv/bin/python -m pytest "$@"
 
 if [[ $(id -u) == 0 && ${SAFEHUB_TEST_AS_USER:-1} != 0 ]]; then

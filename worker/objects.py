@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from .layout import OBJECT_METADATA, PICKLE_ENTRY as PICKLE_PART
+from .layout import OBJECT_METADATA as OBJECT_METADATA, PICKLE_ENTRY as PICKLE_PART  # OBJECT_METADATA: re-exported for the encoders
 
 
 def dumps(value: Any, dtype_names: Mapping[str, str]) -> list[tuple[str, str, list[int], int, Any]]:
@@ -34,7 +34,7 @@ def dumps(value: Any, dtype_names: Mapping[str, str]) -> list[tuple[str, str, li
     """
     import cloudpickle
 
-    torch = sys.modules.get("torch")  # no torch imported: no tensor can be in the value
+    torch: Any = sys.modules.get("torch")  # no torch imported: no tensor can be in the value
     storages: dict[int, list[Any]] = {}  # the storage's C pointer -> [key, storage, alignment]
     scripts: dict[int, tuple[str, Any, Any]] = {}  # id(script) -> (key, script kept alive, archive)
 

@@ -57,8 +57,8 @@ def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list
     _PATCHES.update(_patches())
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
     if not network:
-        socket.socket.connect = _no_network  # type: ignore[method-assign]
-        socket.socket.connect_ex = _no_network  # type: ignore[method-assign]
+        socket.socket.connect = _no_network  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = _no_network  # type: ignore[method-assign,assignment]
     if scratch_dir is not None:
         os.environ["TORCH_HOME"] = _torch_home(view_dir, scratch_dir)
     _patch_subprocess()

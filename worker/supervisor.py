@@ -80,7 +80,7 @@ def supervise(channel_fd: int, parent_fd: int | None, settings: WorkerSettings) 
 def _parse_args(argv: list[str]) -> dict[str, str]:
     if len(argv) != 2 * len(_ARGS):
         raise ValueError(f"expected {' '.join(a + ' VALUE' for a in _ARGS)}")
-    opts = dict(zip(argv[::2], argv[1::2]))
+    opts = dict(zip(argv[::2], argv[1::2], strict=True))
     if sorted(opts) != sorted(_ARGS):
         raise ValueError(f"expected the options {', '.join(_ARGS)}")
     return opts

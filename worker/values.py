@@ -380,7 +380,7 @@ class _Unpacker:
     def check_ranges(self) -> None:
         """No byte is read by two nodes: a tensor never aliases another one the sender did not share."""
         self.ranges.sort()
-        for (seg_a, _, end_a), (seg_b, begin_b, _) in zip(self.ranges, self.ranges[1:]):
+        for (seg_a, _, end_a), (seg_b, begin_b, _) in zip(self.ranges, self.ranges[1:], strict=False):
             if seg_a == seg_b and begin_b < end_a:
                 raise BadTree(f"two byte ranges overlap in segment {seg_a} at {begin_b}")
 

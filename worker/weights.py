@@ -210,7 +210,7 @@ def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]], name: 
     try:
         for _ in layouts:
             fds.append(os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC))
-        jobs = [(fd, *layout, errors) for fd, layout in zip(fds, layouts)]
+        jobs = [(fd, *layout, errors) for fd, layout in zip(fds, layouts, strict=True)]
         threads = [threading.Thread(target=_write_shard, args=job, daemon=True) for job in jobs[1:]]
         for thread in threads:
             thread.start()
@@ -225,7 +225,7 @@ def write_memfds(layouts: list[tuple[bytes, list[tuple[Any, int]], int]], name: 
         for fd in fds:
             os.close(fd)
         raise
-    return [(fd, total) for fd, (_, _, total) in zip(fds, layouts)]
+    return [(fd, total) for fd, (_, _, total) in zip(fds, layouts, strict=True)]
 
 
 def _write_shard(fd: int, head: bytes, placed: list[tuple[Any, int]], total: int, errors: list[BaseException]) -> None:

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
-from .layout import DTYPE_NAMES
+from .layout import DTYPE_NAMES, OBJECT_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
 from .sandbox.libc import prctl
@@ -262,7 +262,7 @@ def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str])
 
         _register_repo_modules(cloudpickle, repo_dirs, [m for n, m in list(sys.modules.items()) if n not in preloaded])
         # The structure is pickled; every storage's bytes travel beside it, never through pickle.
-        parts, metadata = objects.dumps(value, DTYPE_NAMES), objects.OBJECT_METADATA
+        parts, metadata = objects.dumps(value, DTYPE_NAMES), OBJECT_METADATA
     else:
         raise ValueError(f"unknown returns={returns!r}")
     transport, buffers, fds = weights.encode_shards(parts, metadata)

@@ -61,7 +61,7 @@ _MAX_CALL_BYTES = 64 * 1024 * 1024
 def main(argv: list[str]) -> NoReturn:
     """Run the zygote: ``--control-fd FD --parent-pid PID``."""
     try:
-        opts = dict(zip(argv[::2], argv[1::2]))
+        opts = dict(zip(argv[::2], argv[1::2], strict=False))  # an odd count is refused below
         if len(argv) != 2 * len(_ARGS) or sorted(opts) != sorted(_ARGS):
             raise ValueError(f"expected {' '.join(a + ' VALUE' for a in _ARGS)}")
         control_fd, parent_pid = int(opts["--control-fd"]), int(opts["--parent-pid"])

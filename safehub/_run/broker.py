@@ -291,7 +291,7 @@ class Broker:
         if self.count > MAX_FETCHES:
             raise Refusal(f"a call may fetch at most {MAX_FETCHES} things")
 
-    def _record(self, record: FetchRecord) -> None:
+    def _record(self, record: BrokeredFetch) -> None:
         self.records.append(record)
         source = "from the cache" if record.cached else f"{record.size} bytes"
         _log.info(f"the worker fetched {record.url[:500]} ({record.kind}, {source}, sha256 {record.sha256[:16] or '-'})")

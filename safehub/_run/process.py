@@ -28,7 +28,8 @@ from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeo
 from . import launch
 from .output import Relay
 from .replies import MAX_INLINE_BYTES, MAX_SHARDS
-from .scratch import make_scratch, remove_tree
+from .._stale import remove_tree
+from .scratch import make_scratch
 
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
 REPLY_LIMITS = protocol.Limits(

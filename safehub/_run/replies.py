@@ -72,7 +72,7 @@ def result_shards(frame: protocol.Frame) -> list[Any]:
             raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
         shards: list[Any] = []
         try:
-            for fd, size in zip(frame.fds, sizes):
+            for fd, size in zip(frame.fds, sizes, strict=True):
                 shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
                 if len(shards[-1]) != size:
                     raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import _stale
 from .._bwrap import UNPRIVILEGED_UID
-from .._stale import remove_tree
 
 SCRATCH_PREFIX = "safehub-worker-"
 

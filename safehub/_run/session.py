@@ -291,7 +291,7 @@ def _why(exc: BaseException, method: str) -> str:
     if isinstance(exc, ProtocolError):
         return f"its worker broke the protocol during a call to {name}: {exc}"
     if isinstance(exc, RemoteClosedError):
-        return exc.reason
+        return exc.reason or str(exc)
     return f"a call to {name} was cut off ({type(exc).__name__}: {str(exc)[:200]}) and its worker was ended"
 
 

@@ -121,7 +121,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     if others:
         note(f"{len(others)} other folder(s) in {_cache.get_dir()} have no safehub record (torch.hub's, or "
              "incomplete); safehub never serves them: " + ", ".join(others))
@@ -134,7 +134,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         entries, unmatched = _selected(entries, args.repos)
         if unmatched:
             raise CommandError(f"Nothing in the cache matches {', '.join(unmatched)}.", exit_code=EXIT_ERROR)
-    results = []
+    results: list[dict[str, Any]] = []
     for entry in entries:
         with _cache.locked(entry.folder):  # never hash a tree an install is replacing
             actual = _cache.tree_digest(entry.repo_dir)

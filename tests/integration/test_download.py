@@ -401,7 +401,7 @@ def test_processes_download_once(server, tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_out, err) in zip(procs, outputs):
         assert p.returncode == 0, err.decode()
     expected = {k: v.tolist() for k, v in sd.items()}
     assert all(json.loads(out) == expected for out, _ in outputs)

@@ -35,7 +35,6 @@ from safehub.errors import (
     RemoteError,
     ResultDecodeError,
     InvalidArgumentError,
-    SandboxError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )

@@ -17,7 +17,7 @@ from safehub._sandbox import (
     default_max_scratch_size,
     worker_environ,
 )
-from safehub.errors import InvalidArgumentError, SandboxError
+from safehub.errors import InvalidArgumentError
 
 GIB = 1024**3
 

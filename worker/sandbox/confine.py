@@ -210,7 +210,8 @@ def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: boo
     namespace made for it. Returns whether this process is in a private mount namespace now.
     Where none can be made the rlimits layer bounds each file instead (``_rlimits``).
     """
-    scratch = settings.scratch_dir
+    scratch, size = settings.scratch_dir, settings.max_scratch_size
+    assert size, "the caller checks that a scratch size is set"
     try:
         if in_bwrap:
             raise OSError("this bubblewrap cannot size a tmpfs (--size needs bubblewrap 0.5)")
@@ -219,7 +220,7 @@ def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: boo
                 raise OSError("no private mount namespace to mount it in (user namespaces are off or refused)")
             namespaces.enter(user=False, net=False, ipc=False, mount=True)
             in_mount_ns = True
-        namespaces.mount_tmpfs(scratch, int(settings.max_scratch_size), uid=owner, gid=owner)
+        namespaces.mount_tmpfs(scratch, size, uid=owner, gid=owner)
         os.chdir(scratch)  # the working folder still was the folder the tmpfs now covers
     except Exception as exc:  # OSError from the kernel, RuntimeError from the mount namespace guard
         report.missing["scratch_limit"] = f"{exc}; each file is bounded to max_scratch_size instead, not their total"

@@ -233,7 +233,7 @@ def restrict(
         lib.syscall(ctypes.c_long(create_nr), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
-    applied = {"read": [], "write": [], "exec": [], "skipped": []}
+    applied: dict[str, list[str]] = {"read": [], "write": [], "exec": [], "skipped": []}
     try:
         exec_bits = ACCESS_FS_EXECUTE if exec_paths is None else 0
         rules: list[tuple[str, int, str]] = []

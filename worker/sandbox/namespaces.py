@@ -164,6 +164,7 @@ def _same_mount_namespace_guard() -> None:
     """Raise unless this process is in a mount namespace of its own (not the one it started in)."""
     try:
         mine = os.stat("/proc/self/ns/mnt").st_ino
+        theirs: int | None
         if _mount_ns_left is not None:
             # enter(mount=True) ran here or before a fork: its own record is the surest test,
             # also where the parent shares the new namespace (pid 2 under a namespace's init).

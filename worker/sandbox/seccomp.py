@@ -230,7 +230,7 @@ def supported() -> bool:
 # --- a tiny assembler with labels ---------------------------------------------------------------
 class _Asm:
     def __init__(self) -> None:
-        self.code: list[tuple[int, object, object, int]] = []
+        self.code: list[tuple[int, int | str, int | str, int]] = []
         self.labels: dict[str, int] = {}
 
     def stmt(self, code: int, k: int) -> None:
@@ -257,7 +257,7 @@ class _Asm:
                         raise ValueError(f"BPF jump to {target!r} out of range: {off}")
                     offs.append(off)
                 else:
-                    offs.append(int(target))
+                    offs.append(target)
             out += struct.pack("=HBBI", code, offs[0], offs[1], k)
         return bytes(out)
 
