@@ -193,7 +193,10 @@ class HubFetcher:
                     self._download(request, location, blob, etag, size, pin)
         if not snapshot.exists():
             _link_snapshot(blob, snapshot)
-        return self._cached(request, storage, commit, pin, cached=cached) or _missing(request)
+        served = self._cached(request, storage, commit, pin, cached=cached)
+        if served is None:
+            raise _missing(request)
+        return served
 
     # -- a snapshot ----------------------------------------------------------------------------
 
@@ -203,13 +206,13 @@ class HubFetcher:
         if self.pins is not None:
             commit, names = self._pinned_snapshot(request)
         elif offline() or request.local_files_only:
-            commit = request.revision if _COMMIT.match(request.revision) else _read_ref(storage, request.revision)
-            folder = _inside(storage, "snapshots", commit) if commit else None
-            if folder is None or not folder.is_dir():
+            known: str | None = request.revision if _COMMIT.match(request.revision) else _read_ref(storage, request.revision)
+            folder = _inside(storage, "snapshots", known) if known else None
+            if known is None or folder is None or not folder.is_dir():
                 why = "local_files_only=True" if request.local_files_only else _offline_setting()
                 raise HubFileError(f"no snapshot of {request.shown} is in the Hugging Face cache ({cache_dir()}) and {why} is set.",
                                    kind="local_entry_not_found", repo_id=request.repo_id, filename="")
-            names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            commit, names = known, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         else:
             commit, names = self._listing(request)
             if commit != request.revision:
@@ -244,7 +247,9 @@ class HubFetcher:
         with self._request(request, url, "GET") as response:
             body = response.read(MAX_API_BYTES + 1)
         try:
-            info = json.loads(body) if len(body) <= MAX_API_BYTES else None
+            if len(body) > MAX_API_BYTES:
+                raise ValueError("too long")
+            info = json.loads(body)
             commit, names = info["sha"], [s["rfilename"] for s in info["siblings"]]
             if not isinstance(commit, str) or not _COMMIT.match(commit):
                 raise ValueError(commit)
@@ -260,7 +265,7 @@ class HubFetcher:
         try:
             try:
                 with self._request(request, location, "GET") as response, open(tmp, "wb") as out:
-                    got, sha256 = _http.stream_to_file(response, out)
+                    got, sha256 = _http.stream_to_file(response, out)  # type: ignore[arg-type]  # reads like one
                     _log.info(f"Downloaded {request.shown} ({got} bytes) into the Hugging Face cache")
             except FetchRefusedError as exc:
                 raise FetchRefusedError(f"{exc.message.rstrip('.')} (where the Hub sends {request.shown}).", **exc._facts) from None

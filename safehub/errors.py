@@ -160,8 +160,13 @@ class HubFileError(DownloadError):
 
     ``kind`` says why, as huggingface_hub's own errors would: ``entry_not_found``,
     ``revision_not_found``, ``repository_not_found``, ``gated``, ``local_entry_not_found``
-    (offline, or ``local_files_only``, and not in the cache) or ``http`` (another answer).
+    (offline, or ``local_files_only``, and not in the cache), ``integrity`` (bytes that are not
+    the ones named) or ``http`` (another answer). Also ``repo_id`` and ``filename``.
     """
+
+    kind: str | None = None
+    repo_id: str | None = None
+    filename: str | None = None
 
 
 class ArchiveError(SafeHubError, ValueError):

@@ -103,10 +103,12 @@ def _patterns(patterns: Any) -> list[str] | None:
 
 def _hub_error(kind: str, message: str) -> BaseException:
     """huggingface_hub's own exception for ``kind``, built whichever release is installed."""
+    import importlib
+
     try:
-        from huggingface_hub import errors as hub_errors
+        hub_errors = importlib.import_module("huggingface_hub.errors")
     except ImportError:  # releases before errors.py kept them in utils
-        from huggingface_hub import utils as hub_errors
+        hub_errors = importlib.import_module("huggingface_hub.utils")
     for name in _ERRORS.get(kind, ("HfHubHTTPError",)):
         cls = getattr(hub_errors, name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
@@ -115,7 +117,7 @@ def _hub_error(kind: str, message: str) -> BaseException:
 
 
 def _build(cls: type[BaseException], message: str, status: int) -> BaseException:
-    for attempt in (lambda: cls(message, response=_Response(status)), lambda: cls(message)):
+    for attempt in (lambda: cls(message, response=_Response(status)), lambda: cls(message)):  # type: ignore[call-arg]
         try:
             return attempt()
         except TypeError:
