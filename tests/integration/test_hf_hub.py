@@ -15,6 +15,7 @@ import os
 import textwrap
 
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save
