@@ -27,6 +27,7 @@ compared after the same normalization as URLs, so ``2130706433`` does not match 
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import re
 import socket
@@ -298,14 +299,12 @@ def _lookup(resolver: Resolver, target: Target, deadline: Deadline) -> list[str]
         ) from exc
 
 
-_POOL = None
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _resolver_pool():  # noqa: ANN202
+def _resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        import concurrent.futures
-
         _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="safehub-resolve")
     return _POOL
 

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from . import constants
 from .errors import ArchiveError
@@ -142,7 +143,7 @@ def _open_zip(zip_path: str | os.PathLike[str], max_members: int) -> Iterator[zi
             yield zf
 
 
-def _check_declared_count(fp, name: str, max_members: int) -> None:  # noqa: ANN001
+def _check_declared_count(fp: BinaryIO, name: str, max_members: int) -> None:
     """Refuse a member count over the cap before zipfile builds one object per entry."""
     # Prevents a central directory of millions of entries from exhausting memory while parsed;
     # a count that understates the directory is caught after parsing, in _validate_members.

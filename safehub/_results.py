@@ -185,7 +185,8 @@ class _StorageUnpickler(pickle.Unpickler):
             if size and int(torch.empty(0, dtype=torch.uint8).set_(storage).max()) > 1:
                 raise ResultDecodeError(f"storage {key!r}: BOOL bytes must be 0 or 1")
             self.bools_checked.add(key)
-        return torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, DTYPES[dtype_name][0]), _internal=True)
+        return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            wrap_storage=storage, dtype=getattr(torch, DTYPES[dtype_name][0]), _internal=True)
 
     def _torchscript(self, torch: Any, key: Any) -> Any:
         """The script module or function saved as archive ``key``, loaded once however often it is referenced."""

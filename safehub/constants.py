@@ -7,6 +7,7 @@ sets a variable with ``monkeypatch.setenv`` takes effect at once and nothing is 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 # torch.hub's names and files, kept so caches and trust decisions are shared.
@@ -67,7 +68,7 @@ def _read_token_file() -> str | None:
         return None
 
 
-_COMPUTED = {
+_COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
     "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
     "SAFEHUB_OFFLINE": lambda: _env_flag("SAFEHUB_OFFLINE"),

@@ -117,9 +117,10 @@ def _hub_error(kind: str, message: str) -> BaseException:
 
 
 def _build(cls: type[BaseException], message: str, status: int) -> BaseException:
-    for attempt in (lambda: cls(message, response=_Response(status)), lambda: cls(message)):  # type: ignore[call-arg]
+    make: Any = cls  # constructors differ between releases: an HTTP error takes the response, others not
+    for kwargs in ({"response": _Response(status)}, {}):
         try:
-            return attempt()
+            return make(message, **kwargs)
         except TypeError:
             continue
     error = cls.__new__(cls)  # a constructor of another shape: the class and message still hold

@@ -38,11 +38,12 @@ import importlib
 import importlib.util
 import os
 import sys
+import types
 
 PACKAGE = "_safehub_worker"
 
 
-def load_package():
+def load_package() -> types.ModuleType:
     """This folder as the package ``_safehub_worker``, loaded once by path."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
@@ -56,7 +57,7 @@ def load_package():
     return package
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     load_package()
     if argv[:1] == ["--zygote"]:
         importlib.import_module(PACKAGE + ".zygote").main(argv[1:])

@@ -41,7 +41,7 @@ def dumps(value: Any, dtype_names: Mapping[str, str]) -> list[tuple[str, str, li
     def next_key() -> str:
         return str(len(storages) + len(scripts))
 
-    class Pickler(cloudpickle.Pickler):
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
         def persistent_id(self, obj: Any) -> tuple[str, ...] | None:
             if isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
                 if id(obj) not in scripts:

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
-from .layout import DTYPE_NAMES, OBJECT_METADATA
+from .layout import DTYPE_NAMES, OBJECT_METADATA, WEIGHTS_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
 from .sandbox.libc import prctl
@@ -254,7 +254,7 @@ def _encode(value: Any, returns: Any, repo_dirs: list[str], preloaded: set[str])
 
         return _result({**fields, **remote.hold(value)})
     if returns == "weights":
-        parts, metadata = weights.weights_parts(weights.collect_tensors(value)), weights.WEIGHTS_METADATA
+        parts, metadata = weights.weights_parts(weights.collect_tensors(value)), WEIGHTS_METADATA
     elif returns == "object":
         import cloudpickle
 

@@ -31,6 +31,8 @@ import os
 import platform
 import stat
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 from .libc import check, libc
 
@@ -103,7 +105,7 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def _numbers():
+def _numbers() -> tuple[int, int, int] | None:
     return _SYSCALLS.get(platform.machine())
 
 
@@ -155,7 +157,7 @@ def _thread_count() -> int:
         return -1
 
 
-def _dedupe(paths) -> list[str]:
+def _dedupe(paths: Iterable[str]) -> list[str]:
     out: list[str] = []
     for p in paths or ():
         p = os.fspath(p)
@@ -172,14 +174,14 @@ def _open_path(path: str) -> int | None:
 
 
 def restrict(
-    read_paths,
-    write_paths,
-    exec_paths=None,
+    read_paths: Iterable[str],
+    write_paths: Iterable[str],
+    exec_paths: Iterable[str] | None = None,
     *,
     allow_tcp: bool = False,
     scope_signals: bool = True,
     scope_abstract_unix: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Enforce a Landlock domain on the calling thread (and every future child).
 
     Args:
@@ -211,7 +213,10 @@ def restrict(
     abi = abi_version()
     if abi <= 0:
         return {"applied": False, "abi": 0, "reason": "Landlock is not supported by this kernel"}
-    create_nr, add_rule_nr, restrict_nr = _numbers()
+    numbers = _numbers()
+    if numbers is None:
+        return {"applied": False, "abi": abi, "reason": f"no Landlock syscall numbers for {platform.machine()}"}
+    create_nr, add_rule_nr, restrict_nr = numbers
     lib = libc()
 
     fs = handled_fs_rights(abi)

@@ -37,6 +37,8 @@ from __future__ import annotations
 import os
 import resource
 import stat
+from collections.abc import Callable
+from typing import Any
 
 from .libc import prctl
 
@@ -65,7 +67,7 @@ def apply_rlimits(
     *,
     memory_kind: str = "as",
     core: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Lower this process's resource limits (inherited by every child). None leaves one as is.
 
     Args:
@@ -90,7 +92,7 @@ def apply_rlimits(
     """
     if memory_kind not in ("as", "data"):
         raise ValueError(f"memory_kind must be 'as' or 'data', not {memory_kind!r}")
-    out: dict = {}
+    out: dict[str, Any] = {}
     for name, value in (
         ("memory", memory_bytes),
         ("cpu", cpu_seconds),
@@ -190,7 +192,7 @@ def _cap_eff() -> int | None:
     return None
 
 
-def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: bool = True) -> dict:
+def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: bool = True) -> dict[str, Any]:
     """Switch a root process to ``uid``/``gid`` for good, and prove there is no way back.
 
     Order matters: supplementary groups first (``setgroups([])``; otherwise root's group 0
@@ -227,7 +229,8 @@ def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: b
     cap_eff = _cap_eff()
     if cap_eff:
         raise RuntimeError(f"uid drop left capabilities: CapEff={cap_eff:#x}")
-    for attempt in (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.setgroups([0])):
+    attempts: tuple[Callable[[], None], ...] = (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.setgroups([0]))
+    for attempt in attempts:
         try:
             attempt()
         except PermissionError:

@@ -23,6 +23,8 @@ loopback included, fails with ENETUNREACH; nothing on the host's loopback is rea
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from .libc import check, libc
 
@@ -83,7 +85,7 @@ def enter(
     uts: bool = False,
     cgroup: bool = False,
     map_root: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Move this process into new namespaces, all with one ``unshare(2)``.
 
     Args:
@@ -177,7 +179,7 @@ def _same_mount_namespace_guard() -> None:
         raise RuntimeError("still in the parent's mount namespace: call enter(mount=True) first")
 
 
-def hide_and_rebind(hide_dir: str, keep_paths, *, read_only: bool = True) -> dict:
+def hide_and_rebind(hide_dir: str, keep_paths: Iterable[str], *, read_only: bool = True) -> dict[str, Any]:
     """In a private mount namespace, cover ``hide_dir`` with an empty tmpfs (mode 0755) and
     bind ``keep_paths`` (each beneath it) back in place.
 
@@ -228,7 +230,7 @@ def hide_and_rebind(hide_dir: str, keep_paths, *, read_only: bool = True) -> dic
     return {"hidden": hide_dir, "kept": kept}
 
 
-def mount_tmpfs(path: str, size: int, *, uid: int, gid: int, mode: int = 0o700, inodes: int | None = None) -> dict:
+def mount_tmpfs(path: str, size: int, *, uid: int, gid: int, mode: int = 0o700, inodes: int | None = None) -> dict[str, Any]:
     """In a private mount namespace, mount a tmpfs of ``size`` bytes over the folder ``path``.
 
     For the worker's scratch folder: whatever was in the folder is covered (the new one is

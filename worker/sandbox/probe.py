@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import landlock, limits, namespaces, seccomp
 from .libc import prctl
@@ -26,7 +28,7 @@ __all__ = ["LAYERS", "probe"]
 LAYERS = ("session", "namespaces", "landlock", "seccomp", "rlimits", "uid_drop", "env_scrub")
 
 
-def _in_child(fn, timeout: float = 5.0) -> tuple[bool, str]:
+def _in_child(fn: Callable[[], object], timeout: float = 5.0) -> tuple[bool, str]:
     """Run ``fn()`` in a forked child; (True, "") if it returned, else (False, the error)."""
     r, w = os.pipe()
     with warnings.catch_warnings():
@@ -64,7 +66,7 @@ def _linux() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _probe_session() -> dict:
+def _probe_session() -> dict[str, Any]:
     if not _linux():
         return {"available": False, "detail": "needs Linux (prctl)"}
 
@@ -82,7 +84,7 @@ def _probe_session() -> dict:
     }
 
 
-def _probe_namespaces() -> dict:
+def _probe_namespaces() -> dict[str, Any]:
     if not _linux():
         return {"available": False, "detail": "needs Linux"}
     ns = namespaces
@@ -103,7 +105,7 @@ def _probe_namespaces() -> dict:
     return {"available": False, "detail": f"unshare failed: {err}"}
 
 
-def _probe_landlock() -> dict:
+def _probe_landlock() -> dict[str, Any]:
     ll = landlock
     abi = ll.abi_version()
     if abi <= 0:
@@ -130,7 +132,7 @@ def _probe_landlock() -> dict:
     return {"available": True, "detail": detail}
 
 
-def _probe_seccomp() -> dict:
+def _probe_seccomp() -> dict[str, Any]:
     sc = seccomp
     if not sc.supported():
         import platform
@@ -148,7 +150,7 @@ def _probe_seccomp() -> dict:
     return {"available": True, "detail": f"filter mode on {platform.machine()}, {kill}{already}"}
 
 
-def _probe_rlimits() -> dict:
+def _probe_rlimits() -> dict[str, Any]:
     try:
         import resource  # noqa: F401
     except ImportError:
@@ -159,7 +161,7 @@ def _probe_rlimits() -> dict:
     return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE" + scratch}
 
 
-def _probe_uid_drop(target_uid: int = 65534) -> dict:
+def _probe_uid_drop(target_uid: int = 65534) -> dict[str, Any]:
     if not _linux():
         return {"available": False, "detail": "needs Linux"}
     if os.geteuid() != 0:
@@ -178,7 +180,7 @@ def _probe_uid_drop(target_uid: int = 65534) -> dict:
     return {"available": True, "detail": f"root can drop to uid {target_uid}; the interpreter is readable by it"}
 
 
-def _probe_env_scrub() -> dict:
+def _probe_env_scrub() -> dict[str, Any]:
     return {"available": True, "detail": "allow-listed environment; HOME and TMPDIR in scratch (pure Python)"}
 
 
@@ -193,7 +195,7 @@ _PROBES = {
 }
 
 
-def probe(layers=LAYERS) -> dict:
+def probe(layers: Iterable[str] = LAYERS) -> dict[str, Any]:
     """``{layer: {"available": bool, "detail": str}}`` for the requested layers.
 
     A probe that fails unexpectedly reports the layer unavailable with the error, never raises.

@@ -44,6 +44,7 @@ import os
 import platform
 import struct
 import sys
+from typing import Any
 
 from .libc import libc
 
@@ -236,7 +237,7 @@ class _Asm:
     def stmt(self, code: int, k: int) -> None:
         self.code.append((code, 0, 0, k & 0xFFFFFFFF))
 
-    def jump(self, code: int, k: int, jt, jf) -> None:
+    def jump(self, code: int, k: int, jt: int | str, jf: int | str) -> None:
         """jt/jf: a label name, or 0 for 'the next instruction'."""
         self.code.append((code, jt, jf, k & 0xFFFFFFFF))
 
@@ -266,7 +267,7 @@ def _errno(e: int) -> int:
     return SECCOMP_RET_ERRNO | (e & 0xFFFF)
 
 
-def build_program(*, network: bool = False, machine: str | None = None, kill_action: int = SECCOMP_RET_KILL_PROCESS):
+def build_program(*, network: bool = False, machine: str | None = None, kill_action: int = SECCOMP_RET_KILL_PROCESS) -> tuple[bytes, list[str]]:
     """Assemble the filter. Returns ``(program_bytes, denied_names)``.
 
     Raises:
@@ -347,7 +348,7 @@ def action_available(action: int) -> bool:
         return False
     nr = _ARCHES[platform.machine()][2]
     value = ctypes.c_uint32(action)
-    return libc().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0
+    return bool(libc().syscall(ctypes.c_long(nr), ctypes.c_uint(SECCOMP_GET_ACTION_AVAIL), ctypes.c_uint(0), ctypes.byref(value)) == 0)
 
 
 def current_mode() -> int:
@@ -358,7 +359,7 @@ def current_mode() -> int:
     return res if res >= 0 else -1
 
 
-def install(*, network: bool = False) -> dict:
+def install(*, network: bool = False) -> dict[str, Any]:
     """Install the deny-list filter on every thread of this process.
 
     Args:
