@@ -21,7 +21,8 @@ What is spoken, as by huggingface_hub: ``HEAD {endpoint}/{repo}/resolve/{revisio
 answers ``X-Repo-Commit`` and an ``ETag``; a large (LFS) file answers a redirect to its CDN with
 ``X-Linked-Etag`` and ``X-Linked-Size``, which the HEAD does not follow. The body then comes from
 where the HEAD pointed, every hop checked again, and is kept only when its size and hash match
-the etag (its sha256, or its git blob id). ``GET {endpoint}/api/{type}s/{repo}/revision/{revision}``
+the etag (its sha256, or its git blob id; an ETag that is no hash, which the Hub never sends,
+names the blob and is checked for size alone). ``GET {endpoint}/api/{type}s/{repo}/revision/{revision}``
 gives a snapshot's commit and its files (``siblings``). Errors carry ``X-Error-Code``.
 
 Trust: ``HF_TOKEN`` goes to ``HF_ENDPOINT``'s own origin only, never across a redirect (the CDN)
@@ -55,7 +56,9 @@ _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}\Z")
 _REVISION = re.compile(r"[\w.-]+(?:/[\w.-]+)*\Z")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
-_ETAG = re.compile(r"[0-9a-f]{40}\Z|[0-9a-f]{64}\Z")
+# An ETag names the blob file, so only a plain name passes; the Hub's are hashes (checked below).
+_ETAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+_SHA1, _SHA256 = re.compile(r"[0-9a-f]{40}\Z"), re.compile(r"[0-9a-f]{64}\Z")
 MAX_PATH_CHARS = 1024
 MAX_SNAPSHOT_FILES = 1000
 MAX_API_BYTES = 16 * 1024**2  # a snapshot's listing is JSON in memory
@@ -269,13 +272,14 @@ class HubFetcher:
                     _log.info(f"Downloaded {request.shown} ({got} bytes) into the Hugging Face cache")
             except FetchRefusedError as exc:
                 raise FetchRefusedError(f"{exc.message.rstrip('.')} (where the Hub sends {request.shown}).", **exc._facts) from None
+            # The Hub's ETag is the file's sha256 (LFS) or its git blob id (some mirrors: its sha1).
             with open(tmp, "rb") as f:
-                git_id = _git_blob_id(f, got) if len(etag) == 40 else None
-            expected = pin.sha256 if pin is not None else (etag if len(etag) == 64 else None)
+                sha1s = _sha1s(f, got) if _SHA1.match(etag) else None
+            expected = pin.sha256 if pin is not None else (etag if _SHA256.match(etag) else None)
             if size is not None and got != size:
                 raise HubFileError(f"{request.shown} is {got} bytes; the Hub said {size}. Nothing was kept; try again.",
                                    kind="http", repo_id=request.repo_id, filename=request.filename)
-            if (expected is not None and sha256 != expected) or (git_id is not None and git_id != etag):
+            if (expected is not None and sha256 != expected) or (sha1s is not None and etag not in sha1s):
                 what = "the lock file pins" if pin is not None else "its ETag names"
                 raise HubFileError(f"{request.shown} is not the file {what} (sha256 {sha256[:16]}...); nothing was kept.",
                                    kind="integrity", repo_id=request.repo_id, filename=request.filename)
@@ -393,15 +397,18 @@ def _link_snapshot(blob: Path, snapshot: Path) -> None:
 def _normal_etag(value: str | None) -> str | None:
     if not value:
         return None
-    etag = value.strip().removeprefix("W/").strip('"').lower()
+    etag = value.strip().removeprefix("W/").strip('"')
+    etag = etag.lower() if _SHA1.match(etag.lower()) or _SHA256.match(etag.lower()) else etag
     return etag if _ETAG.match(etag) else None
 
 
-def _git_blob_id(f: Any, size: int) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % size)
+def _sha1s(f: Any, size: int) -> tuple[str, str]:
+    """The git blob id and the plain sha1 of a file's bytes."""
+    git, plain = hashlib.sha1(b"blob %d\0" % size), hashlib.sha1()
     for chunk in iter(lambda: f.read(1024 * 1024), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
+        git.update(chunk)
+        plain.update(chunk)
+    return git.hexdigest(), plain.hexdigest()
 
 
 def _kept(name: str, allow: list[str] | None, ignore: list[str] | None) -> bool:

@@ -165,6 +165,8 @@ def test_offline_serves_the_cache_with_no_network(repo, tiny, hf_hub, monkeypatc
     monkeypatch.setenv(setting, "1")
     hf_hub.clear_log()
     assert same(load(repo, "hf_file")) and same(load(repo, "hf_snapshot"))
+    plain = huggingface_hub.snapshot_download("org/tiny", cache_dir=os.environ["HF_HOME"] + "/hub", local_files_only=True)
+    assert sorted(os.listdir(plain)) == ["config.json", "model.safetensors"]
     with pytest.raises(RemoteError, match=rf"LocalEntryNotFoundError: org/tiny@main/other.safetensors is not in the Hugging Face cache .* {setting}"):
         load(repo, "hf_file", filename="other.safetensors")
     assert hf_hub.requests() == []

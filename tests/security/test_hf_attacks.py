@@ -144,7 +144,7 @@ def test_a_hub_redirect_to_a_private_address_is_refused(hostile, hf_hub, hf_cach
     assert not list(hf_cache.rglob("blobs/*"))
 
 
-@pytest.mark.parametrize("etag", ['"../../../../escaped"', '"not-hex"', ""])
+@pytest.mark.parametrize("etag", ['"../../../../escaped"', '"a/b"', '".hidden"', ""])
 def test_a_hub_answer_without_a_hex_etag_writes_nothing(hostile, hf_hub, hf_cache, etag):
     hf_hub.forge("/org/evil/resolve/main/model.safetensors", 200, {"X-Repo-Commit": "a" * 40, "ETag": etag})
     outcomes = run(hostile, "ask_each", what="hf_file", many=[{"repo_id": "org/evil", "filename": "model.safetensors"}])
