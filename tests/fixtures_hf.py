@@ -4,6 +4,8 @@
 - ``hf_hub`` (function): the same, emptied and with its log cleared, ``HF_ENDPOINT`` pointing at
   it and both its origins (endpoint and CDN) in ``SAFEHUB_ALLOW_HOSTS``, since they are loopback.
 - ``hf_cache`` (function): the test's Hugging Face cache folder (``$HF_HOME/hub``).
+- ``hf_in_process`` (function): this process's huggingface_hub pointed at the stand-in and the
+  test's cache (it reads HF_ENDPOINT and HF_HUB_CACHE once, at import), for in-process controls.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from tests.hf_hub_emulator import HubEmulator
 
-__all__ = ["hf_cache", "hf_hub", "hf_hub_emulator"]
+__all__ = ["hf_cache", "hf_hub", "hf_hub_emulator", "hf_in_process"]
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,13 @@ def hf_cache(hub_dir: Path) -> Path:
     import os
 
     return Path(os.environ["HF_HOME"]) / "hub"
+
+
+@pytest.fixture
+def hf_in_process(hf_hub: HubEmulator, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> HubEmulator:
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hf_hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hf_hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    return hf_hub

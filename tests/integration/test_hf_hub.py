@@ -15,7 +15,6 @@ import os
 import textwrap
 
 import huggingface_hub
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save
@@ -214,10 +213,7 @@ def test_remote_mode_runs_the_model_built_from_hub_weights(repo, tiny, hf_hub):
     assert torch.allclose(out, torch.ones(2, 4) @ STATE["weight"].T + STATE["bias"])
 
 
-def test_in_process_control_with_plain_huggingface_hub(repo, tiny, hf_hub, hf_cache, monkeypatch):
-    # huggingface_hub reads its endpoint and cache at import: point this process's copy at the stand-in
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf_hub.endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))
+def test_in_process_control_with_plain_huggingface_hub(repo, tiny, hf_hub, hf_in_process):
     model = load(repo, "hf_file", returns="object", isolate=False, trust_repo=True)
     assert torch.equal(model.weight.detach(), STATE["weight"])
     hf_hub.clear_log()

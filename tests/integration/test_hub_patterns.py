@@ -158,13 +158,9 @@ def pickled(obj) -> bytes:
 
 
 @pytest.fixture(params=["weights", "remote", "in-process"])
-def mode(request, monkeypatch, hf_hub, hf_cache):
+def mode(request):
     if request.param == "in-process":
-        import huggingface_hub.constants
-
-        # huggingface_hub read its endpoint and cache at import: point this process's copy at the stand-in
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf_hub.endpoint)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))
+        request.getfixturevalue("hf_in_process")  # this process's huggingface_hub on the stand-in
     return request.param
 
 
