@@ -79,11 +79,13 @@ def _installed(resolved: ResolvedRef, pin: Pin | None) -> CacheEntry | None:
 def _download(resolved: ResolvedRef, archive_path: Path, *, verbose: bool) -> str:
     """The zipball of ``resolved`` into ``archive_path`` (flushed to disk); return its sha256."""
     where = resolved.commit_sha or resolved.ref
-    url = _github.archive_url(resolved.owner, resolved.repo, where)
+    validated = resolved.commit_sha is not None  # only then may the token go (to the API host)
+    url = _github.archive_url(resolved.owner, resolved.repo, where, validated=validated)
     # torch.hub prints this line whatever `verbose` says; only the bar follows `verbose`.
     _log.info(f'Downloading: "{url}" to {_cache.get_dir()}')
     with open(archive_path, "xb") as out, _log.progress(_label(resolved), verbose=verbose) as on_chunk:
-        _, sha256 = _github.download_archive(resolved.owner, resolved.repo, where, out, on_chunk=on_chunk)
+        _, sha256 = _github.download_archive(resolved.owner, resolved.repo, where, out, on_chunk=on_chunk,
+                                             validated=validated)
         out.flush()
         os.fsync(out.fileno())
     return sha256

@@ -1,7 +1,11 @@
 """The only module that speaks HTTP to GitHub: the REST API and the archive host.
 
-``GITHUB_TOKEN`` goes to the API host only. Archives are fetched without it, and the opener in
-``_http`` drops it on any redirect that leaves the API host.
+``GITHUB_TOKEN`` (or ``SAFEHUB_GITHUB_TOKEN``) goes to the API host only, and the opener in
+``_http`` drops it on any redirect that leaves the API host. Archives come from the web host with
+no token, except a validated fetch (a commit SHA the API named, or a lock file pins) made while a
+token is set: that one goes through the API's archive endpoint, ``/repos/{o}/{r}/zipball/{sha}``,
+the way GitHub documents for private repositories. GitHub answers it with a redirect to codeload
+carrying short-lived credentials of its own, so the token stays on the API host.
 """
 
 from __future__ import annotations
@@ -98,9 +102,12 @@ def _translate(exc: _http.HTTPStatusError, repo: str | None) -> GitHubError:
             status=401,
         )
     if exc.status == 404:
-        hint = "" if has_token else " If it is private, set GITHUB_TOKEN to a token that can read it."
+        # GitHub answers 404, never 403, for a private repository the caller may not see.
+        hint = (" If it is private, the token in GITHUB_TOKEN / SAFEHUB_GITHUB_TOKEN cannot read it: "
+                "give the token read access to its contents." if has_token
+                else " If it is private, set GITHUB_TOKEN (or SAFEHUB_GITHUB_TOKEN) to a token that can read it.")
         return RepoNotFoundError(
-            f"GitHub has no repository {repo or exc.url}.{hint} Check the owner and name.",
+            f"GitHub has no repository {repo or exc.url}, or it is private.{hint} Check the owner and name.",
             url=exc.url,
             status=404,
         )
@@ -202,8 +209,19 @@ def guess_default_branch(owner: str, repo: str) -> str:
         raise _translate(exc, f"{owner}/{repo}") from None
 
 
-def archive_url(owner: str, repo: str, ref: str) -> str:
-    """The zipball of ``ref`` (a commit SHA, or with skip_validation a branch or tag) on the web host."""
+def archive_via_api(validated: bool) -> bool:
+    """Whether an archive comes through the API (with the token): a validated fetch while a token is set."""
+    return validated and bool(constants.GITHUB_TOKEN)
+
+
+def archive_url(owner: str, repo: str, ref: str, *, validated: bool = False) -> str:
+    """The zipball of ``ref`` (a commit SHA, or with skip_validation a branch or tag).
+
+    On the web host, or with ``validated`` and a token on the API's archive endpoint
+    (see :func:`archive_via_api`).
+    """
+    if archive_via_api(validated):
+        return f"{constants.SAFEHUB_GITHUB_API_URL}/repos/{_quote(owner)}/{_quote(repo)}/zipball/{_quote(ref)}"
     return f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/zipball/{_quote(ref)}"
 
 
@@ -214,15 +232,17 @@ def download_archive(
     out: BinaryIO,
     *,
     on_chunk: Callable[[int], None] | None = None,
+    validated: bool = False,
 ) -> tuple[int, str]:
-    """Stream the zipball of ``ref`` into ``out``; return (bytes, sha256). No token is sent.
+    """Stream the zipball of ``ref`` into ``out``; return (bytes, sha256).
 
-    ``ref`` is the resolved commit SHA, or with skip_validation the ref as given. A name that is
-    both a branch and a tag gets GitHub's 300 Multiple Choices; then the branch is downloaded,
-    with a warning, as torch.hub does.
+    ``ref`` is the resolved commit SHA (``validated``), or with skip_validation the ref as given.
+    The token goes only to the API host, for a validated fetch (:func:`archive_via_api`). A name
+    that is both a branch and a tag gets GitHub's 300 Multiple Choices; then the branch is
+    downloaded, with a warning, as torch.hub does.
     """
     try:
-        response = _open_archive(owner, repo, ref)
+        response = _open_archive(owner, repo, ref, validated)
     except _http.HTTPStatusError as exc:
         if exc.status != 300:
             raise
@@ -232,25 +252,35 @@ def download_archive(
             UserWarning,
             stacklevel=2,
         )
-        response = _open_archive(owner, repo, f"refs/heads/{ref}")
+        response = _open_archive(owner, repo, f"refs/heads/{ref}", validated)
     with response:
         return _http.stream_to_file(response, out, max_bytes=constants.MAX_ARCHIVE_BYTES, on_chunk=on_chunk)
 
 
-def _open_archive(owner: str, repo: str, ref: str) -> Any:
+def _open_archive(owner: str, repo: str, ref: str, validated: bool) -> Any:
     """The archive's response, ready to stream; a 300 stays an HTTPStatusError for the caller."""
-    url = archive_url(owner, repo, ref)
+    via_api = archive_via_api(validated)
+    url = archive_url(owner, repo, ref, validated=validated)
     _check_online(url)
     try:
-        return _http.open_url(url)
+        # Through the API, the token goes along; _http drops it at the redirect to codeload.
+        return _http.open_url(url, _api_headers() if via_api else None)
     except _http.HTTPStatusError as exc:
         if exc.status == 300:
             raise
         if exc.status == 404:
+            if via_api:
+                hint = ("If the repository is private, the token in GITHUB_TOKEN / SAFEHUB_GITHUB_TOKEN "
+                        "cannot read it: give it read access to the repository's contents.")
+            elif validated or not constants.GITHUB_TOKEN:
+                hint = ("If the repository is private, set GITHUB_TOKEN (or SAFEHUB_GITHUB_TOKEN) to a token "
+                        "that can read it: archives of private repositories come through the API with it.")
+            else:
+                hint = ("If the repository is private, load it without skip_validation: only a validated "
+                        "fetch sends the token (to the API host).")
             raise RefNotFoundError(
                 f"GitHub has no archive of {owner}/{repo} at {ref}: the repository or the ref "
-                "does not exist. If the repository is private, the archive host needs credentials "
-                "safehub does not send.",
+                f"does not exist, or the repository is private. {hint}",
                 repo=f"{owner}/{repo}",
                 ref=ref,
                 url=exc.url,

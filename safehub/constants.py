@@ -79,7 +79,8 @@ _COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_ALLOW_HOSTS": lambda: tuple(
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
-    "GITHUB_TOKEN": lambda: _env("GITHUB_TOKEN"),
+    # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     # The Hugging Face Hub, read as huggingface_hub reads them, so both share one cache and endpoint.
     "HF_ENDPOINT": lambda: (_env("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),
     "HF_HUB_OFFLINE": lambda: _env_flag("HF_HUB_OFFLINE"),

@@ -12,6 +12,9 @@ API answers mirror GitHub's REST shapes (repos, branches, tags, commits, compare
 ``/{o}/{r}/zipball/{ref}`` to codeload, which serves ``git archive`` zips whose top folder is
 ``{owner}-{repo}-{sha7}/`` and whose zip comment is the full commit SHA (git archive writes it, and
 so does GitHub); it also answers ``/{o}/{r}/tree/{ref}`` (200 or 404), which torch.hub probes.
+A repository added with ``private=True`` answers 404 everywhere (as GitHub does) unless the API
+request carries a token of ``private_tokens``; then the API's ``/repos/{o}/{r}/zipball/{ref}``
+redirects to codeload with a short-lived ``?token=`` of its own, which codeload requires.
 Faults (rate limits, 401, 500, slow or cut-off bodies, corrupt zips, zips without their comment,
 cross-origin API redirects) are switched on with ``set_fault``. Every request is logged.
 
@@ -114,6 +117,7 @@ class Repo:
     name: str
     git_dir: str
     default_branch: str
+    private: bool = False
 
     @property
     def full_name(self) -> str:
@@ -148,6 +152,9 @@ class GitHubEmulator:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.require_token: str | None = None
+        # Tokens that may read private repositories (sent as "Bearer T" or "token T" to the API).
+        self.private_tokens: set[str] = {"private-reader-token"}
+        self._archive_tokens: dict[str, tuple[str, float]] = {}  # codeload token -> (repo, expiry)
         self.errors: list[str] = []  # internal emulator errors (tracebacks), for debugging
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], Repo] = {}
@@ -211,8 +218,9 @@ class GitHubEmulator:
     # -- state ---------------------------------------------------------------------------------
 
     def add_repo(self, owner: str, name: str, git_dir: str | os.PathLike,
-                 default_branch: str | None = None) -> Repo:
-        """Serve the git repository at ``git_dir`` as ``owner/name`` (replacing any earlier one)."""
+                 default_branch: str | None = None, *, private: bool = False) -> Repo:
+        """Serve the git repository at ``git_dir`` as ``owner/name`` (replacing any earlier one);
+        ``private``: visible only to API requests carrying a token of ``private_tokens``."""
         git_dir = os.fspath(git_dir)
         if default_branch is None:
             default_branch = _git(git_dir, "symbolic-ref", "--short", "HEAD").decode().strip()
@@ -220,7 +228,7 @@ class GitHubEmulator:
             old = self._repos.get((owner.lower(), name.lower()))
             if old is None:
                 self._next_id += 1
-            repo = Repo(old.id if old else self._next_id, owner, name, git_dir, default_branch)
+            repo = Repo(old.id if old else self._next_id, owner, name, git_dir, default_branch, private)
             self._repos[(owner.lower(), name.lower())] = repo
         return repo
 
@@ -391,8 +399,8 @@ class GitHubEmulator:
         api, web = f"{self.api_url}/repos/{repo.full_name}", f"{self.url}/{repo.full_name}"
         return {
             "id": repo.id, "node_id": _node_id("Repository", repo.id), "name": repo.name,
-            "full_name": repo.full_name, "private": False, "fork": False, "archived": False,
-            "disabled": False, "visibility": "public", "description": None,
+            "full_name": repo.full_name, "private": repo.private, "fork": False, "archived": False,
+            "disabled": False, "visibility": "private" if repo.private else "public", "description": None,
             "owner": {"login": repo.owner, "id": repo.id + 1_000_000, "type": "User",
                       "url": f"{self.api_url}/users/{repo.owner}", "html_url": f"{self.url}/{repo.owner}"},
             "html_url": web, "url": api, "clone_url": f"{web}.git",
@@ -420,7 +428,7 @@ class GitHubEmulator:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def _route_api(self, path: str, query: dict[str, list[str]]) -> Response:
+    def _route_api(self, path: str, query: dict[str, list[str]], headers: HeaderDict | None = None) -> Response:
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[0] == "repos":
             try:
@@ -433,6 +441,8 @@ class GitHubEmulator:
                 return _not_found()
         else:
             return _not_found()
+        if repo.private and not self._can_read_private(headers):
+            return _not_found()  # GitHub hides a private repository: 404, not 403
         api = f"{self.api_url}/repos/{repo.full_name}"
         if not rest:
             return Response.json(200, self._repo_json(repo))
@@ -463,7 +473,7 @@ class GitHubEmulator:
         if kind == "compare" and "..." in arg:
             return self._compare(repo, *arg.split("...", 1))
         if kind == "zipball":
-            return self._zipball_redirect(repo, arg or repo.default_branch)
+            return self._zipball_redirect(repo, arg or repo.default_branch, from_api=True)
         return _not_found()
 
     def _paginate(self, repo: Repo, what: str, items: list, query: dict[str, list[str]]) -> Response:
@@ -505,12 +515,25 @@ class GitHubEmulator:
             "commits": [{"sha": c} for c in commits], "files": [],
         })
 
-    def _zipball_redirect(self, repo: Repo, ref: str) -> Response:
+    def _can_read_private(self, headers: HeaderDict | None) -> bool:
+        auth = (headers or HeaderDict()).get("authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        return scheme.lower() in ("bearer", "token") and token in self.private_tokens
+
+    def _zipball_redirect(self, repo: Repo, ref: str, *, from_api: bool = False) -> Response:
         if self._is_ambiguous(repo, ref):
             return Response.text(300, f"Multiple choices: {ref} is both a branch and a tag")
         if self._resolve(repo, ref) is None:
             return Response.text(404, "Not Found")
-        return Response.redirect(f"{self.codeload_url}/{repo.full_name}/legacy.zip/{quote(ref, safe='/')}")
+        location = f"{self.codeload_url}/{repo.full_name}/legacy.zip/{quote(ref, safe='/')}"
+        if repo.private:
+            # GitHub's answer for a private repository: codeload with credentials of its own that
+            # last minutes, so the caller's token never needs to follow the redirect.
+            token = base64.b32encode(os.urandom(15)).decode()
+            with self._lock:
+                self._archive_tokens[token] = (repo.full_name.lower(), time.time() + 300)
+            location += f"?token={token}"
+        return Response.redirect(location)
 
     def _route_web(self, path: str, query: dict[str, list[str]]) -> Response:
         if path.startswith("/files/"):
@@ -520,7 +543,8 @@ class GitHubEmulator:
                 return Response.text(404, "Not Found")
             return Response(200, data, {"Content-Type": "application/octet-stream"})
         if path.startswith(("/repos/", "/repositories/")):
-            # Answers API paths too, so an API request redirected here (redirect_api) succeeds.
+            # Answers API paths too, so an API request redirected here (redirect_api) succeeds;
+            # it never sees the API's token (the client drops it), so private ones stay hidden.
             return self._route_api(path, query)
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[2] in ("zipball", "tree"):
@@ -528,6 +552,8 @@ class GitHubEmulator:
                 repo = self.repo(parts[0], parts[1])
             except KeyError:
                 return Response.text(404, "Not Found")
+            if repo.private:
+                return Response.text(404, "Not Found")  # the web host knows no API token
             ref = "/".join(parts[3:]) or repo.default_branch
             if parts[2] == "tree":
                 # The web page of a ref: torch.hub probes /tree/main/ to guess the default branch.
@@ -537,13 +563,19 @@ class GitHubEmulator:
             return self._zipball_redirect(repo, ref)
         return Response.text(404, "Not Found")
 
-    def _route_codeload(self, path: str) -> Response:
+    def _route_codeload(self, path: str, query: dict[str, list[str]] | None = None) -> Response:
         parts = path.strip("/").split("/")
         if len(parts) >= 4 and parts[2] == "legacy.zip":
             try:
                 repo = self.repo(parts[0], parts[1])
             except KeyError:
                 return Response.text(404, "Not Found")
+            if repo.private:
+                token = ((query or {}).get("token") or [""])[0]
+                with self._lock:
+                    granted = self._archive_tokens.get(token)
+                if granted is None or granted[0] != repo.full_name.lower() or granted[1] < time.time():
+                    return Response.text(404, "Not Found")
             sha = self._resolve(repo, "/".join(parts[3:]))
             if sha is None:
                 return Response.text(404, "Not Found")
@@ -604,11 +636,11 @@ class GitHubEmulator:
             elif handler.command not in ("GET", "HEAD"):
                 response = Response.json(404, {"message": "Not Found", "documentation_url": DOCS})
             elif server == "api":
-                response = self._auth_response(record.headers) or self._route_api(path, query)
+                response = self._auth_response(record.headers) or self._route_api(path, query, record.headers)
             elif server == "web":
                 response = self._route_web(path, query)
             else:
-                response = self._route_codeload(path)
+                response = self._route_codeload(path, query)
         except Exception:  # report, don't hang the client
             import traceback
             self.errors.append(traceback.format_exc())
