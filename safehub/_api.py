@@ -135,7 +135,7 @@ def _repo_dir(
 def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: Any, **call: Any) -> Any:
     """Run ``action`` in a worker, with a broker serving what the repository fetches."""
     from ._run import run_isolated
-    from ._run.broker import Broker
+    from ._egress.broker import Broker
 
     def nested(args: dict[str, Any]) -> _cache.CacheEntry:
         # A nested repository's code reaches this process only inside an object result (which

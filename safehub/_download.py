@@ -7,6 +7,7 @@ Differences from torch.hub, all deliberate:
   failure, Ctrl-C included, removes the temporary file and leaves ``dst`` as it was.
 - A file lock on ``dst + ".lock"`` (``_filelock.locked``) makes parallel callers (threads and
   processes) download once; the waiters log every few seconds so a stuck lock is visible.
+  Names ending in ``.lock`` or ``.partial`` are these helpers' own (:func:`is_reserved_name`).
 - ``load_state_dict_from_url`` defaults to ``weights_only=True``, checks ``file_name``, and opens
   the legacy single-file zip format with the same rules as repository archives.
 - HTTP failures raise :class:`~safehub.errors.DownloadError` with the status and URL; a hash
@@ -28,7 +29,7 @@ import uuid
 import warnings
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
@@ -41,6 +42,9 @@ logger = logging.getLogger("safehub")
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Beside a downloaded file: its lock, and downloads in progress (``<name>.<pid>.<random>.partial``).
+LOCK_SUFFIX = ".lock"
+PARTIAL_SUFFIX = ".partial"
 
 _STATUS_ADVICE = {
     401: "the server wants credentials; this URL is not public",
@@ -91,19 +95,32 @@ def download_url_to_file(
     fetch_to(url, pathlib.Path(os.path.expanduser(dst)), hash_prefix, progress)
 
 
+class Saved(NamedTuple):
+    """What a download put in place: where the URL led after redirects, its size and sha256."""
+
+    final_url: str
+    size: int
+    sha256: str
+
+
+def is_reserved_name(name: str) -> bool:
+    """Whether a file name is one of these helpers' own: a lock file or a download in progress."""
+    return name.endswith((LOCK_SUFFIX, PARTIAL_SUFFIX))
+
+
 def fetch_to(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bool, *,
-             open_url: Callable[[str], Any] | None = None, unless_present: bool = False) -> bool:
+             open_url: Callable[[str], Any] | None = None, unless_present: bool = False) -> Saved | None:
     """``download_url_to_file`` with the connection chosen by the caller (the fetch broker's
     policy), and with ``unless_present`` a file another process finished meanwhile kept as it
-    is: parallel callers then download once. True when this call downloaded."""
+    is: parallel callers then download once. Returns what this call saved (the size and sha256
+    measured on the way in), or None when it kept the file that was there."""
     if not dst.parent.is_dir():
         # As torch.hub; filelock would otherwise create the missing folders for the lock file.
         raise FileNotFoundError(errno.ENOENT, "No such directory", str(dst.parent))
-    with _filelock.locked(f"{dst}.lock", str(dst)):
+    with _filelock.locked(f"{dst}{LOCK_SUFFIX}", str(dst)):
         if unless_present and dst.is_file():
-            return False
-        _download(url, dst, hash_prefix, progress, open_url)
-    return True
+            return None
+        return _download(url, dst, hash_prefix, progress, open_url)
 
 
 def load_state_dict_from_url(
@@ -171,7 +188,7 @@ def load_state_dict_from_url(
     model_path.mkdir(parents=True, exist_ok=True)
     cached_file = model_path / filename
 
-    with _filelock.locked(f"{cached_file}.lock", str(cached_file)):
+    with _filelock.locked(f"{cached_file}{LOCK_SUFFIX}", str(cached_file)):
         # Another caller may have finished the download while this one waited for the lock.
         if not cached_file.exists():
             sys.stderr.write(f'Downloading: "{url}" to {cached_file}\n')
@@ -200,7 +217,7 @@ def _checked_file_name(url: str, file_name: str | None) -> str:
             "not empty). Pass file_name='model.pth'.",
             file_name=name,
         )
-    if name.endswith((".lock", ".partial")):
+    if is_reserved_name(name):
         # Prevents a checkpoint colliding with another's lock file (filelock truncates it) or
         # with a download in progress.
         raise InvalidArgumentError(
@@ -234,23 +251,24 @@ def _hash_prefix(filename: str, check_hash: bool) -> str | None:
 
 
 def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bool,
-              open_url: Callable[[str], Any] | None = None) -> None:
+              open_url: Callable[[str], Any] | None = None) -> Saved:
     # Unique to this process and call, so a crashed or parallel download never shares the file.
-    tmp_path = dst.with_name(f"{dst.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+    tmp_path = dst.with_name(f"{dst.name}.{os.getpid()}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch_into(url, out, progress, open_url)
-        _check_hash(url, digest, hash_prefix)
+            saved = _fetch_into(url, out, progress, open_url)
+        _check_hash(url, saved.sha256, hash_prefix)
         os.replace(tmp_path, dst)
     except BaseException:
         # Every failure, KeyboardInterrupt included, leaves dst as it was and no temporary file.
         tmp_path.unlink(missing_ok=True)
         raise
+    return saved
 
 
-def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None) -> str:
-    """Stream ``url`` into ``out``; return the body's sha256 hex."""
+def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None) -> Saved:
+    """Stream ``url`` into ``out``; return the final URL and the body's size and sha256 hex."""
     try:
         response = (open_url or _http.open_url)(url)
     except _http.HTTPStatusError as exc:
@@ -266,8 +284,8 @@ def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], An
             unit_divisor=1024,
             file=sys.stderr,
         ) as bar:
-            _, digest = _http.stream_to_file(response, out, on_chunk=bar.update)
-    return digest
+            size, digest = _http.stream_to_file(response, out, on_chunk=bar.update)
+        return Saved(response.geturl(), size, digest)
 
 
 def _status_error(exc: _http.HTTPStatusError) -> DownloadError:

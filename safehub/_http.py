@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Protocol
 
 from . import constants
 from .errors import IncompleteDownloadError, NetworkError
@@ -63,9 +63,6 @@ class HTTPStatusError(Exception):
         return f"HTTP {self.status} from {self.url}"
 
 
-# The old name, kept only for safehub/_run/broker.py (on main, another branch's) until it says
-
-
 def open_url(
     url: str,
     headers: Mapping[str, str] | None = None,
@@ -102,14 +99,28 @@ def open_url(
         ) from exc
 
 
+class Body(Protocol):
+    """What :func:`stream_to_file` reads: urllib's response, or the fetch broker's checked one
+    (``_egress/connection.py``, which also hashes what it reads: ``body_sha256()``)."""
+
+    headers: http.client.HTTPMessage
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def geturl(self) -> str: ...
+
+
 def stream_to_file(
-    response: http.client.HTTPResponse,
+    response: Body,
     out: BinaryIO,
     *,
     max_bytes: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[int, str]:
     """Copy a response body to ``out``; return (bytes written, sha256 hex).
+
+    The body is hashed once: a response that hashes what it reads (``body_sha256()``, as the
+    fetch broker's checked connection does) gives its own digest; any other is hashed here.
 
     Raises:
         IncompleteDownloadError: the body ended before its Content-Length.
@@ -125,6 +136,7 @@ def stream_to_file(
         raise DownloadError(
             f"{url} is {expected_len} bytes, over the limit of {max_bytes}.", url=url
         )
+    own_digest: Callable[[], str] | None = getattr(response, "body_sha256", None)
     digest = hashlib.sha256()
     received = 0
     try:
@@ -135,7 +147,8 @@ def stream_to_file(
             received += len(chunk)
             if max_bytes is not None and received > max_bytes:
                 raise DownloadError(f"{url} is over the limit of {max_bytes} bytes.", url=url)
-            digest.update(chunk)
+            if own_digest is None:
+                digest.update(chunk)
             out.write(chunk)
             if on_chunk is not None:
                 on_chunk(len(chunk))
@@ -155,4 +168,4 @@ def stream_to_file(
             expected=expected_len,
             received=received,
         )
-    return received, digest.hexdigest()
+    return received, own_digest() if own_digest is not None else digest.hexdigest()

@@ -145,7 +145,7 @@ class Sandbox:
             raise InvalidArgumentError(f"Sandbox(network=...) must be True or False, not {self.network!r}")
         if type(self.fetch) is not bool:
             raise InvalidArgumentError(f"Sandbox(fetch=...) must be True or False, not {self.fetch!r}")
-        from ._egress_policy import normalize_allow_hosts  # here: `import safehub` stays quick
+        from ._egress.policy import normalize_allow_hosts  # here: `import safehub` stays quick
 
         allow_hosts = _as_tuple("allow_hosts", self.allow_hosts)
         object.__setattr__(self, "allow_hosts", normalize_allow_hosts(allow_hosts, source="Sandbox(allow_hosts=...)"))

@@ -17,6 +17,13 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
+from ._bwrap import UNPRIVILEGED_UID
+
+
+def sweepable_owners() -> set[int]:
+    """The uids whose stale folders this process may remove: its own, and for root the workers' uid."""
+    return {os.geteuid(), UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
+
 
 def sweep(top: str | os.PathLike[str], prefix: str, owners: Collection[int]) -> list[Path]:
     """Remove each folder directly in ``top`` named ``<prefix><pid>…`` whose pid is dead; return them.

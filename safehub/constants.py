@@ -36,14 +36,7 @@ API_MAX_PAGES = 100
 # How many branches a commit is compared against before it is called a fork commit.
 MAX_BRANCHES_COMPARED = 20
 
-# The fetch broker (DESIGN 4b): what the parent fetches for one isolated call, at most.
-MAX_FETCH_URL_LENGTH = 4096
-MAX_FETCH_REDIRECTS = 5
-MAX_FETCHES_PER_CALL = 64
-MAX_FETCH_FILE_BYTES = 32 * 1024**3
-MAX_FETCH_CALL_BYTES = 64 * 1024**3
-# Per socket operation; the call's own deadline bounds the whole fetch.
-FETCH_IO_TIMEOUT_S = HTTP_TIMEOUT_S
+# The fetch broker's caps (DESIGN 4b) are safehub._egress.limits.Limits, beside the code.
 
 # safehub's own state inside the hub dir: metadata and locks, hidden from torch.hub.
 STATE_DIR_NAME = ".safehub"

@@ -7,7 +7,7 @@ modules (``HfApi.hf_hub_download``, the model mixins) all get these. The two pub
 the seam because their signatures hold across huggingface_hub's releases, while its HTTP layer
 does not (requests, then httpx, then httpx2).
 
-The parent fetches into the user's Hugging Face cache (``safehub/_hf.py``) and answers with the
+The parent fetches into the user's Hugging Face cache (``safehub/_egress/hf.py``) and answers with the
 file's path in the call's read-only view, laid out as a Hugging Face cache
 (``$HF_HUB_CACHE/models--org--name/snapshots/<commit>/<path>``), so the worker's own
 huggingface_hub finds the files too (``try_to_load_from_cache``, ``local_files_only=True``). A file

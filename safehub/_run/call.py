@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import _log
+from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
 from .._worker import protocol
 from ..errors import HubconfError, InvalidArgumentError, ProtocolError
@@ -25,14 +25,6 @@ from .replies import interpret, scratch_full
 ACTIONS = ("list", "help", "load")
 RETURNS = ("object", "weights", "remote")
 MAX_ASKS = 10_000  # questions one call may ask; each is answered within the call's deadline
-
-# What the worker may ask for mid-call: ``what`` -> handler(args) -> (value, buffers, fds).
-# A handler raises Refusal to refuse; anything the worker asks that has no handler is refused.
-AskHandler = Callable[[dict[str, Any]], tuple[Any, list[bytes], list[int]]]
-
-
-class Refusal(Exception):
-    """A handler's refusal of one ASK; the text is sent to the worker as the reason."""
 
 
 def run_isolated(
@@ -61,7 +53,7 @@ def run_isolated(
             which stays up for the handle's calls (``remote.py``).
         sandbox: the limits (``Sandbox``).
         asks: handlers for what the worker may ask mid-call (``what`` -> handler); the rest is refused.
-        view_dir: the call's view of the cache (``broker.Broker``): the worker reads it, and its
+        view_dir: the call's view of the cache (``_egress.broker.Broker``): the worker reads it, and its
             fetch shims are on. None: no view, and the shims stay off.
 
     Raises:

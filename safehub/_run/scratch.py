@@ -8,18 +8,14 @@ from pathlib import Path
 
 from .. import _stale
 from .._bwrap import UNPRIVILEGED_UID
+from .._stale import sweepable_owners
 
 SCRATCH_PREFIX = "safehub-worker-"
 
 
-def owners() -> set[int]:
-    """The uids whose stale folders this process may remove: its own, and for root the workers' uid."""
-    return {os.geteuid(), UNPRIVILEGED_UID} if os.geteuid() == 0 else {os.geteuid()}
-
-
 def sweep_stale_scratch() -> None:
     """Remove scratch folders whose caller died before its cleanup ran (killed, power cut)."""
-    _stale.sweep(tempfile.gettempdir(), SCRATCH_PREFIX, owners())
+    _stale.sweep(tempfile.gettempdir(), SCRATCH_PREFIX, sweepable_owners())
 
 
 def make_scratch(*, for_dropped_uid: bool) -> Path:

@@ -58,7 +58,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             key, pin = _api.pin(repo, skip_validation=args.skip_validation, force_reload=args.force_reload)
             pins[key] = pin
         if args.load is not None:
-            from .._run.broker import recording
+            from .._egress.record import recording
 
             with recording() as fetches:
                 _api.load(args.repos[0], args.load, isolate=True, returns="weights",

@@ -120,7 +120,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output_path(output)
     kwargs = dict(args.kwargs or [])
-    from .._run.broker import recording
+    from .._egress.record import recording
 
     with stdout_to_stderr(), recording() as fetches:
         result = _api.load(args.repo, args.model, source=args.source, trust_repo=args.trust_repo,

@@ -19,7 +19,7 @@ import torch
 
 import safehub
 from safehub import _trust
-from safehub._run import broker as _broker
+from safehub._egress.record import recording
 from safehub.errors import RemoteError
 from tests.local_repos import write_repo
 
@@ -114,7 +114,7 @@ def file_requests(github):
 
 def test_pretrained_weights_come_through_the_parent(repo, checkpoint, github, hub_dir):
     url, state, data = checkpoint
-    with _broker.recording() as fetches:
+    with recording() as fetches:
         weights = load(repo, "linear", url=url, check_hash=True)
     assert all(torch.equal(weights[name], state[name]) for name in state)
     cached = hub_dir / "checkpoints" / url.rsplit("/", 1)[1]
@@ -128,12 +128,26 @@ def test_a_second_load_downloads_nothing_and_plain_torch_hub_finds_the_file(repo
     url, state, _ = checkpoint
     load(repo, "linear", url=url)
     github.clear_log()
-    with _broker.recording() as fetches:
+    with recording() as fetches:
         load(repo, "linear", url=url)
     assert file_requests(github) == [] and [f.cached for f in fetches] == [True]
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     plain = torch.hub.load_state_dict_from_url(url, progress=False)  # TORCH_HOME is the test's
     assert file_requests(github) == [] and torch.equal(plain["weight"], state["weight"])
+
+
+def test_a_fresh_checkpoint_is_hashed_once_on_the_way_in(repo, checkpoint, monkeypatch):
+    import hashlib
+
+    url, _, data = checkpoint
+    hashed = []
+    real_file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: hashed.append(name) or real_file_digest(f, name))
+    with recording() as fetches:
+        load(repo, "linear", url=url)  # downloaded: hashed as the bytes arrived
+        load(repo, "linear", url=url)  # cached: the sha256 remembered then
+    assert [(f.cached, f.sha256) for f in fetches] == [(False, hashlib.sha256(data).hexdigest()), (True, hashlib.sha256(data).hexdigest())]
+    assert hashed == []  # the file on disk was never read back to hash it
 
 
 def test_offline_from_the_cache_and_a_missing_file_named(repo, checkpoint, github, monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save
 
 import safehub
-from safehub._run import broker as _broker
+from safehub._egress import record as _broker
 from safehub.errors import RemoteError
 
 SANDBOX = safehub.Sandbox(timeout=120)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 import safehub
-from safehub._run import broker as _broker
+from safehub._egress import limits as _limits
 from tests.local_repos import write_repo
 
 pytestmark = pytest.mark.usefixtures("worker_start")
@@ -113,7 +113,7 @@ def test_urls_that_are_not_http_are_refused(hostile, url):
 
 
 def test_a_flood_of_fetches_is_cut_at_the_cap(hostile, github, monkeypatch):
-    monkeypatch.setattr(_broker, "MAX_FETCHES", 10)
+    monkeypatch.setattr(_limits, "DEFAULT_LIMITS", _limits.Limits(max_fetches=10))
     url = github.add_file("small.txt", b"small")
     counts = run(hostile, "flood", what="get", args={"url": url}, times=200)
     assert counts == {"answered": 10, "refused": 190}
@@ -121,7 +121,7 @@ def test_a_flood_of_fetches_is_cut_at_the_cap(hostile, github, monkeypatch):
 
 
 def test_a_get_larger_than_its_cap_is_refused(hostile, github, monkeypatch):
-    monkeypatch.setattr(_broker, "MAX_GET_BYTES", 1024)
+    monkeypatch.setattr(_limits, "DEFAULT_LIMITS", _limits.Limits(max_get_bytes=1024))
     url = github.add_file("large.bin", b"x" * 4096)
     (outcome,) = run(hostile, "ask_each", what="get", many=[{"url": url}])
     assert outcome[0] == "refused" and "1024" in outcome[1], outcome

@@ -1,4 +1,4 @@
-"""Attack tests for the fetch policy the broker will use (``safehub/_egress*.py``, DESIGN 4b).
+"""Attack tests for the fetch policy the broker will use (``safehub/_egress/``, DESIGN 4b).
 
 Each test aims a fetch at a real loopback listener (a :class:`Canary` the policy must keep away
 from, or a real HTTP(S) server) and asserts on what the listener saw. Where a test needs a host
@@ -24,8 +24,8 @@ import time
 import pytest
 
 from safehub import _http
-from safehub._egress import CallBudget, Deadline, FetchPolicy, open_checked
-from safehub._egress_policy import is_github_endpoint
+from safehub._egress.connection import CallBudget, Deadline, FetchPolicy, Limits, open_checked
+from safehub._egress.policy import is_github_endpoint
 from safehub._sandbox import Sandbox
 from safehub.errors import FetchRefusedError, NetworkError
 from tests.loopback_servers import Canary, LoopbackHTTPServer, canary_pair, make_tls_files
@@ -71,6 +71,11 @@ def fetch(url, policy=None, budget=None, deadline=None):
 
 def allow(srv, **kwargs):
     return FetchPolicy(allow_hosts=(f"127.0.0.1:{srv.port}",), **kwargs)
+
+
+def capped(**caps):
+    """A call's budget under smaller limits (``Limits`` holds every cap)."""
+    return CallBudget(Limits(**caps))
 
 
 # --- SSRF spellings -------------------------------------------------------------------------
@@ -232,15 +237,14 @@ def test_redirects_are_followed_and_recorded(server):
     budget = CallBudget()
     body, response = fetch(url, allow(server), budget)
     assert body == b"model bytes" and response.final_url == server.url("/files/model.pth")
-    assert budget.records == [response.record]
-    assert response.record.url == url and response.record.final_url == server.url("/files/model.pth")
+    assert response.record.kind == "get" and response.record.url == url and response.record.final_url == server.url("/files/model.pth")
     assert response.record.size == len(body) and response.record.sha256 == hashlib.sha256(body).hexdigest()
 
 
 def test_a_redirect_loop_stops_at_the_cap(server):
     url = server.redirect("/loop", "/loop")
     with pytest.raises(FetchRefusedError) as info:
-        fetch(url, allow(server, max_redirects=3))
+        fetch(url, allow(server), capped(max_redirects=3))
     assert info.value.reason == "redirect"
     assert len(server.requests) == 4  # the first request and three redirects, no more
 
@@ -370,18 +374,18 @@ def test_content_length_past_the_file_cap_is_refused_before_reading(server):
         request.wfile.write(b"x" * 64 * 1024)
 
     url = server.route("/huge", huge)
-    budget = CallBudget()
+    budget = capped(max_file_bytes=1024 * 1024)
     with pytest.raises(FetchRefusedError) as info:
-        fetch(url, allow(server, max_file_bytes=1024 * 1024), budget)
+        fetch(url, allow(server), budget)
     assert info.value.reason == "file_size" and "10485760 bytes" in str(info.value)
     assert sent.is_set() and budget.bytes_used == 0
 
 
 def test_a_body_without_length_is_cut_at_the_file_cap(server):
     url = server.serve("/endless", b"y" * (3 * 1024 * 1024), content_length=False)
-    budget = CallBudget()
+    budget = capped(max_file_bytes=1024 * 1024)
     with pytest.raises(FetchRefusedError) as info:
-        with open_checked(url, policy=allow(server, max_file_bytes=1024 * 1024), budget=budget, deadline=Deadline(30)) as r:
+        with open_checked(url, policy=allow(server), budget=budget, deadline=Deadline(30)) as r:
             while r.read(64 * 1024):
                 pass
     assert info.value.reason == "file_size"
@@ -392,26 +396,26 @@ def test_the_call_budget_spans_fetches(server):
     first = server.serve("/a", b"a" * 1000)
     second = server.serve("/b", b"b" * 1000)
     chunked = server.serve("/c", b"c" * 1000, content_length=False)
-    budget = CallBudget(max_bytes=1500)
-    assert fetch(first, allow(server), budget)[0] == b"a" * 1000
+    budget = capped(max_call_bytes=1500)
+    body, response = fetch(first, allow(server), budget)
+    assert body == b"a" * 1000 and response.record.size == 1000
     with pytest.raises(FetchRefusedError) as info:
         fetch(second, allow(server), budget)
     assert info.value.reason == "call_bytes"  # refused on its Content-Length, before reading
     with pytest.raises(FetchRefusedError) as info:
         fetch(chunked, allow(server), budget)
     assert info.value.reason == "call_bytes"  # refused while reading
-    assert budget.bytes_used <= 1500 and len(budget.records) == 1
+    assert budget.bytes_used <= 1500
 
 
 def test_the_fetch_count_is_capped(server):
     url = server.serve("/f", b"f")
-    budget = CallBudget(max_fetches=3)
-    for _ in range(3):
-        fetch(url, allow(server), budget)
+    budget = capped(max_fetches=3)
+    responses = [fetch(url, allow(server), budget)[1] for _ in range(3)]
     with pytest.raises(FetchRefusedError) as info:
         fetch(url, allow(server), budget)
     assert info.value.reason == "fetch_count"
-    assert len(server.requests) == 3 and len(budget.records) == 3
+    assert len(server.requests) == 3 and all(r.record is not None for r in responses)
 
 
 def test_conflicting_content_lengths_are_refused(server):
@@ -456,7 +460,7 @@ def test_a_slow_loris_server_is_cut_off_at_the_deadline(server, headers_first):
     sent = []
     url = server.route("/slow", dribbler(server, sent, headers_first=headers_first))
     with pytest.raises(FetchRefusedError) as info:
-        fetch(url, allow(server, io_timeout=30), deadline=Deadline(0.5))
+        fetch(url, allow(server), capped(io_timeout=30), deadline=Deadline(0.5))
     assert info.value.reason == "deadline" and "Sandbox(timeout=" in str(info.value)
     assert sent  # the server was dribbling, every gap far below io_timeout
 
@@ -464,9 +468,9 @@ def test_a_slow_loris_server_is_cut_off_at_the_deadline(server, headers_first):
 def test_a_server_that_never_answers_is_cut_off_at_the_deadline():
     silent = Canary()  # accepts (the kernel does) and never says a word
     try:
-        policy = FetchPolicy(allow_hosts=(f"127.0.0.1:{silent.port}",), io_timeout=30)
+        policy = FetchPolicy(allow_hosts=(f"127.0.0.1:{silent.port}",))
         with pytest.raises(FetchRefusedError) as info:
-            fetch(f"http://127.0.0.1:{silent.port}/", policy, deadline=Deadline(0.3))
+            fetch(f"http://127.0.0.1:{silent.port}/", policy, capped(io_timeout=30), deadline=Deadline(0.3))
         assert info.value.reason == "deadline"
         assert silent.connections() == 1
     finally:
@@ -501,7 +505,7 @@ def test_stream_to_file_reads_a_checked_response_and_the_record_matches(server):
         size, sha256 = _http.stream_to_file(response, out)
     assert out.getvalue() == data and size == len(data)
     assert sha256 == hashlib.sha256(data).hexdigest()
-    [record] = budget.records
+    record = response.record
     assert (record.url, record.final_url, record.size, record.sha256) == (url, url, len(data), sha256)
 
 
@@ -542,12 +546,11 @@ def test_descriptors_stay_bounded_whatever_the_fetches_do(server, canaries):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5):
         assert client_sockets_to(server.port) == 1  # the count sees an open client socket
     for _ in range(10):
-        budget = CallBudget()
+        budget = capped(max_file_bytes=1000)
         fetch(ok, allow(server), budget)
-        for url, policy in ((big, allow(server, max_file_bytes=1000)), (loop, allow(server)),
-                            (to_canary, allow(server)), (server.url("/missing"), allow(server))):
+        for url in (big, loop, to_canary, server.url("/missing")):
             with pytest.raises((FetchRefusedError, _http.HTTPStatusError)):
-                fetch(url, policy, budget)
+                fetch(url, allow(server), budget)
     assert len(server.requests) == 10 * (1 + 1 + 6 + 1 + 1)  # every fetch really ran
     assert client_sockets_to(server.port) == 0
     assert v4.connections() == 0
@@ -555,8 +558,8 @@ def test_descriptors_stay_bounded_whatever_the_fetches_do(server, canaries):
 
 def test_a_body_cut_at_a_cap_leaves_no_record_even_if_read_again(server):
     url = server.serve("/big", b"b" * 100_000, content_length=False)
-    budget = CallBudget()
-    response = open_checked(url, policy=allow(server, max_file_bytes=1000), budget=budget, deadline=Deadline(30))
+    budget = capped(max_file_bytes=1000)
+    response = open_checked(url, policy=allow(server), budget=budget, deadline=Deadline(30))
     with pytest.raises(FetchRefusedError):
         response.read()
-    assert response.read(10) == b"" and response.record is None and budget.records == []
+    assert response.read(10) == b"" and response.record is None

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import save
 
 import safehub
-from safehub import _hf
+from safehub._egress import hf as _hf
 from safehub.errors import InvalidArgumentError
 from tests.local_repos import write_repo
 from tests.loopback_servers import Canary

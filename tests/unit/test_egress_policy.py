@@ -12,9 +12,9 @@ import pickle
 import pytest
 
 from safehub import constants
-from safehub._egress import FetchPolicy
-from safehub._egress_limits import CallBudget, Deadline
-from safehub._egress_policy import (
+from safehub._egress.connection import FetchPolicy
+from safehub._egress.limits import DEFAULT_LIMITS, CallBudget, Deadline, Limits
+from safehub._egress.policy import (
     address_refusal,
     check_url,
     github_allow_hosts,
@@ -86,7 +86,7 @@ def test_bad_urls_are_refused_with_a_reason(url, reason):
 
 
 def test_long_urls_are_refused():
-    url = "https://example.com/" + "a" * constants.MAX_FETCH_URL_LENGTH
+    url = "https://example.com/" + "a" * DEFAULT_LIMITS.max_url_chars
     with pytest.raises(FetchRefusedError) as info:
         check_url(url)
     assert info.value.reason == "url" and "longer than" in str(info.value) and len(str(info.value)) < 600
@@ -229,7 +229,7 @@ def test_fetch_refused_error_pickles_and_is_a_download_error():
 
 
 def test_budget_and_deadline():
-    budget = CallBudget(max_bytes=10, max_fetches=1)
+    budget = CallBudget(Limits(max_call_bytes=10, max_fetches=1))
     budget.start_fetch("u")
     with pytest.raises(FetchRefusedError, match="fetches"):
         budget.start_fetch("u")

@@ -2,7 +2,7 @@
 
 Two steps, both repeated for every redirect:
 
-1. :func:`check_url` reads the URL alone: http or https, a length cap, no credentials
+1. :func:`check_url` reads the URL alone: http or https, a length cap (``Limits``), no credentials
    (``user:pass@``), no control characters, spaces or backslashes, a host name that survives
    IDNA (``ｌｏｃａｌｈｏｓｔ`` is ``localhost``), no ``localhost`` / ``*.localhost`` names.
 2. :func:`resolve_checked` resolves the host in the parent and refuses it unless *every*
@@ -12,7 +12,7 @@ Two steps, both repeated for every redirect:
 The address check is on resolved addresses, never on the host string: glibc's ``inet_aton``
 reads ``2130706433``, ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` as 127.0.0.1, so only the answer
 of the resolver says where a connection would go. The caller then connects to exactly these
-addresses (``safehub._egress``), so a second lookup cannot be answered differently (DNS
+addresses (``connection.py``), so a second lookup cannot be answered differently (DNS
 rebinding).
 
 All addresses must pass, rather than connecting only to the passing ones: a name that answers
@@ -35,9 +35,9 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import constants
-from ._egress_limits import Deadline
-from .errors import FetchRefusedError, InvalidArgumentError, NetworkError
+from .. import constants
+from ..errors import FetchRefusedError, InvalidArgumentError, NetworkError
+from .limits import DEFAULT_LIMITS, Deadline
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> addresses as strings; socket.getaddrinfo by default.
@@ -106,10 +106,11 @@ class Target:
     literal: IPAddress | None
 
 
-def check_url(url: str, *, allow_hosts: Iterable[str] = ()) -> Target:
+def check_url(url: str, *, allow_hosts: Iterable[str] = (), max_chars: int | None = None) -> Target:
     """Check a URL on its own (no lookup, no connection) and return the parsed target.
 
     ``allow_hosts`` holds ``host`` or ``host:port`` entries; see :func:`normalize_allow_hosts`.
+    ``max_chars`` is the longest URL accepted (``Limits.max_url_chars`` by default).
 
     Raises:
         FetchRefusedError: reason ``"url"``, ``"scheme"`` or ``"host"``.
@@ -117,8 +118,9 @@ def check_url(url: str, *, allow_hosts: Iterable[str] = ()) -> Target:
     if not isinstance(url, str):
         raise _refused(repr(url), "url", "a URL must be a string")
     shown = url if len(url) <= 200 else url[:200] + "..."
-    if len(url) > constants.MAX_FETCH_URL_LENGTH:
-        raise _refused(shown, "url", f"it is longer than {constants.MAX_FETCH_URL_LENGTH} characters")
+    max_chars = DEFAULT_LIMITS.max_url_chars if max_chars is None else max_chars
+    if len(url) > max_chars:
+        raise _refused(shown, "url", f"it is longer than {max_chars} characters")
     if _BAD_CHARS.search(url):
         raise _refused(shown, "url", "it holds control characters, spaces or backslashes")
     try:

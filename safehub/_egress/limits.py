@@ -1,9 +1,10 @@
-"""What one isolated call may spend on fetches: a deadline, a byte and fetch budget, the record.
+"""What one isolated call may spend on fetches: its limits, its deadline, its budget.
 
-The fetch broker (DESIGN 4b) makes one :class:`Deadline` and one :class:`CallBudget` per call and
-passes them to every fetch of that call (``safehub._egress.open_checked``), so a worker that asks
-for many files, huge files or slow servers is stopped inside the call's own timeout. Each
-completed fetch leaves a :class:`FetchRecord` on the budget for the caller to see.
+Every cap of the fetch broker (DESIGN 4b) is a field of one frozen :class:`Limits`, as httpx
+passes ``Limits``; nothing else states a number. The broker makes one :class:`Deadline` and one
+:class:`CallBudget` per call and passes them to every fetch of that call
+(``connection.open_checked``), so a worker that asks for many files, huge files or slow servers
+is stopped inside the call's own timeout.
 """
 
 from __future__ import annotations
@@ -12,18 +13,39 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import constants
-from .errors import FetchRefusedError
+from .. import constants
+from ..errors import FetchRefusedError
 
 
-@dataclass(frozen=True)
-class FetchRecord:
-    """One completed fetch: what was asked, where it ended after redirects, and what came."""
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Every cap on what one isolated call may fetch. No setting changes them; tests pass smaller ones.
 
-    url: str
-    final_url: str
-    size: int
-    sha256: str
+    Attributes:
+        max_fetches: files, GETs and nested repositories one call may ask for. Cached, refused
+            and failed ones count too, so a flood of requests is bounded whatever it asks for.
+        max_url_chars: the longest URL asked for or redirected to. Common servers refuse a
+            request line past 8 KiB (Apache 8190, nginx 8k), so a longer URL cannot be served.
+        max_redirects: redirects followed per fetch.
+        max_file_bytes: the largest body one fetch may bring.
+        max_call_bytes: the bytes all fetches of one call may bring together.
+        max_get_bytes: the largest body of a plain GET (urllib, requests): it travels in memory.
+        max_error_body_bytes: what is read of an error answer's body (the worker sees it).
+        io_timeout: seconds one socket operation may wait; the call's deadline bounds the whole.
+    """
+
+    max_fetches: int = 256
+    max_url_chars: int = 8192
+    max_redirects: int = 5
+    max_file_bytes: int = 32 * 1024**3
+    max_call_bytes: int = 64 * 1024**3
+    max_get_bytes: int = 256 * 1024**2
+    max_error_body_bytes: int = 64 * 1024
+    io_timeout: float = constants.HTTP_TIMEOUT_S
+
+
+# What a call gets unless it is given other limits; read at call time, so a test can replace it.
+DEFAULT_LIMITS = Limits()
 
 
 class Deadline:
@@ -65,18 +87,20 @@ class Deadline:
 
 
 class CallBudget:
-    """Fetches and bytes one call may still use, and the records of the fetches it made.
+    """What one call may still fetch under its :class:`Limits`: fetches and bytes counted.
 
     Thread-safe, so a broker serving several requests of one call at once shares one budget.
     """
 
-    def __init__(self, *, max_bytes: int | None = None, max_fetches: int | None = None) -> None:
-        self.max_bytes = constants.MAX_FETCH_CALL_BYTES if max_bytes is None else max_bytes
-        self.max_fetches = constants.MAX_FETCHES_PER_CALL if max_fetches is None else max_fetches
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = DEFAULT_LIMITS if limits is None else limits
         self.bytes_used = 0
         self.fetches = 0
-        self.records: list[FetchRecord] = []
         self._lock = threading.Lock()
+
+    @property
+    def max_bytes(self) -> int:
+        return self.limits.max_call_bytes
 
     def remaining_bytes(self) -> int:
         with self._lock:
@@ -85,9 +109,9 @@ class CallBudget:
     def start_fetch(self, url: str) -> None:
         """Count one fetch (refused ones too: a flood of bad requests is bounded as well)."""
         with self._lock:
-            if self.fetches >= self.max_fetches:
+            if self.fetches >= self.limits.max_fetches:
                 raise FetchRefusedError(
-                    f"Refusing to fetch {url}: this call already made {self.fetches} fetches, "
+                    f"Refusing to fetch {url[:500]}: this call already made {self.fetches} fetches, "
                     f"the most one call may make.",
                     url=url,
                     reason="fetch_count",
@@ -106,10 +130,6 @@ class CallBudget:
             if self.bytes_used + nbytes > self.max_bytes:
                 raise self._over(url, f"{url} goes past it")
             self.bytes_used += nbytes
-
-    def add_record(self, record: FetchRecord) -> None:
-        with self._lock:
-            self.records.append(record)
 
     def _over(self, url: str, what: str) -> FetchRefusedError:
         return FetchRefusedError(

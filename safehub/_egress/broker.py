@@ -10,81 +10,54 @@ of :meth:`Broker.handlers` for ``call.run_isolated``:
   ``place="checkpoints"``, so plain torch.hub finds the same files. A file already there is used
   as it is, with no network (torch.hub's rule), also offline. The answer is its path in the
   call's view (``view.py``).
-- ``get`` {url}: a plain GET's body (urllib, requests), at most ``MAX_GET_BYTES``, in a sealed memfd.
+- ``get`` {url, method}: a plain GET's body (urllib, requests, httpx), at most
+  ``Limits.max_get_bytes``, in a sealed memfd; or a HEAD's status and headers, its redirect
+  handed back for the worker's client to follow (each hop another ask, each checked).
 - ``hf_file`` {repo_id, filename, subfolder, repo_type, revision, endpoint, local_files_only,
   force_download} and ``hf_snapshot`` {repo_id, repo_type, revision, allow_patterns,
   ignore_patterns, ...}: the Hugging Face Hub's ``hf_hub_download`` and ``snapshot_download``,
-  fetched into the user's Hugging Face cache in huggingface_hub's layout (``_hf``); the answer is
-  the file's (or snapshot folder's) path in the view's ``huggingface/hub``, or, when the Hub or
+  fetched into the user's Hugging Face cache in huggingface_hub's layout (``hf.py``); the answer
+  is the file's (or snapshot folder's) path in the view's ``huggingface/hub``, or, when the Hub or
   the cache lacks it, {error, message} for the worker to raise as huggingface_hub would.
 - ``repo`` {github, force_reload, skip_validation, trust_repo, calling_fn}: a nested
   ``torch.hub.load`` / ``list`` / ``help``, through the parent's whole pipeline (``nested``,
   given by ``_api``); the answer is the repository's tree in the view.
 
 The broker is the worker's way out, so it is strict. URLs: http and https only, the policy of
-``_egress`` (no loopback, private, link-local or otherwise non-global address unless allowed)
-checked on every address and redirect. Names: a plain file name, never a path, a link or a
-hidden or lock file. Caps: fetches per call, bytes per GET, URL length. Every fetch is recorded
-(:class:`BrokeredFetch`) and logged; ``recording()`` hands them to a caller (the CLI's --json).
+``policy.py`` (no loopback, private, link-local or otherwise non-global address unless allowed)
+checked on every address and redirect by the connection (``connection.py``). Names: a plain
+file name, never a path, a link or a hidden or lock file. Caps: one :class:`~.limits.Limits` for
+the call (fetches, URL length, bytes per GET, per file and per call), one budget counting them.
+A fresh file is hashed once, as it arrives. Every fetch is recorded (:class:`~.record.FetchRecord`)
+and logged; ``record.recording()`` hands them to a caller (the CLI's --json).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import fcntl
 import functools
 import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _egress, _hf, _log, constants
+from .. import _cache, _download, _http, _log, constants
+from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
-from .call import AskHandler, Refusal
+from ..errors import SafeHubError
+from . import hf as _hf
+from . import limits as _limits
+from . import record as _record
+from .connection import CallBudget, CheckedResponse, Deadline, FetchPolicy, open_checked
+from .limits import Limits
+from .record import FetchRecord
 from .view import CallView
 
-MAX_FETCHES = 256  # files, GETs and nested repositories one call may ask for
-MAX_GET_BYTES = 256 * 1024**2  # a GET's body travels in memory
-MAX_URL_CHARS = 8192
 # A file name torch.hub could have made from a URL, and nothing that is a path or a lock.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,254}\Z")
-_RESERVED_SUFFIXES = (".lock", ".partial")
-
-_recorded: contextvars.ContextVar[list[BrokeredFetch] | None] = contextvars.ContextVar("safehub_fetches", default=None)
-
-
-@dataclass(frozen=True)
-class BrokeredFetch:
-    """One thing a worker fetched: what it asked for, what it got, and whether the cache had it."""
-
-    kind: str  # "file", "get" or "repo"
-    url: str  # for a repository, owner/repo[:ref] as asked
-    final_url: str
-    size: int
-    sha256: str  # for a repository, its archive's
-    cached: bool
-    path: str = ""  # where the parent keeps it
-    commit_sha: str = ""  # a repository's commit
-    hub_file: tuple[str, str, str, str] | None = None  # a Hub file: repo_type, repo_id, revision, filename
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[BrokeredFetch]]:
-    """Collect the fetches of every isolated call made inside the block (this thread or task)."""
-    fetches: list[BrokeredFetch] = []
-    token = _recorded.set(fetches)
-    try:
-        yield fetches
-    finally:
-        _recorded.reset(token)
-
 
 NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache entry (_cache.CacheEntry)
 
@@ -93,25 +66,23 @@ class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
     def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None,
-                 hub_pins: dict[Any, Any] | None = None) -> None:
+                 hub_pins: dict[Any, Any] | None = None, limits: Limits | None = None) -> None:
         self.sandbox = sandbox
         self.nested = nested
         # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
         self.file_pins = file_pins
         self.hub_pins = hub_pins  # with a lock file: the Hub files it pins (_pins.HubPin by key)
-        # One policy, budget and deadline for the whole call: every connection of every fetch.
-        self.policy = _egress.FetchPolicy.for_sandbox(sandbox)
-        self.budget = _egress.CallBudget()
-        self.deadline = _egress.Deadline(sandbox.timeout)
+        # One policy, limits, budget and deadline for the whole call: every ask, every connection.
+        self.policy = FetchPolicy.for_sandbox(sandbox)
+        self.limits = _limits.DEFAULT_LIMITS if limits is None else limits
+        self.budget = CallBudget(self.limits)
+        self.deadline = Deadline(sandbox.timeout)
         self.view = CallView()
-        self.records: list[BrokeredFetch] = []
-        self.count = 0
+        self.records: list[FetchRecord] = []
 
     def close(self) -> None:
         self.view.remove()
-        sink = _recorded.get()
-        if sink is not None:
-            sink.extend(self.records)
+        _record.publish(self.records)
 
     def __enter__(self) -> Broker:
         return self
@@ -119,10 +90,10 @@ class Broker:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def open_url(self, url: str, **options: Any) -> Any:
-        """A response for ``url`` under the call's policy (addresses checked and pinned, caps);
-        ``options`` as ``_egress.open_checked`` takes them (method, headers, credentials, follow)."""
-        return _egress.open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline, **options)
+    def open_url(self, url: str, **options: Any) -> CheckedResponse:
+        """A response for ``url`` under the call's policy and limits; the ask was counted already.
+        ``options`` as ``connection.open_checked`` takes them (method, headers, credentials, follow)."""
+        return open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline, counted=True, **options)
 
     def handlers(self) -> dict[str, AskHandler]:
         return {"fetch": self.fetch, "get": self.get, "repo": self.repo, "hf_file": self.hf_file, "hf_snapshot": self.hf_snapshot}
@@ -133,27 +104,36 @@ class Broker:
         url = self._url(args)
         name, place = args.get("name"), args.get("place", "hub/checkpoints")
         hash_prefix, progress = args.get("hash_prefix"), args.get("progress", True)
-        if not isinstance(name, str) or not _NAME.match(name) or name.endswith(_RESERVED_SUFFIXES):
+        if not isinstance(name, str) or not _NAME.match(name) or _download.is_reserved_name(name):
             raise Refusal(f"the file name {str(name)[:80]!r} is not a plain file name")
         if place not in ("hub/checkpoints", "checkpoints"):
             raise Refusal(f"files are kept in the checkpoints folders, not {str(place)[:40]!r}")
         if hash_prefix is not None and (not isinstance(hash_prefix, str) or not re.fullmatch(r"[0-9a-fA-F]{1,64}", hash_prefix)):
             raise Refusal(f"the hash prefix {str(hash_prefix)[:80]!r} is not hexadecimal")
-        folder = _cache.hub_path() / "checkpoints" if place == "hub/checkpoints" else _torch_home() / "checkpoints"
+        folder = _cache.hub_path() / "checkpoints" if place == "hub/checkpoints" else Path(constants.TORCH_HOME) / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         pinned = self._pinned(url)
-        cached = path.is_file() and not path.is_symlink()
-        if cached and pinned is not None and _digest(path, trust_memo=False)[1] != pinned.sha256:
-            raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
-                          "remove it to fetch the pinned one, or run `safehub lock --load` again")
-        if not cached:
+        saved = None
+        if not (path.is_file() and not path.is_symlink()):
             self._may_download(url)
-            # A pinned file is checked against its whole sha256 before it is moved into place.
+            # A pinned file is checked against its whole sha256 before it is moved into place;
+            # unless_present: parallel calls (threads, processes) fetching one checkpoint download it once.
             with _told_to_the_worker():
-                _download_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress), self.open_url)
-        size, digest = _digest(path)
-        self._record(BrokeredFetch("file", url, url, size, digest, cached, str(path)))
+                saved = _download.fetch_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress),
+                                           open_url=self.open_url, unless_present=True)
+        if saved is not None:
+            _remember_digest(path, saved.sha256)  # measured on the way in: the next load reads it
+            record = FetchRecord(kind="file", url=url, final_url=saved.final_url, size=saved.size,
+                                 sha256=saved.sha256, path=str(path))
+        else:
+            # A file the cache had: a pinned one is hashed again, whatever the memo says.
+            size, digest = _digest(path, trust_memo=pinned is None)
+            if pinned is not None and digest != pinned.sha256:
+                raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
+                              "remove it to fetch the pinned one, or run `safehub lock --load` again")
+            record = FetchRecord(kind="file", url=url, final_url=url, size=size, sha256=digest, cached=True, path=str(path))
+        self._record(record)
         return {"path": str(self.view.add_file(path, place, name))}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
@@ -168,9 +148,9 @@ class Broker:
             with _told_to_the_worker():
                 # A HEAD's redirect goes back as it came: the worker's client follows it (or not), asking again.
                 opener = functools.partial(self.open_url, method=method, follow="all" if method == "GET" else "none")
-                value, size, digest = _get_into(url, fd, opener)
-            if pinned is not None and digest != pinned.sha256:
-                raise Refusal(f"the body of {url[:500]} is not what the lock file pins (sha256 {digest[:16]}..., "
+                value, record = _get_into(url, fd, opener, self.limits.max_get_bytes)
+            if pinned is not None and record.sha256 != pinned.sha256:
+                raise Refusal(f"the body of {url[:500]} is not what the lock file pins (sha256 {record.sha256[:16]}..., "
                               f"pinned {pinned.sha256[:16]}...); run `safehub lock --load` again if the change is expected")
             # Sealed: the worker reads the body and can change nothing the parent keeps.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
@@ -179,7 +159,7 @@ class Broker:
             os.close(fd)
             raise
         if method == "GET":
-            self._record(BrokeredFetch("get", url, value["url"], size, digest, False))
+            self._record(record)
         return value, [], [fd]
 
     def hf_file(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
@@ -207,33 +187,35 @@ class Broker:
         for item in served:
             self.view.add_hub_file(item, _hf.snapshot_relative(item))
         return {"path": str(folder), "commit": commits[0]}, [], []
+
     def repo(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
         if self.nested is None:
             raise Refusal("nested hub repositories are not served here")
-        self._count()
+        self._count(str(args.get("github"))[:200])
         github = args.get("github")
         if not isinstance(github, str) or len(github) > 512:
             raise Refusal("a nested load names its repository as owner/repo[:ref]")
-        from ..errors import SafeHubError
-
         try:
             entry = self.nested(args)
         except SafeHubError as exc:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
-        self._record(BrokeredFetch("repo", github, github, 0, entry.archive_sha256, True, str(entry.repo_dir), entry.commit_sha))
+        self._record(FetchRecord(kind="repo", url=github, final_url=github, size=0, sha256=entry.archive_sha256, cached=True,
+                                 path=str(entry.repo_dir), commit_sha=entry.commit_sha))
         return {"path": str(self.view.add_tree(entry.repo_dir, entry.repo_dir.name))}, [], []
 
     # -- the Hugging Face Hub ------------------------------------------------------------------
 
     def _hub(self) -> _hf.HubFetcher:
-        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _digest(path, trust_memo=not pinned), pins=self.hub_pins)
+        # Each file of a snapshot counts as one thing fetched, like each ask.
+        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _digest(path, trust_memo=not pinned),
+                              count=self._count, pins=self.hub_pins)
 
     def _hub_request(self, args: dict[str, Any], *, with_file: bool) -> _hf.HubRequest:
         if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
-        self._count()
+        self._count(f"{str(args.get('repo_id'))[:100]} {str(args.get('filename', ''))[:100]}")
         try:
             return _hf.request_from(args, with_file=with_file)
         except ValueError as exc:
@@ -242,7 +224,7 @@ class Broker:
     def _hub_served(self, fetch: Callable[[], list[_hf.HubServed]]) -> list[_hf.HubServed] | dict[str, Any]:
         """Files fetched and recorded; a file the Hub or the cache lacks is the worker's to raise
         as huggingface_hub would ({error, message}); a refusal or a failed download is refused."""
-        from ..errors import HubFileError, SafeHubError
+        from ..errors import HubFileError
 
         try:
             served = fetch()
@@ -254,9 +236,10 @@ class Broker:
             raise Refusal(str(exc)) from None
         for item in served:
             request = item.request
-            self._record(BrokeredFetch("hf", request.resolve_url(), request.resolve_url(item.commit_sha), item.size, item.sha256,
-                                       item.cached, str(item.snapshot_path), item.commit_sha,
-                                       (request.repo_type, request.repo_id, request.revision, request.filename)))
+            self._record(FetchRecord(kind="hf", url=request.resolve_url(), final_url=request.resolve_url(item.commit_sha),
+                                     size=item.size, sha256=item.sha256, cached=item.cached, path=str(item.snapshot_path),
+                                     commit_sha=item.commit_sha,
+                                     hub_file=(request.repo_type, request.repo_id, request.revision, request.filename)))
         return served
 
     # -- rules ---------------------------------------------------------------------------------
@@ -264,10 +247,10 @@ class Broker:
     def _url(self, args: dict[str, Any]) -> str:
         if not self.sandbox.fetch:
             raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
-        self._count()
         url = args.get("url")
-        if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
-            raise Refusal(f"a URL is a str of at most {MAX_URL_CHARS} characters")
+        self._count(url if isinstance(url, str) else repr(url))
+        if not isinstance(url, str) or not url or len(url) > self.limits.max_url_chars:
+            raise Refusal(f"a URL is a str of at most {self.limits.max_url_chars} characters")
         if not url.lower().startswith(("http://", "https://")):
             raise Refusal(f"only http and https URLs are fetched, not {url[:200]!r}")
         return url
@@ -286,12 +269,14 @@ class Broker:
         if constants.SAFEHUB_OFFLINE:
             raise Refusal(f"{url[:500]} is not in the cache and SAFEHUB_OFFLINE is set")
 
-    def _count(self) -> None:
-        self.count += 1
-        if self.count > MAX_FETCHES:
-            raise Refusal(f"a call may fetch at most {MAX_FETCHES} things")
+    def _count(self, what: str) -> None:
+        """Count one ask against the call's budget, before anything else is decided about it."""
+        try:
+            self.budget.start_fetch(what)
+        except SafeHubError as exc:
+            raise Refusal(str(exc)) from None
 
-    def _record(self, record: BrokeredFetch) -> None:
+    def _record(self, record: FetchRecord) -> None:
         self.records.append(record)
         source = "from the cache" if record.cached else f"{record.size} bytes"
         _log.info(f"the worker fetched {record.url[:500]} ({record.kind}, {source}, sha256 {record.sha256[:16] or '-'})")
@@ -301,66 +286,76 @@ class Broker:
 def _told_to_the_worker() -> Iterator[None]:
     """A failed download (status, hash, cut-off body, unreachable host) is the worker's to handle,
     as torch.hub's errors are: it gets the message as a refusal, and this call goes on."""
-    from ..errors import SafeHubError
-
     try:
         yield
     except SafeHubError as exc:
         raise Refusal(str(exc)) from None
 
 
-def _get_into(url: str, fd: int, open_url: Any) -> tuple[dict[str, Any], int, str]:
-    """A GET's body into ``fd`` (at most MAX_GET_BYTES): (status, final URL and headers; size; sha256).
+def _get_into(url: str, fd: int, open_url: Callable[[str], CheckedResponse], max_bytes: int) -> tuple[dict[str, Any], FetchRecord]:
+    """A GET's body into ``fd`` (at most ``max_bytes``): (status, final URL and headers; its record).
 
     An error status is the worker's to see, as urllib would show it: its body comes along."""
-    from .. import _http
-
     try:
         response = open_url(url)
     except _http.HTTPStatusError as exc:
-        body = exc.body[:MAX_GET_BYTES]
+        body = exc.body[:max_bytes]
         os.write(fd, body)
-        return {"status": exc.status, "url": exc.url, "headers": _safe_headers(exc.headers)}, len(body), hashlib.sha256(body).hexdigest()
+        record = FetchRecord(kind="get", url=url, final_url=exc.url, size=len(body), sha256=hashlib.sha256(body).hexdigest())
+        return {"status": exc.status, "url": exc.url, "headers": _safe_headers(exc.headers)}, record
     with response, os.fdopen(os.dup(fd), "wb") as out:
         # A HEAD (or a redirect handed back) has no body to read, whatever its Content-Length says.
-        bodiless = response.status in (301, 302, 303, 307, 308) or getattr(response, "method", "GET") == "HEAD"
-        size, digest = (0, hashlib.sha256().hexdigest()) if bodiless else _http.stream_to_file(response, out, max_bytes=MAX_GET_BYTES)
-        return {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}, size, digest
-
-
-def _download_to(url: str, path: Path, hash_prefix: str | None, progress: bool, open_url: Any) -> None:
-    from .. import _download
-
-    # unless_present: parallel calls (threads, processes) fetching one checkpoint download it once.
-    _download.fetch_to(url, path, hash_prefix, progress, open_url=open_url, unless_present=True)
+        if response.status in (301, 302, 303, 307, 308) or response.method == "HEAD":
+            value = {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}
+            return value, FetchRecord(kind="get", url=url, final_url=response.geturl(), size=0, sha256=hashlib.sha256().hexdigest())
+        size, digest = _http.stream_to_file(response, out, max_bytes=max_bytes)  # digest: the connection's
+        record = FetchRecord(kind="get", url=url, final_url=response.geturl(), size=size, sha256=digest)
+        return {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}, record
 
 
 def _digest(path: Path, *, trust_memo: bool = True) -> tuple[int, str]:
     """(size, sha256) of a cached file; remembered beside the cache, so a 1 GiB checkpoint is
     hashed once, not on every load (a changed size, mtime or inode means a new file)."""
-    import json
-
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        memo = _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-        with contextlib.suppress(OSError, ValueError):
-            known = json.loads(memo.read_text()) if trust_memo else {}
-            if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
-                return st.st_size, known["sha256"]
+        if trust_memo:
+            known = _remembered_digest(path, st)
+            if known is not None:
+                return st.st_size, known
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    with contextlib.suppress(OSError):
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "sha256": digest}))
-        os.replace(tmp, memo)
+    _write_memo(path, st, digest)
     return st.st_size, digest
 
 
-def _torch_home() -> Path:
-    """torch.hub's ``_get_torch_home()``, read now (NVIDIA's entrypoints keep files there)."""
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
-    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", default)))
+def _remember_digest(path: Path, digest: str) -> None:
+    """Remember the sha256 of a file this process just put in place (measured as it arrived)."""
+    with contextlib.suppress(OSError):
+        _write_memo(path, os.stat(path), digest)
+
+
+def _memo_path(path: Path) -> Path:
+    return _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+
+
+def _remembered_digest(path: Path, st: os.stat_result) -> str | None:
+    import json
+
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(_memo_path(path).read_text())
+        if known.get("stamp") == [st.st_size, st.st_mtime_ns, st.st_ino] and isinstance(known.get("sha256"), str):
+            return str(known["sha256"])
+    return None
+
+
+def _write_memo(path: Path, st: os.stat_result, digest: str) -> None:
+    import json
+
+    memo = _memo_path(path)
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "stamp": [st.st_size, st.st_mtime_ns, st.st_ino], "sha256": digest}))
+        os.replace(tmp, memo)
 
 
 def _patterns(value: Any) -> list[str] | None:

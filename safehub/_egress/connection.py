@@ -1,27 +1,28 @@
 """Fetch a URL for a worker under the parent's policy: checked, pinned, capped, recorded.
 
-The connection and policy layer of the fetch broker (DESIGN 4b); the download itself (temporary
-file, lock, hash, atomic move, progress) stays in ``safehub._download``, which calls
+The connection layer of the fetch broker (DESIGN 4b); the download itself (temporary file, lock,
+hash check, atomic move, progress) stays in ``safehub._download``, which calls
 :func:`open_checked` where it would call ``_http.open_url``::
 
     policy = FetchPolicy.for_sandbox(sandbox)
-    budget, deadline = CallBudget(), Deadline(sandbox.timeout)
+    budget, deadline = CallBudget(Limits()), Deadline(sandbox.timeout)
     with open_checked(url, policy=policy, budget=budget, deadline=deadline) as response:
         _http.stream_to_file(response, out, on_chunk=bar.update)
-    budget.records  # [FetchRecord(url, final_url, size, sha256)]
+    response.record  # FetchRecord(kind="get", url=..., final_url=..., size=..., sha256=...)
 
 What :func:`open_checked` guarantees, hop by hop:
 
-- the URL passes ``_egress_policy.check_url`` and its host ``resolve_checked`` (public addresses
-  only, unless allowed), and the socket connects to one of exactly those addresses: no second
-  lookup, so no DNS rebinding. ``Host``, SNI and certificate verification use the URL's name.
-- redirects are followed here, at most ``max_redirects``, each new URL checked again from the
-  start; https to http is refused. No credentials are ever sent.
+- the URL passes ``policy.check_url`` and its host ``resolve_checked`` (public addresses only,
+  unless allowed), and the socket connects to one of exactly those addresses: no second lookup,
+  so no DNS rebinding. ``Host``, SNI and certificate verification use the URL's name.
+- redirects are followed here, at most ``Limits.max_redirects``, each new URL checked again from
+  the start; https to http is refused. No credentials are ever sent.
 - every socket operation waits at most ``min(io_timeout, deadline.remaining())``, so neither a
   slow lookup, a slow handshake nor a server dribbling bytes holds the parent past the deadline.
 - Content-Length is checked against the per-file cap and the call's budget before the body is
-  read, and the bytes are counted while it is read; each complete body leaves a
-  :class:`~safehub._egress_limits.FetchRecord` (with its sha256) on the budget.
+  read, and the bytes are counted and hashed while it is read (the only hash of a download:
+  ``_http.stream_to_file`` takes it from :meth:`CheckedResponse.body_sha256`); a complete body
+  leaves its :class:`~safehub._egress.record.FetchRecord` on the response.
 
 Proxies (``HTTPS_PROXY``) are not used: a proxy would resolve the name itself, out of reach of
 the address check.
@@ -37,64 +38,60 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from . import _egress_policy, constants
-from ._egress_limits import CallBudget, Deadline, FetchRecord
-from ._egress_policy import IPAddress, Resolver, Target
-from ._http import HTTPStatusError
-from .errors import FetchRefusedError, NetworkError
+from .. import constants
+from .._http import HTTPStatusError
+from ..errors import FetchRefusedError, NetworkError
+from . import policy as _policy
+from .limits import CallBudget, Deadline, Limits
+from .policy import IPAddress, Resolver, Target
+from .record import FetchRecord
 
-__all__ = ["CallBudget", "CheckedResponse", "Credentials", "Deadline", "FetchPolicy", "FetchRecord", "open_checked"]
+__all__ = ["CallBudget", "CheckedResponse", "Credentials", "Deadline", "FetchPolicy", "FetchRecord", "Limits", "open_checked"]
 
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-_ERROR_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
 class FetchPolicy:
-    """What the parent may fetch for one sandboxed call.
+    """Where the parent may fetch for one sandboxed call (how much is the budget's ``Limits``).
 
     Args:
         enabled: False refuses every fetch (``Sandbox(fetch=False)``).
         allow_hosts: ``host`` or ``host:port`` entries let through whatever address they resolve
             to; the configured GitHub endpoints are always added (read at fetch time).
-        max_file_bytes: the largest body one fetch may bring.
-        max_redirects: redirects followed per fetch.
-        io_timeout: seconds one socket operation may wait (the deadline bounds the whole fetch).
         resolver: ``(host, port) -> addresses``; ``socket.getaddrinfo`` by default.
         ssl_context: for https; ``ssl.create_default_context()`` by default.
     """
 
     enabled: bool = True
     allow_hosts: tuple[str, ...] = ()
-    max_file_bytes: int = field(default_factory=lambda: constants.MAX_FETCH_FILE_BYTES)
-    max_redirects: int = field(default_factory=lambda: constants.MAX_FETCH_REDIRECTS)
-    io_timeout: float = field(default_factory=lambda: constants.FETCH_IO_TIMEOUT_S)
     resolver: Resolver | None = None
     ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
-        allow = _egress_policy.normalize_allow_hosts(self.allow_hosts, source="FetchPolicy(allow_hosts=...)")
+        allow = _policy.normalize_allow_hosts(self.allow_hosts, source="FetchPolicy(allow_hosts=...)")
         object.__setattr__(self, "allow_hosts", allow)
 
     @classmethod
     def for_sandbox(cls, sandbox: Any, **overrides: Any) -> FetchPolicy:
         """The policy of a ``Sandbox``: its ``fetch`` and ``allow_hosts``, plus ``SAFEHUB_ALLOW_HOSTS``."""
-        from_env = _egress_policy.normalize_allow_hosts(constants.SAFEHUB_ALLOW_HOSTS, source="SAFEHUB_ALLOW_HOSTS")
+        from_env = _policy.normalize_allow_hosts(constants.SAFEHUB_ALLOW_HOSTS, source="SAFEHUB_ALLOW_HOSTS")
         return cls(enabled=sandbox.fetch, allow_hosts=from_env + tuple(sandbox.allow_hosts), **overrides)
 
     def allowed_hosts(self) -> tuple[str, ...]:
-        return self.allow_hosts + _egress_policy.github_allow_hosts()
+        return self.allow_hosts + _policy.github_allow_hosts()
 
 
-def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline: Deadline, method: str = "GET",
-                 headers: Mapping[str, str] | None = None, credentials: Credentials | None = None,
-                 follow: str = "all") -> CheckedResponse:
-    """Open ``url`` under ``policy`` and return the response, ready to stream; the caller closes it.
+def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline: Deadline,
+                 counted: bool = False, method: str = "GET", headers: Mapping[str, str] | None = None,
+                 credentials: Credentials | None = None, follow: str = "all") -> CheckedResponse:
+    """Open ``url`` under ``policy`` and ``budget.limits``; return the response, ready to stream.
 
-    Counts as one fetch of ``budget`` whatever happens.
+    The caller closes it. Counts as one fetch of ``budget`` whatever happens, unless ``counted``:
+    the caller counted it already (the broker counts each thing a worker asks for as it arrives).
 
     ``method`` is GET or HEAD; ``headers`` go with every hop; ``credentials`` (headers and the
     origin they belong to) only with a hop to exactly that origin, never across a redirect to
@@ -116,16 +113,18 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
         )
     if method not in ("GET", "HEAD") or follow not in ("all", "same_origin", "none"):
         raise ValueError(f"open_checked: method {method!r}, follow {follow!r}")
-    budget.start_fetch(url)
+    if not counted:
+        budget.start_fetch(url)
+    limits = budget.limits
     allow = policy.allowed_hosts()
     current, previous = url, None
-    for _ in range(policy.max_redirects + 1):
-        target, addresses = _check_hop(current, previous, policy, allow, deadline)
+    for _ in range(limits.max_redirects + 1):
+        target, addresses = _check_hop(current, previous, policy, limits, allow, deadline)
         sent = {**(headers or {}), **(credentials.headers if credentials is not None and credentials.for_target(target) else {})}
-        conn, response = _request(target, addresses, policy, deadline, method, sent)
+        conn, response = _request(target, addresses, policy, limits, deadline, method, sent)
         location = response.getheader("Location") if response.status in _REDIRECT_STATUSES else None
         if location is None:
-            return _final(url, target, conn, response, policy, budget, method=method)
+            return _final(url, target, conn, response, budget, method=method)
         try:
             following = urllib.parse.urljoin(target.url, location.strip())
         except ValueError:  # urljoin parses the Location, and a broken one raises
@@ -136,11 +135,11 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
                 reason="redirect",
             ) from None
         if follow == "none" or (follow == "same_origin" and _origin(following) != (target.scheme, target.host, target.port)):
-            return _final(url, target, conn, response, policy, budget, redirect=True, method=method)
+            return _final(url, target, conn, response, budget, redirect=True, method=method)
         conn.close()
         current, previous = following, target
     raise FetchRefusedError(
-        f"Refusing to fetch {url}: it redirects more than {policy.max_redirects} times.",
+        f"Refusing to fetch {url}: it redirects more than {limits.max_redirects} times.",
         url=url,
         reason="redirect",
     )
@@ -151,12 +150,12 @@ class CheckedResponse:
 
     ``read(n)`` raises :class:`FetchRefusedError` when the body passes the per-file cap, the
     call's budget or the deadline, and ``OSError`` / ``http.client.HTTPException`` when the
-    connection breaks (as ``http.client`` does). At the end of a complete body, ``record`` is
-    set and added to the budget.
+    connection breaks (as ``http.client`` does). The body is hashed as it is read; at the end of
+    a complete body, ``record`` is set.
     """
 
     def __init__(self, url: str, target: Target, conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse, policy: FetchPolicy, budget: CallBudget) -> None:
+                 response: http.client.HTTPResponse, budget: CallBudget) -> None:
         self.url = url
         self.final_url = target.url
         self.status = response.status
@@ -165,7 +164,7 @@ class CheckedResponse:
         self.record: FetchRecord | None = None
         self.method = "GET"
         self._conn, self._response = conn, response
-        self._max_file_bytes, self._budget = policy.max_file_bytes, budget
+        self._max_file_bytes, self._budget = budget.limits.max_file_bytes, budget
         self._size = 0
         self._sha256 = hashlib.sha256()
         self._closed = False
@@ -179,6 +178,10 @@ class CheckedResponse:
     def getheader(self, name: str, default: str | None = None) -> str | None:
         return self._response.getheader(name, default)
 
+    def body_sha256(self) -> str:
+        """The sha256 hex of the body read so far (of the whole body once ``record`` is set)."""
+        return self._sha256.hexdigest()
+
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             return b"".join(iter(functools.partial(self.read, constants.READ_CHUNK), b""))
@@ -188,8 +191,8 @@ class CheckedResponse:
         n = min(n, self._max_file_bytes - self._size + 1, self._budget.remaining_bytes() + 1)
         data = self._response.read(n)
         if not data:
-            self.record = FetchRecord(self.url, self.final_url, self._size, self._sha256.hexdigest())
-            self._budget.add_record(self.record)
+            self.record = FetchRecord(kind="get", url=self.url, final_url=self.final_url, size=self._size,
+                                      sha256=self._sha256.hexdigest())
             return b""
         if self._size + len(data) > self._max_file_bytes:
             self.close()
@@ -230,8 +233,8 @@ def _origin(url: str) -> tuple[str, str, int]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     try:
-        host = _egress_policy.normalize_host(parts.hostname or "")
-        port = parts.port or _egress_policy.DEFAULT_PORTS.get(scheme, 0)
+        host = _policy.normalize_host(parts.hostname or "")
+        port = parts.port or _policy.DEFAULT_PORTS.get(scheme, 0)
     except ValueError:
         return (scheme, "", -1)  # matches no target: credentials stay home
     return (scheme, host, port)
@@ -240,28 +243,28 @@ def _origin(url: str) -> tuple[str, str, int]:
 # --- one hop ----------------------------------------------------------------------------------
 
 
-def _check_hop(url: str, previous: Target | None, policy: FetchPolicy, allow: Sequence[str],
+def _check_hop(url: str, previous: Target | None, policy: FetchPolicy, limits: Limits, allow: Sequence[str],
                deadline: Deadline) -> tuple[Target, tuple[IPAddress, ...]]:
     """The target of one hop and the addresses it may connect to."""
     try:
-        target = _egress_policy.check_url(url, allow_hosts=allow)
+        target = _policy.check_url(url, allow_hosts=allow, max_chars=limits.max_url_chars)
         if previous is not None and previous.scheme == "https" and target.scheme == "http":
             # Prevents a TLS fetch continuing in clear text, where anyone on the path can change it.
             raise FetchRefusedError(f"Refusing to fetch {target.url}: it is https to http.", url=target.url, reason="redirect")
-        return target, _egress_policy.resolve_checked(target, resolver=policy.resolver, deadline=deadline)
+        return target, _policy.resolve_checked(target, resolver=policy.resolver, deadline=deadline)
     except FetchRefusedError as exc:
         if previous is None:
             raise
         raise FetchRefusedError(f"{exc.message[:-1]} (a redirect from {previous.url}).", **exc._facts) from None
 
 
-def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy, deadline: Deadline,
+def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy, limits: Limits, deadline: Deadline,
              method: str = "GET", headers: Mapping[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn: http.client.HTTPConnection
     if target.scheme == "https":
-        conn = _PinnedHTTPSConnection(target, addresses, deadline, policy.io_timeout, policy.ssl_context or _default_context())
+        conn = _PinnedHTTPSConnection(target, addresses, deadline, limits.io_timeout, policy.ssl_context or _default_context())
     else:
-        conn = _PinnedHTTPConnection(target, addresses, deadline, policy.io_timeout)
+        conn = _PinnedHTTPConnection(target, addresses, deadline, limits.io_timeout)
     try:
         conn.putrequest(method, target.request_target, skip_accept_encoding=True)
         conn.putheader("User-Agent", constants.USER_AGENT)
@@ -285,11 +288,12 @@ def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy
 
 
 def _final(url: str, target: Target, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-           policy: FetchPolicy, budget: CallBudget, *, redirect: bool = False, method: str = "GET") -> CheckedResponse:
+           budget: CallBudget, *, redirect: bool = False, method: str = "GET") -> CheckedResponse:
+    limits = budget.limits
     try:
         if response.status >= 300 and not redirect:
             try:
-                body = response.read(_ERROR_BODY_BYTES)
+                body = response.read(limits.max_error_body_bytes)
             except (OSError, http.client.HTTPException, FetchRefusedError):
                 body = b""
             raise HTTPStatusError(target.url, response.status, dict(response.headers), body)
@@ -302,13 +306,13 @@ def _final(url: str, target: Target, conn: http.client.HTTPConnection, response:
                 reason="response",
             )
         if response.length is not None:
-            if response.length > policy.max_file_bytes:
-                raise _too_big(target.url, policy.max_file_bytes, response.length)
+            if response.length > limits.max_file_bytes:
+                raise _too_big(target.url, limits.max_file_bytes, response.length)
             budget.check_length(target.url, response.length)
     except BaseException:
         conn.close()
         raise
-    checked = CheckedResponse(url, target, conn, response, policy, budget)
+    checked = CheckedResponse(url, target, conn, response, budget)
     checked.method = method
     return checked
 

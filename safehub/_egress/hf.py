@@ -2,7 +2,7 @@
 
 A worker's ``hf_hub_download`` / ``snapshot_download`` (``worker/shims.py``) asks the parent for
 a file or a snapshot of a Hub repository. The parent fetches it through the call's checked
-connection (``_egress.open_checked``: policy, caps, deadline, every redirect) and writes it into
+connection (``connection.open_checked``: policy, caps, deadline, every redirect) and writes it into
 the user's Hugging Face cache in huggingface_hub's own layout, so plain huggingface_hub finds it
 afterwards, and safehub finds what huggingface_hub put there::
 
@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import _filelock, _http, _log, constants
-from ._egress import CheckedResponse, Credentials
-from .errors import FetchRefusedError, HubFileError, SafeHubError
+from .. import _filelock, _http, _log, constants
+from ..errors import FetchRefusedError, HubFileError, SafeHubError
+from .connection import CheckedResponse, Credentials
 
 REPO_TYPES = ("model", "dataset", "space")
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -156,9 +156,11 @@ class HubFetcher:
     user's Hugging Face cache. ``pins`` (a lock file's ``hub`` entries) restrict what is served."""
 
     def __init__(self, open_url: OpenURL, *, digest: Callable[[Path, bool], tuple[int, str]],
+                 count: Callable[[str], None] = lambda what: None,
                  pins: dict[tuple[str, str, str, str], Any] | None = None) -> None:
         self._open = open_url
         self._digest = digest  # (path, pinned) -> (size, sha256) of a cached file; remembered unless pinned
+        self._count = count  # each file of a snapshot counts against the call's fetches
         self.pins = pins
 
     # -- one file ------------------------------------------------------------------------------
@@ -224,7 +226,11 @@ class HubFetcher:
         if len(kept) > MAX_SNAPSHOT_FILES:
             raise HubFileError(f"{request.shown} has {len(kept)} files, more than {MAX_SNAPSHOT_FILES} one snapshot may fetch; "
                                "narrow it with allow_patterns", kind="http", repo_id=request.repo_id, filename="")
-        return commit, [self.file(request.with_file(name, request.revision), commit_sha=commit) for name in kept]
+        served = []
+        for name in kept:
+            self._count(f"{request.repo_id}/{name}")
+            served.append(self.file(request.with_file(name, request.revision), commit_sha=commit))
+        return commit, served
 
     # -- the Hub -------------------------------------------------------------------------------
 
@@ -268,7 +274,7 @@ class HubFetcher:
         try:
             try:
                 with self._request(request, location, "GET") as response, open(tmp, "wb") as out:
-                    got, sha256 = _http.stream_to_file(response, out)  # type: ignore[arg-type]  # reads like one
+                    got, sha256 = _http.stream_to_file(response, out)
                     _log.info(f"Downloaded {request.shown} ({got} bytes) into the Hugging Face cache")
             except FetchRefusedError as exc:
                 raise FetchRefusedError(f"{exc.message.rstrip('.')} (where the Hub sends {request.shown}).", **exc._facts) from None

@@ -22,8 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import _cache, _stale
-from .._stale import remove_tree
-from .scratch import owners
+from .._stale import remove_tree, sweepable_owners
 
 VIEWS = "views"
 PLACES = ("hub/checkpoints", "checkpoints", "repos", HF_PLACE := "huggingface/hub")
@@ -35,7 +34,7 @@ class CallView:
     def __init__(self) -> None:
         top = _cache.hub_path() / ".safehub" / VIEWS
         top.mkdir(parents=True, exist_ok=True)
-        _stale.sweep(top, "", owners())
+        _stale.sweep(top, "", sweepable_owners())
         self.root = top / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.root.mkdir(mode=0o755)
         for place in PLACES:
