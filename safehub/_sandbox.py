@@ -68,8 +68,12 @@ class Sandbox:
         lifetime: a remote model only: seconds its worker may live, calls included, from the
             load on; past it the worker is ended (a running call raises
             :class:`~safehub.errors.RemoteClosedError`). None (default): no limit. Enforced.
-        memory_limit: bytes of address space for the worker, or None. Enforced from the sandbox
-            layers on.
+        memory_limit: bytes of memory for everything the sandbox holds (its processes,
+            memfds, scratch tmpfs, pipes), or None for no bound; also each process's address
+            space. A memory cgroup per worker where the caller may make one (root, or a
+            delegated cgroup); else the limit is split and the worker held to one address
+            space (no fork, no memfds; SECURITY.md). ``safehub doctor`` says which. Enforced
+            from the sandbox layers on.
         cpu_time: CPU seconds, or None. Enforced from the sandbox layers on.
         max_processes: processes and threads the worker may run at once (``RLIMIT_NPROC``
             counts every thread). The default fits the machine: 64 plus two per CPU (see
@@ -86,8 +90,9 @@ class Sandbox:
             folder (HOME, TMPDIR and working folder, the only place it may write) is a tmpfs of
             this size in the worker's private mount namespace: past it writes fail with ENOSPC,
             the call says so, and nothing the worker writes reaches the disk. The pages are
-            memory beside ``memory_limit`` (tmpfs escapes ``RLIMIT_AS``), freed when the call
-            ends. The default is 4 GiB, or a quarter of the machine's memory if less. Where no
+            memory, counted within ``memory_limit`` (without a memory cgroup the tmpfs gets at
+            most a quarter of it), freed when the call ends. The default is 4 GiB, or a quarter
+            of the machine's memory if less. Where no
             mount namespace can be made (no user namespaces, not root) it bounds each file
             only, and the call warns. Enforced from the sandbox layers on.
         network: allow network access. Refused from the sandbox layers on; until then the worker

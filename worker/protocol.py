@@ -496,12 +496,40 @@ class WorkerSettings:
     network: bool = False
     extra_read_paths: tuple[str, ...] = ()
     view_dir: str | None = None  # the call's view of the cache (fetched files, nested repositories), read-only
+    # The memory cgroup the parent made for this call (a folder under /sys/fs/cgroup), whose limit
+    # of memory_limit counts the whole sandbox; None: the address-space bound (memory_shares).
+    memory_cgroup: str | None = None
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return WorkerSettings(**{**asdict(self), **changes})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+    def memory_shares(self, *, in_bubblewrap: bool = False) -> MemoryShares:
+        """How ``memory_limit`` bounds everything the sandbox holds: the one rule, for both sides.
+
+        With a memory cgroup the kernel counts every page of the sandbox (processes, memfds,
+        tmpfs, pipes) against the limit: each process keeps the whole limit as address space and
+        the scratch tmpfs its ``max_scratch_size``. Without one the limit is split: the scratch
+        tmpfs gets at most a quarter, each descriptor's buffers ``DESCRIPTOR_BUFFER_BYTES`` (a
+        pipe's 64 KiB, a socket's default send buffer: seccomp refuses growing them), and the one
+        address space the rest; seccomp refuses new processes and memfds (``one_address_space``).
+        bubblewrap's own /tmp and /dev/shm are tmpfs too (``BUBBLEWRAP_TMPFS_BYTES``, and no
+        larger than the scratch), and counted. Without ``max_scratch_size`` the scratch is the
+        disk, not memory. No ``memory_limit``: nothing is bounded.
+        """
+        if self.memory_limit is None:
+            return MemoryShares(None, self.max_scratch_size, one_address_space=False)
+        if self.memory_cgroup is not None:
+            return MemoryShares(self.memory_limit, self.max_scratch_size, one_address_space=False)
+        # No max_scratch_size: the scratch is the disk, not a tmpfs; bubblewrap's own stay.
+        scratch = None if self.max_scratch_size is None else min(self.memory_limit // 4, self.max_scratch_size)
+        tmpfs = scratch or 0
+        if in_bubblewrap:
+            tmpfs += 2 * min(BUBBLEWRAP_TMPFS_BYTES, scratch or BUBBLEWRAP_TMPFS_BYTES)
+        buffers = (self.max_open_files or DEFAULT_OPEN_FILES) * DESCRIPTOR_BUFFER_BYTES
+        return MemoryShares(max(0, self.memory_limit - tmpfs - buffers), scratch, one_address_space=True)
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSettings:
@@ -532,6 +560,25 @@ class WorkerSettings:
         return cls(**values)
 
 
+# Without a memory cgroup, the bytes each descriptor may hold in the kernel: a pipe keeps its
+# default 64 KiB (F_SETPIPE_SZ refused), a socket its default send buffer (208 KiB; SO_SNDBUF
+# and SO_RCVBUF refused), with room for the kernel's own accounting.
+DESCRIPTOR_BUFFER_BYTES = 256 * 1024
+DEFAULT_OPEN_FILES = 1024  # counted where no max_open_files is set
+BUBBLEWRAP_TMPFS_BYTES = 256 * 1024 * 1024  # bubblewrap's /tmp and /dev/shm: at most this, and the scratch's size
+
+
+@dataclass(frozen=True)
+class MemoryShares:
+    """What :meth:`WorkerSettings.memory_shares` gives: bytes of address space per process
+    (RLIMIT_AS; None: unbounded), bytes of the scratch tmpfs, and whether the workload is held
+    to one address space (no new processes, no memfds)."""
+
+    address_space: int | None
+    scratch: int | None
+    one_address_space: bool
+
+
 # The JSON types of each setting (tuples travel as lists of str).
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "repo_dir": (str,),
@@ -549,4 +596,5 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "network": (bool,),
     "extra_read_paths": (tuple,),
     "view_dir": (str, _NONE),
+    "memory_cgroup": (str, _NONE),
 }

@@ -28,10 +28,10 @@ from typing import IO, Union
 from .. import _log
 from .._bwrap import UNPRIVILEGED_UID, bwrap_argv, bwrap_features, bwrap_works
 from .._worker import ENTRY_SCRIPT
-from .._worker.protocol import WorkerSettings
-from . import warm
+from .._worker.protocol import BUBBLEWRAP_TMPFS_BYTES, WorkerSettings
+from . import memory_cgroup, warm
 
-TMPFS_SIZE = 256 * 1024 * 1024  # bytes of each of /tmp and /dev/shm in bubblewrap (tmpfs: memory)
+TMPFS_SIZE = BUBBLEWRAP_TMPFS_BYTES  # bytes of each of /tmp and /dev/shm in bubblewrap (tmpfs: memory)
 
 
 class ColdProcess:
@@ -122,12 +122,16 @@ def worker_argv(settings: WorkerSettings, channel_fd: int) -> tuple[list[str], l
     wrap = {"namespaces", "bubblewrap"} <= wanted and bwrap_works()
     drop = os.geteuid() == 0 and "uid_drop" in wanted
     tail = ["--parent-pid", "0" if wrap else str(os.getpid())]
+    # A memory cgroup is entered by the launch command itself, so everything it starts is inside.
+    join = memory_cgroup.join_argv(os.path.join(settings.memory_cgroup, "cgroup.procs")) if settings.memory_cgroup else []
+    joined = ["memory_cgroup"] if join else []
     if not wrap:
-        return python + tail + ["--settings", settings.to_json()], []
-    applied = ["namespaces", "bubblewrap"] + (["uid_drop"] if drop else [])
-    # The scratch folder is a tmpfs of max_scratch_size inside (a resource limit: with rlimits);
-    # /tmp and /dev/shm, tmpfs too, get no more than it.
-    scratch_size = settings.max_scratch_size if "rlimits" in wanted else None
+        told = settings.replace(applied_by_parent=settings.applied_by_parent + tuple(joined))
+        return join + python + tail + ["--settings", told.to_json()], joined
+    applied = ["namespaces", "bubblewrap"] + (["uid_drop"] if drop else []) + joined
+    # The scratch folder is a tmpfs inside (a resource limit: with rlimits), of the size the
+    # memory bound gives it; /tmp and /dev/shm, tmpfs too, get no more than it.
+    scratch_size = settings.memory_shares(in_bubblewrap=True).scratch if "rlimits" in wanted else None
     if scratch_size and bwrap_features().get("size"):
         applied.append("scratch_limit")
     argv = bwrap_argv(
@@ -140,4 +144,4 @@ def worker_argv(settings: WorkerSettings, channel_fd: int) -> tuple[list[str], l
         tmpfs_size=min(TMPFS_SIZE, scratch_size) if scratch_size else TMPFS_SIZE,
     )
     told = settings.replace(applied_by_parent=settings.applied_by_parent + tuple(applied))
-    return argv + python + tail + ["--settings", told.to_json()], applied
+    return join + argv + python + tail + ["--settings", told.to_json()], applied

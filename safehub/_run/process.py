@@ -25,7 +25,7 @@ import psutil
 from .._sandbox import Sandbox, worker_environ
 from .._worker import protocol
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
-from . import launch
+from . import launch, memory_cgroup
 from .output import Relay
 from .replies import MAX_INLINE_BYTES, MAX_SHARDS
 from .._stale import remove_tree
@@ -52,6 +52,7 @@ class Worker:
         self.sock: socket.socket | None = None
         self.relays: list[Relay] = []
         self.scratch_dir: Path | None = None
+        self.cgroup: memory_cgroup.MemoryCgroup | None = None
         self.deadline = 0.0
 
     def __enter__(self) -> Worker:
@@ -71,6 +72,12 @@ class Worker:
             self.scratch_dir = make_scratch(for_dropped_uid=drop)
             view = None if self.view_dir is None else str(self.view_dir)
             settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir)).replace(view_dir=view)
+            limit = self.sandbox.memory_limit
+            if limit is not None and "rlimits" in self.sandbox.wanted_layers():
+                # One bound for the whole sandbox where a cgroup can be had; else memory_shares.
+                self.cgroup = memory_cgroup.MemoryCgroup.create(limit)
+                if self.cgroup is not None:
+                    settings = settings.replace(memory_cgroup=str(self.cgroup.path))
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
         except OSError as exc:
@@ -119,6 +126,13 @@ class Worker:
             code = self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             return ProtocolError(f"the worker closed the channel without answering ({exc})")
+        if self.cgroup is not None and self.cgroup.oom_kills():
+            limit = self.cgroup.limit / 1024**2
+            message = (
+                f"the sandbox reached its memory_limit of {limit:g} MiB (every process, memfd and tmpfs file "
+                "of it counted) and the kernel ended it before it answered; raise Sandbox(memory_limit=...)"
+            )
+            return WorkerCrashedError(message, exit_code=code, signal_name="SIGKILL")
         if code is None:
             message = "the worker ended before answering; the zygote that forked it did not report its exit status"
             return WorkerCrashedError(message, exit_code=None, signal_name=None)
@@ -149,6 +163,8 @@ class Worker:
             self.proc.wait()
         for relay in self.relays:
             relay.join(timeout=EXIT_GRACE_S)
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self.scratch_dir is not None:
             remove_tree(self.scratch_dir)
 

@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from .. import __version__, _cache, _trust, constants
+from .._run import memory_cgroup
 from .._sandbox import sandbox_report
 from ._errors import EXIT_OK
 from ._options import add_command, json_option
@@ -69,6 +70,7 @@ def _report() -> dict[str, Any]:
         "github_token_set": bool(constants.GITHUB_TOKEN),
         "offline": bool(constants.SAFEHUB_OFFLINE),
         "sandbox_layers": sandbox_report(),
+        "memory_bound": memory_cgroup.probe(),
         # The command itself starts cold (one call per run); this is what SAFEHUB_WARM says.
         "warm_workers": bool(constants.SAFEHUB_WARM),
     }
@@ -94,6 +96,8 @@ def _as_text(report: dict[str, Any]) -> str:
         "workers:       " + ("warm: forked by a zygote (SAFEHUB_WARM=1)" if report["warm_workers"]
                              else "cold: a fresh interpreter per call (the command's default; SAFEHUB_WARM=1 for warm)"),
     ]
+    bound = report["memory_bound"]
+    lines.append(f"memory bound:  {bound['kind']}: {bound['detail']}")
     layers = report["sandbox_layers"]
     lines.append("sandbox layers (isolate=True on this machine):")
     width = max((len(name) for name in layers), default=0)

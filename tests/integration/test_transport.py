@@ -30,7 +30,9 @@ MIB = 1024 * 1024
 # and rlimits bound what the worker writes), required wherever the machine has them.
 _WANTED = ("landlock", "seccomp", "rlimits")
 REQUIRED = tuple(name for name, report in layers.probe(_WANTED).items() if report["available"])
-SANDBOX = Sandbox(timeout=120, require=REQUIRED)
+# No memory_limit: with one and no memory cgroup the worker may create no memfds (results then
+# travel inline; SECURITY.md, "One memory bound"), and these tests are about memfds.
+SANDBOX = Sandbox(timeout=120, require=REQUIRED, memory_limit=None)
 
 HUBCONF = '''
     dependencies = ["torch"]
@@ -321,7 +323,7 @@ def test_results_outlive_the_call_and_go_with_their_tensors(repos):
 def test_where_memfds_fail_the_result_comes_inline(repos, returns):
     regions = mapped_regions()
     # RLIMIT_FSIZE binds memfds too: the worker's writes fail, and it sends the bytes in the frame.
-    sandbox = Sandbox(timeout=120, require=REQUIRED, max_file_size=MIB)
+    sandbox = Sandbox(timeout=120, require=REQUIRED, max_file_size=MIB, memory_limit=None)
     result = run_isolated(repos["models"], "load", model="big", kwargs={"mib": 4, "parts": 2}, returns=returns, sandbox=sandbox)
     tensors = list(result.parameters()) if returns == "object" else list(result.values())
     assert [float(t.detach()[0]) for t in tensors] == [0.0, 1.0] and mapped_regions() == regions

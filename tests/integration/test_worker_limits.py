@@ -17,6 +17,7 @@ import pytest
 
 import safehub
 from safehub._run import call as _call
+from safehub._run import memory_cgroup
 from safehub._run import process as _process
 from safehub._run import run_isolated
 from safehub._sandbox import Sandbox, default_max_processes
@@ -24,6 +25,7 @@ from safehub.errors import RemoteError
 from tests.local_repos import write_repo
 
 MIB = 1024**2
+GIB = 1024**3
 pytestmark = pytest.mark.usefixtures("worker_start")
 
 HUBCONF = '''
@@ -59,6 +61,16 @@ HUBCONF = '''
                 raise
             return {"written": written, "errno": exc.errno}
         return {"written": written, "errno": 0}
+
+
+    class Stay:
+        def ping(self):
+            return "pong"
+
+
+    def stay():
+        """A model that stays in its worker (returns="remote")."""
+        return Stay()
 
 
     def threads(n):
@@ -114,7 +126,36 @@ def test_the_default_scratch_is_bounded_too(repo):
     if not _mount_namespace_here():
         pytest.skip("no mount namespace for a worker here")
     got = run_isolated(repo, "load", model="scratch", sandbox=Sandbox(timeout=60))
-    assert got["size"] == Sandbox().max_scratch_size
+    expected = Sandbox().max_scratch_size
+    if not memory_cgroup.probe()["available"]:
+        expected = min(expected, Sandbox().memory_limit // 4)  # the memory bound's share (SECURITY.md)
+    assert got["size"] == expected
+
+
+def test_each_worker_has_a_memory_cgroup_of_memory_limit_removed_after(repo, monkeypatch):
+    bound = memory_cgroup.probe()
+    if not bound["available"]:
+        pytest.skip(f"no memory cgroup here ({bound['detail']}); the address-space bound is attacked in tests/security")
+    made: list[memory_cgroup.MemoryCgroup] = []
+    real = memory_cgroup.MemoryCgroup.create
+
+    def create(limit: int) -> memory_cgroup.MemoryCgroup | None:
+        made.append(real(limit))
+        return made[-1]
+
+    monkeypatch.setattr(memory_cgroup.MemoryCgroup, "create", staticmethod(create))
+    remote = run_isolated(repo, "load", model="stay", returns="remote", sandbox=Sandbox(timeout=60, memory_limit=3 * GIB))
+    try:
+        assert remote.ping() == "pong"
+        (group,) = made
+        limit = "memory.limit_in_bytes" if group.version == "v1" else "memory.max"
+        assert int((group.path / limit).read_text()) == 3 * GIB
+        members = {int(pid) for pid in (group.path / "cgroup.procs").read_text().split()}
+        assert members, "the worker is not in its cgroup"
+        assert os.getpid() not in members
+    finally:
+        remote.close()
+    assert not group.path.exists()
 
 
 def test_writes_past_max_scratch_size_fail_and_the_call_says_why(repo):

@@ -914,6 +914,68 @@ case("chmod_protected_file", WRITES, """
 """, files_intact, setup=lambda ctx: ctx.protect(ctx.root / "protected" / "key.pem"),
      blocked_by="bubblewrap (the file is not in its root), uid_drop as root; Landlock does not govern chmod")
 
+def _metadata_state(path: str) -> tuple[Any, ...]:
+    st = os.stat(path)
+    attrs = sorted((name, os.getxattr(path, name)) for name in os.listxattr(path))
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, attrs
+
+
+def _metadata_canaries(ctx: Context) -> None:
+    """The user's key, and as root one of uid 65534 (the worker's own uid after the drop), in a
+    folder every uid can traverse: only the seccomp filter stands between them and the worker."""
+    folder = Path(tempfile.mkdtemp(prefix="sh-meta-", dir="/tmp"))
+    folder.chmod(0o755)
+    ctx.stack.callback(_remove, folder)
+    owners = {"user-key": None, **({"nobody-key": 65534} if os.geteuid() == 0 else {})}
+    for name, owner in owners.items():
+        path = folder / name
+        path.write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+        path.chmod(0o600)
+        os.setxattr(path, "user.tag", b"the user's own")
+        if owner is not None:
+            os.chown(path, owner, owner)
+    ctx.params["targets"] = [str(folder / name) for name in owners]
+    ctx.facts["metadata"] = {path: _metadata_state(path) for path in ctx.params["targets"]}
+
+
+def _metadata_intact(ctx: Context, run: Run) -> bool:
+    return all(_metadata_state(path) == state for path, state in ctx.facts["metadata"].items())
+
+
+case("metadata_of_user_files", WRITES, """
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD = -100
+    ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 6), (0x20, 6)))
+    def raw(nr, *args):  # every int a full register: ctypes passes a bare int as a C int
+        args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+        if libc.syscall(ctypes.c_long(nr), *args) < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return "changed"
+    def xattr_args(value):
+        buf = ctypes.create_string_buffer(value, len(value))
+        KEEP.append(buf)
+        return struct.pack("QII", ctypes.addressof(buf), len(value), 0)
+    KEEP = []
+    ran()
+    for target in P["targets"]:
+        path = os.fsencode(target)
+        for name, fn in (
+            ("chmod", lambda: os.chmod(target, 0o666)),
+            ("chown", lambda: os.chown(target, -1, os.getgid())),
+            ("acl", lambda: os.setxattr(target, "system.posix_acl_access", ACL)),
+            ("setxattr", lambda: os.setxattr(target, "user.attack", b"1")),
+            ("removexattr", lambda: os.removexattr(target, "user.tag")),
+            ("utime", lambda: os.utime(target, (978307200, 978307200))),
+            ("fchmodat2", lambda: raw(452, AT_FDCWD, path, 0o666, 0)),
+            ("setxattrat", lambda: raw(463, AT_FDCWD, path, 0, b"system.posix_acl_access", xattr_args(ACL), 16)),
+            ("removexattrat", lambda: raw(466, AT_FDCWD, path, 0, b"user.tag")),
+            ("file_setattr", lambda: raw(469, AT_FDCWD, path, struct.pack("QIIII", 0x80, 0, 0, 0, 0), 24, 0)),
+        ):
+            ran(*attempt(fn))
+""", _metadata_intact, setup=_metadata_canaries,
+     blocked_by="seccomp (the metadata family, by raw number too); bubblewrap (the files are not in its root)")
+
 case("unlink_protected_file", WRITES, """
     ran()
     ran(*attempt(lambda: os.unlink(P["target"])))
@@ -1138,6 +1200,121 @@ case("open_files", RESOURCES, """
         ran("denied", f"after {len(fds)}: {exc}")
     progress(len(fds))
 """, at_most(64), sandbox={"max_open_files": 64}, blocked_by="rlimits (NOFILE)")
+
+
+# --- one memory bound for the whole sandbox ------------------------------------------------------
+# memory_limit 1 GiB (a warm worker starts with ~640 MB of address space mapped); each attack asks
+# for 1.5 GiB in all, so even with no bound at all it costs the machine no more than that.
+MEMORY_LIMIT_MIB = 1024
+
+
+def _memory_bound_check(ctx: Context, run: Run) -> bool:
+    """The sandbox never held more than memory_limit, and the attack met a clear end: its calls
+    failed (denied), or the call failed naming memory_limit (the kernel ended the sandbox)."""
+    from safehub.errors import WorkerCrashedError
+
+    ended = "denied" in run.outcomes(ctx.name) or (
+        isinstance(run.error, WorkerCrashedError) and "memory_limit" in str(run.error)
+    )
+    return ended and run.max_progress(ctx.name) <= MEMORY_LIMIT_MIB
+
+
+case("memory_in_forked_children", RESOURCES, """
+    import signal, time
+    ran()
+    def private_mib():  # what this process holds alone (not the pages it shares with its parent)
+        with open("/proc/self/smaps_rollup") as f:
+            kib = sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        return kib >> 10
+    r, w = os.pipe()
+    kids, refused = [], []
+    for i in range(6):  # 256 MiB each, 1.5 GiB in all
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            refused.append(f"fork: {exc}")
+            break
+        if pid == 0:
+            try:
+                block = b"x" * (256 << 20)  # written, so really resident
+            except MemoryError:
+                os._exit(3)
+            os.write(w, f"{os.getpid()} {private_mib()}\\n".encode())
+            time.sleep(30)  # held until the parent has counted
+            os._exit(0)
+        kids.append(pid)
+    os.close(w)
+    os.set_blocking(r, False)
+    told, live, deadline, text = {}, list(kids), time.monotonic() + 20, b""
+    while time.monotonic() < deadline and len(told) + len(kids) - len(live) < len(kids):
+        for pid in list(live):  # a child that ends before it told was stopped
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                live.remove(pid)
+                refused.append(f"child {pid} ended: status {status}")
+        try:
+            text += os.read(r, 4096)
+        except BlockingIOError:
+            pass
+        told = dict(line.split() for line in text.decode().splitlines())
+        time.sleep(0.05)
+    for pid in list(live):  # counted only while still alive: the kernel may have ended some since
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            live.remove(pid)
+            refused.append(f"child {pid} ended: status {status}")
+    # One still allocating at the deadline was held back by the bound (reclaim stalls before
+    # the kernel ends a process of the sandbox): it has not got its memory.
+    refused += [f"child {pid} still waiting for its memory" for pid in live if str(pid) not in told]
+    held = sum(int(told.get(str(pid), 0)) for pid in live)
+    progress(held)
+    for pid in live:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    ran("denied" if refused else "got", f"{held} MiB held by {len(live)} children; " + "; ".join(refused))
+""", _memory_bound_check, sandbox={"memory_limit": MEMORY_LIMIT_MIB * MIB, "timeout": 60},
+     blocked_by="rlimits: the memory cgroup (root), else one address space (seccomp refuses fork)")
+
+case("memory_in_unmapped_memfds", RESOURCES, """
+    ran()
+    fds, written = [], 0
+    chunk = b"x" * (64 << 20)
+    try:
+        for i in range(6):  # 256 MiB each, never mapped: 1.5 GiB in all
+            fd = os.memfd_create(f"hoard-{i}")
+            fds.append(fd)
+            for j in range(4):
+                os.pwrite(fd, chunk, j * len(chunk))
+                written += 64
+                progress(written)
+        ran("got", f"{written} MiB in memfds")
+    except (OSError, MemoryError) as exc:
+        ran("denied", f"after {written} MiB: {exc!r}")
+""", _memory_bound_check, sandbox={"memory_limit": MEMORY_LIMIT_MIB * MIB},
+     blocked_by="rlimits: the memory cgroup (root), else seccomp refuses memfd_create")
+
+
+def _no_scratch_tmpfs(config: Mapping[str, Any]) -> str:
+    if _no_mount_namespace(config):
+        return "without namespaces and not root the scratch is the disk, not memory (SECURITY.md)"
+    return ""
+
+
+case("memory_in_scratch_files", RESOURCES, """
+    ran()
+    written = 0
+    chunk = b"x" * (64 << 20)
+    try:
+        for i in range(24):  # 64 MiB files in the scratch tmpfs (the working directory): 1.5 GiB
+            with open(f"hoard-{i:02d}.bin", "wb") as f:
+                f.write(chunk)
+            written += 64
+            progress(written)
+        ran("got", f"{written} MiB of files")
+    except OSError as exc:
+        ran("denied", f"after {written} MiB: {exc}")
+""", _memory_bound_check, sandbox={"memory_limit": MEMORY_LIMIT_MIB * MIB}, gap=_no_scratch_tmpfs,
+     blocked_by="rlimits: the memory cgroup counts tmpfs pages (root), else the scratch tmpfs is a quarter of memory_limit")
 
 
 def _no_mount_namespace(config: Mapping[str, Any]) -> str:

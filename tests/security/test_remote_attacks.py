@@ -25,15 +25,16 @@ import psutil
 import pytest
 import torch
 
-from safehub._run import run_isolated
+from safehub._run import memory_cgroup, run_isolated
 from safehub._run.session import FETCH_REFUSED
 from safehub._sandbox import Sandbox
-from safehub.errors import ProtocolError, RemoteClosedError, WorkerTimeoutError
+from safehub.errors import ProtocolError, RemoteClosedError, WorkerCrashedError, WorkerTimeoutError
 from tests.local_repos import write_repo
 from tests.process_trees import all_gone, tree_of
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("worker_start")]
 SANDBOX = Sandbox(timeout=60)
+UNBOUNDED = Sandbox(timeout=60, memory_limit=None)
 
 HOSTILE = '''
     import json
@@ -46,6 +47,7 @@ HOSTILE = '''
     import time
 
     dependencies = []
+    FORK_REFUSED = []
 
 
     def _sock():
@@ -154,7 +156,12 @@ HOSTILE = '''
             def later():
                 import ctypes
                 time.sleep(0.3)
-                if os.fork() == 0:
+                try:
+                    pid = os.fork()
+                except OSError as exc:  # one address space (no memory cgroup here): refused
+                    FORK_REFUSED.append(str(exc))
+                    return
+                if pid == 0:
                     os.setsid()
                     if os.fork() == 0:
                         ctypes.CDLL(None).prctl(15, comm.encode(), 0, 0, 0)  # PR_SET_NAME: findable
@@ -164,6 +171,26 @@ HOSTILE = '''
                     os._exit(0)
             threading.Thread(target=later, daemon=True).start()
             return "planted"
+
+        def hoard(self, kind):
+            """1.5 GiB in 64 MiB steps: memfds written and never mapped, or files in the scratch."""
+            chunk, written, kept = b"x" * (64 << 20), 0, []
+            try:
+                for i in range(24):
+                    if kind == "memfds":
+                        if i % 4 == 0:
+                            kept.append(os.memfd_create(f"hoard-{i}"))
+                        os.pwrite(kept[-1], chunk, (i % 4) * len(chunk))
+                    else:
+                        with open(f"hoard-{i:02d}.bin", "wb") as f:
+                            f.write(chunk)
+                    written += 64
+            except OSError as exc:
+                return f"denied after {written} MiB: {exc}"
+            return f"got {written} MiB"
+
+        def fork_refused(self):
+            return FORK_REFUSED[0] if FORK_REFUSED else None
 
         def tamper(self, x):
             """Everything a model can try against the tensors it was given."""
@@ -260,7 +287,9 @@ FORGED = {
 @pytest.mark.parametrize("case", sorted(FORGED))
 def test_a_forged_reply_is_refused_unread_and_ends_the_worker(repo, tmp_path, case):
     canary = tmp_path / "pickle-canary"
-    remote = load(repo)
+    # A forged memfd needs memfd_create, which a worker held to one address space (a
+    # memory_limit and no memory cgroup: SECURITY.md) may not call; those forgeries run unbounded.
+    remote = load(repo, UNBOUNDED if case in ("unsealed_memfd", "too_many_fds") else SANDBOX)
     processes = tree_of(remote.pid)
     # The error names the forged frame's defect: the parent received and refused that frame.
     with pytest.raises(ProtocolError, match=FORGED[case]):
@@ -299,6 +328,12 @@ def test_a_daemon_forked_between_calls_dies_with_the_handle(repo):
         assert remote.plant_daemon(comm) == "planted"
         end = time.monotonic() + 20
         while not processes_named(comm) and time.monotonic() < end:
+            if not memory_cgroup.probe()["available"] and remote.fork_refused():
+                # No memory cgroup: the worker is one address space, and the fork never happens.
+                assert "Operation not permitted" in remote.fork_refused()
+                remote.close()
+                assert not processes_named(comm)
+                return
             time.sleep(0.05)
         (daemon,) = processes_named(comm)  # the attack ran: the daemon is up, between calls
         assert remote.pid in {p.pid for p in daemon.parents()}  # still inside the worker's tree
@@ -309,6 +344,22 @@ def test_a_daemon_forked_between_calls_dies_with_the_handle(repo):
         for proc in processes_named(comm):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+
+@pytest.mark.parametrize("kind", ["memfds", "scratch"])
+def test_memory_a_model_hoards_is_bounded_by_memory_limit(repo, kind):
+    remote = load(repo, Sandbox(timeout=60, memory_limit=1 << 30))
+    try:
+        answer = remote.hoard(kind)
+    except WorkerCrashedError as exc:  # a memory cgroup: the kernel ended the sandbox at the limit
+        assert "memory_limit of 1024 MiB" in str(exc)
+        assert remote.closed
+        return
+    finally:
+        remote.close()
+    # No memory cgroup: memfd_create refused, the scratch tmpfs a quarter of memory_limit.
+    assert answer.startswith("denied after "), answer
+    assert int(answer.split()[2]) <= 1024, answer
 
 
 @pytest.mark.parametrize("size", [4, 100_000], ids=["inline", "memfd"])

@@ -5,12 +5,15 @@ the forked, single-threaded work process, after the request arrived and before `
 imported. Layers go on in this order, each where the machine allows and ``settings.layers``
 asks for it:
 
+0. memory_cgroup: where the parent made one for the call (``settings.memory_cgroup``) and the
+   launch command did not enter it already, the process enters it before anything else, so all
+   it will fork and allocate counts against ``memory_limit`` (``WorkerSettings.memory_shares``).
 1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
 2. namespaces (user, net, ipc, pid, mount), unless bubblewrap already made them. A new pid
    namespace takes effect for children only, so the process forks here: a small init becomes
    pid 1 of the namespace (a fresh /proc mounted) and forks the work as pid 2, which goes on;
    the process left outside waits and mirrors the work's fate.
-3. The scratch folder (part of rlimits): a tmpfs of ``max_scratch_size`` mounted over it in
+3. The scratch folder (part of rlimits): a tmpfs of its ``memory_shares`` size mounted over it in
    the private mount namespace (bubblewrap mounts its own), owned by the uid the work runs as,
    and the working folder entered again. As root without a mount namespace, one is made for it;
    where none can be, rlimits bounds each file to ``max_scratch_size`` instead.
@@ -26,7 +29,9 @@ asks for it:
    scratch folder; no TCP (unless ``network``); no signals or abstract sockets out.
 7. rlimits: memory, CPU, processes, open files, file size, no core dumps; torch's thread
    counts lowered where its default pools would not fit in ``max_processes``.
-8. seccomp last, since it denies calls the layers before it make (unshare, mount).
+8. seccomp last, since it denies calls the layers before it make (unshare, mount). Without a
+   memory cgroup it also holds the worker to one address space (no new processes, no memfds),
+   the half of the memory bound rlimits cannot hold (reported as ``one_address_space``).
 
 A layer that cannot be applied is reported with the reason, never silently skipped; the worker
 then checks ``settings.require``.
@@ -40,7 +45,7 @@ import signal
 from typing import Any, Iterable
 
 from .. import grants
-from ..protocol import WorkerSettings
+from ..protocol import MemoryShares, WorkerSettings
 from . import landlock, limits, namespaces, seccomp
 from .libc import check, libc
 
@@ -92,12 +97,16 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     report = Report()
     wanted = set(settings.layers)
     report.applied += settings.applied_by_parent
+    if settings.memory_cgroup and "memory_cgroup" not in report.applied:
+        join_memory_cgroup(settings.memory_cgroup)  # before anything is forked or allocated
+        report.applied.append("memory_cgroup")
     close_other_fds(keep_fds)
     os.umask(0o077)  # files the worker creates are its own, even in a shared /tmp
     no_core_dumps()
     report.applied.append("session")
 
     in_bwrap = "bubblewrap" in report.applied
+    shares = settings.memory_shares(in_bubblewrap=in_bwrap)
     is_root = os.geteuid() == 0
     drop = is_root and "uid_drop" in wanted and not in_bwrap
     pid_ns = False
@@ -108,9 +117,9 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     if pid_ns:
         fork_into_pid_namespace(report)
     mount_ns = pid_ns
-    if "rlimits" in wanted and settings.max_scratch_size and "scratch_limit" not in report.applied:
+    if "rlimits" in wanted and shares.scratch and "scratch_limit" not in report.applied:
         owner = UNPRIVILEGED_UID if drop else os.getuid()
-        mount_ns = _bound_scratch(report, settings, in_mount_ns=mount_ns, in_bwrap=in_bwrap, owner=owner)
+        mount_ns = _bound_scratch(report, settings, shares.scratch, in_mount_ns=mount_ns, in_bwrap=in_bwrap, owner=owner)
     if drop:
         _attempt(report, "uid_drop", lambda: _drop_root(settings, in_mount_ns=mount_ns))
     elif is_root and "uid_drop" not in report.applied:
@@ -121,9 +130,17 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     if "landlock" in wanted:
         _attempt(report, "landlock", lambda: _landlock(settings))
     if "rlimits" in wanted:
-        _attempt(report, "rlimits", lambda: _rlimits(settings, report, nproc_base))
+        _attempt(report, "rlimits", lambda: _rlimits(settings, shares, report, nproc_base))
+    # Without a memory cgroup, the address-space bound holds only with seccomp's half of it.
+    one_space = "rlimits" in wanted and shares.one_address_space
     if "seccomp" in wanted:
-        _attempt(report, "seccomp", lambda: seccomp.install(network=settings.network))
+        installed = _attempt(
+            report, "seccomp", lambda: seccomp.install(network=settings.network, memfds=not one_space, one_address_space=one_space)
+        )
+        if installed and one_space:
+            report.applied.append("one_address_space")
+    if one_space and "one_address_space" not in report.applied:
+        report.missing["one_address_space"] = "needs seccomp: new processes and memfds escape memory_limit"
     for name in ("landlock", "rlimits", "seccomp"):
         if name not in wanted:
             report.missing[name] = "switched off by Sandbox(layers=...)"
@@ -203,14 +220,23 @@ def _init(status_w: int) -> None:
     os._exit(0)
 
 
-def _bound_scratch(report: Report, settings: WorkerSettings, *, in_mount_ns: bool, in_bwrap: bool, owner: int) -> bool:
-    """Cover the scratch folder with a tmpfs of ``max_scratch_size`` bytes, owned by ``owner``.
+def join_memory_cgroup(folder: str) -> None:
+    """Move this process into the memory cgroup the parent made for the call (every later child
+    is born in it). Raises OSError: the parent counted on it, so the worker must not go on."""
+    with open(os.path.join(folder, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _bound_scratch(
+    report: Report, settings: WorkerSettings, size: int, *, in_mount_ns: bool, in_bwrap: bool, owner: int
+) -> bool:
+    """Cover the scratch folder with a tmpfs of ``size`` bytes (``memory_shares``), owned by ``owner``.
 
     In the private mount namespace the namespaces layer made; as root without one, in a mount
     namespace made for it. Returns whether this process is in a private mount namespace now.
     Where none can be made the rlimits layer bounds each file instead (``_rlimits``).
     """
-    scratch, size = settings.scratch_dir, settings.max_scratch_size
+    scratch = settings.scratch_dir
     assert size, "the caller checks that a scratch size is set"
     try:
         if in_bwrap:
@@ -290,15 +316,15 @@ def _landlock(settings: WorkerSettings) -> dict[str, Any]:
     return landlock.restrict(read, [os.path.realpath(settings.scratch_dir)], allow_tcp=settings.network)
 
 
-def _rlimits(settings: WorkerSettings, report: Report, nproc_base: int = 0) -> dict[str, Any]:
+def _rlimits(settings: WorkerSettings, shares: MemoryShares, report: Report, nproc_base: int = 0) -> dict[str, Any]:
     cpu = settings.cpu_time
     file_size = settings.max_file_size
-    scratch = settings.max_scratch_size
+    scratch = shares.scratch
     if scratch and "scratch_limit" not in report.applied:
         file_size = scratch if file_size is None else min(file_size, scratch)  # the fallback: per file
     processes = settings.max_processes
     applied = limits.apply_rlimits(
-        memory_bytes=settings.memory_limit,
+        memory_bytes=shares.address_space,
         cpu_seconds=None if cpu is None else max(1, int(cpu + 0.999)),
         max_processes=None if processes is None else processes + nproc_base,
         max_open_files=settings.max_open_files,

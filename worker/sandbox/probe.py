@@ -147,7 +147,12 @@ def _probe_seccomp() -> dict[str, Any]:
     already = " (this process is already filtered)" if mode == 2 else ""
     import platform
 
-    return {"available": True, "detail": f"filter mode on {platform.machine()}, {kill}{already}"}
+    name, number = sc.newest_known()
+    return {
+        "available": True,
+        "detail": f"allow-list filter on {platform.machine()}, {kill}{already}; the newest call it knows is "
+        f"{name} ({number}, Linux 6.17), kernel {platform.release()}: any later call is refused (ENOSYS)",
+    }
 
 
 def _probe_rlimits() -> dict[str, Any]:
