@@ -59,6 +59,7 @@ def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list
     if not network:
         socket.socket.connect = _no_network  # type: ignore[method-assign,assignment]
         socket.socket.connect_ex = _no_network  # type: ignore[method-assign,assignment]
+        socket.socket.__init__ = _socket_named  # type: ignore[method-assign]
     if scratch_dir is not None:
         os.environ["TORCH_HOME"] = _torch_home(view_dir, scratch_dir)
     _patch_subprocess()
@@ -252,6 +253,15 @@ def _no_network(self: socket.socket, address: Any) -> Any:
 
 
 _REAL_CONNECT = socket.socket.connect
+_REAL_SOCKET_INIT = socket.socket.__init__
+
+
+def _socket_named(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+    """A socket seccomp refuses (UDP, raw, a new AF_UNIX one) fails with a message, not a bare EPERM."""
+    try:
+        _REAL_SOCKET_INIT(self, *args, **kwargs)
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"safehub: no socket of this kind ({args[:2]!r}) in the sandbox: {NO_NETWORK}") from None
 
 
 def _patch_subprocess() -> None:

@@ -88,6 +88,11 @@ HUBCONF = '''
         httpx.post(url, content=b"secret")
 
 
+    def udp(url):
+        import socket
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"secret", ("127.0.0.1", 9))
+
+
     def curl(url):
         import subprocess
         subprocess.run(["curl", "-o", "/tmp/x", url], check=True)
@@ -239,6 +244,11 @@ def test_other_methods_are_refused_by_name(repo, hf_hub, entry, named):
     with pytest.raises(RemoteError, match=rf"only GET and HEAD go through the parent, not {named} .*Sandbox\(network=True\)"):
         load(repo, entry, url=hf_hub.endpoint + "/upload")
     assert hf_hub.requests() == []
+
+
+def test_a_socket_seccomp_refuses_is_refused_with_a_message(repo, hf_hub):
+    with pytest.raises(RemoteError, match=r"PermissionError: .*safehub: no socket of this kind .*Sandbox\(network=True\)"):
+        load(repo, "udp", url=hf_hub.endpoint)
 
 
 def test_starting_curl_is_refused_with_a_message(repo, hf_hub):
