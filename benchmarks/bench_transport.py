@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import safehub  # noqa: E402
-from safehub._results import decode_object, decode_weights, map_sealed_memfd  # noqa: E402
+from safehub._memfds import map_sealed_memfd  # noqa: E402
+from safehub._results import decode_object, decode_weights  # noqa: E402
 from safehub._worker import objects, weights  # noqa: E402
 from _common import forgetting_modules  # noqa: E402 - this folder is on sys.path
 

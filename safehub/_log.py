@@ -27,11 +27,17 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 
+from ._terminal import visible
+
 logger = logging.getLogger("safehub")
 
 
 def info(msg: str, *, verbose: bool = True) -> None:
-    """Log ``msg`` at INFO on ``"safehub"``; echo it to stderr when verbose and logging is unconfigured."""
+    """Log ``msg`` at INFO on ``"safehub"``; echo it to stderr when verbose and logging is unconfigured.
+
+    Control characters are made visible (``_terminal``): a message may name what the worker chose
+    (a URL it fetched, a layer's report)."""
+    msg = visible(msg)
     logger.info(msg)
     if verbose and not logger.hasHandlers():
         stream = sys.stderr
@@ -45,8 +51,9 @@ def info(msg: str, *, verbose: bool = True) -> None:
 
 
 def warning(msg: str) -> None:
-    """Log ``msg`` at WARNING on ``"safehub"``; with logging unconfigured, Python's last-resort handler shows it."""
-    logger.warning(msg)
+    """Log ``msg`` at WARNING on ``"safehub"``; with logging unconfigured, Python's last-resort handler shows it.
+    Control characters are made visible, as by :func:`info`."""
+    logger.warning(visible(msg))
 
 
 def _is_terminal(stream: object) -> bool:

@@ -44,51 +44,26 @@ too, which needs no trust beyond that pickle's; a malformed archive is a ResultD
 
 from __future__ import annotations
 
-import fcntl
 import io
-import mmap
 import os
 import pickle
-import stat
-import sys
 from typing import TYPE_CHECKING, Any
 
 from ._worker.layout import DTYPES, OBJECT_FORMAT, PICKLE_ENTRY
-from ._worker.protocol import strict_json_loads
+from ._worker.protocol import count_nodes, strict_json_loads
 from .errors import ResultDecodeError
 
 if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# JSON nodes in one header, counted before it is parsed (~80 bytes each to the parser): 2 M
+# allow 200,000 tensors of 4 dimensions in one shard.
+MAX_HEADER_NODES = 2_000_000
 MAX_TENSORS = 1_000_000
 MAX_TOTAL_BYTES = 1024**4
 MAX_NAME_CHARS = 4096
 MAX_NDIM = 64
-
-REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-
-def map_sealed_memfd(fd: int, *, max_bytes: int = MAX_TOTAL_BYTES) -> mmap.mmap:
-    """Map a sealed memfd from the worker privately (copy-on-write). The caller still owns ``fd``.
-
-    The seals are checked first: without them the worker could change the bytes after they were
-    validated (a time-of-check/time-of-use race on the shared pages).
-    """
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        info = os.fstat(fd)
-    except OSError as exc:
-        raise ResultDecodeError(f"the worker's result is not a sealed memfd: {exc}") from None
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise ResultDecodeError(f"the worker's memfd is not sealed against writes (seals {seals:#x})")
-    if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= max_bytes:
-        raise ResultDecodeError(f"the worker's memfd has an unacceptable size ({info.st_size} bytes)")
-    # Before 3.13 the mapping keeps a dup of the fd for its lifetime; from 3.13 on it need not.
-    extra = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-    # MAP_PRIVATE: tensors built on it are writable in the parent without touching the worker's pages.
-    return mmap.mmap(fd, info.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, **extra)
-
 
 def decode_weights(
     data: Any,
@@ -259,7 +234,7 @@ def _parse_shards(
 
 
 def _parse_weights_header(
-    view: memoryview, max_header_bytes: int, max_tensors: int, max_total_bytes: int
+    view: memoryview, max_header_bytes: int, max_tensors: int, max_total_bytes: int, max_header_nodes: int = MAX_HEADER_NODES
 ) -> tuple[int, dict[str, str], list[tuple[str, str, list[int], int, int]]]:
     if len(view) < 8:
         raise ResultDecodeError(f"weights of {len(view)} bytes: too short for a header length")
@@ -271,8 +246,12 @@ def _parse_weights_header(
     data_len = len(view) - 8 - header_len
     if data_len > max_total_bytes:
         raise ResultDecodeError(f"weights of {data_len} bytes, more than the cap of {max_total_bytes}")
+    raw = bytes(view[8 : 8 + header_len])
+    nodes = count_nodes(raw)
+    if nodes > max_header_nodes:
+        raise ResultDecodeError(f"weights header of {nodes} JSON nodes, more than the cap of {max_header_nodes}")
     try:
-        header = strict_json_loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
+        header = strict_json_loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ResultDecodeError(f"malformed weights header: {exc}") from None
     if not isinstance(header, dict):

@@ -13,6 +13,11 @@ the start of a line does nothing): the next text starts a new marked line instea
 overwriting one, so a progress bar shows as one line per update, readable, and nothing it
 prints can hide a line shown before.
 
+The same treatment goes to every other string from the worker that the caller may show:
+``safehub/errors.py`` applies :func:`visible` to every error's message and facts (a worker's
+exception class and message, a remote traceback through :func:`visible_lines`), and the parent
+applies them to entrypoint names and docstrings as they arrive.
+
 Pure functions, no I/O; ``safehub/_run/output.py``'s relay calls :func:`mark_lines` per chunk.
 """
 
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["LINE_START", "MID_LINE", "AFTER_CR", "CONTROLS", "mark_lines", "visible"]
+__all__ = ["LINE_START", "MID_LINE", "AFTER_CR", "CONTROLS", "mark_lines", "visible", "visible_lines", "WORKER_PREFIX"]
+
+WORKER_PREFIX = "[worker] "  # the mark of every line of the worker's: its output, a remote traceback
 
 # Where the relayed stream stands between chunks.
 LINE_START = 0  # nothing shown on the current line yet (the prefix is still to come)
@@ -60,6 +67,17 @@ def visible(text: str) -> str:
         visible("\\x1b[2Jred\\u202e")  # -> '\\\\x1b[2Jred\\\\u202e'
     """
     return CONTROLS.sub(_escape, text)
+
+
+def visible_lines(text: str, prefix: str = "") -> str:
+    """A whole text of several lines (a docstring, a traceback), made safe to show as the relay
+    shows output (:func:`mark_lines`): newlines and tabs kept, every other control made visible.
+
+    Example::
+
+        visible_lines("line 1\r\x1b]52;c;aGk=\x07\n")  # -> 'line 1\n\\x1b]52;c;aGk=\\x07\n'
+    """
+    return mark_lines(text, prefix)[0]
 
 
 def mark_lines(text: str, prefix: str, state: int = LINE_START) -> tuple[str, int]:

@@ -41,17 +41,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._terminal import WORKER_PREFIX, visible, visible_lines
+
 
 class SafeHubError(Exception):
     """Root of every error safehub raises.
 
     Keyword arguments become attributes, and the error pickles with them, so an error raised in
     a worker or a pool process arrives whole.
+
+    The message is one line, its control characters made visible as it is set (``_terminal``):
+    it may carry the worker's text (its exception's class and message, a fetched URL), and
+    whoever prints it, an uncaught exception's report included, must not hand a terminal an
+    escape sequence, nor a line that passes for safehub's own. Facts stay as they came (data).
     """
 
     def __init__(self, message: str = "", **facts: Any) -> None:
         # Each class declares its facts as annotated class attributes (default None), so a type
         # checker sees ``exc.repo`` and a fact nobody passed reads as None, not AttributeError.
+        message = visible(" ".join(message.splitlines()))
         super().__init__(message)
         self.message = message
         self._facts = facts
@@ -207,14 +215,19 @@ class WorkerError(SafeHubError, RuntimeError):
 
 
 class RemoteError(WorkerError):
-    """The repository's code raised. Attributes: ``remote_type``, ``remote_traceback``."""
+    """The repository's code raised. Attributes: ``remote_type``, ``remote_traceback``.
+
+    Its text shows the worker's traceback below the message, each line marked as the worker's
+    output is (``[worker] ``), so no line of it can pass for one of safehub's."""
 
     remote_type: str | None = None
     remote_traceback: str = ""
 
     def __str__(self) -> str:
         tb = getattr(self, "remote_traceback", "")
-        return f"{self.message}\n\nRemote traceback (from the worker):\n{tb}" if tb else self.message
+        if not tb:
+            return self.message
+        return f"{self.message}\n\nRemote traceback (from the worker):\n{visible_lines(tb.rstrip(chr(10)), WORKER_PREFIX)}"
 
 
 class WorkerCrashedError(WorkerError):

@@ -56,7 +56,9 @@ meaning, and a peer that does not know a kind refuses it by kind (:func:`check_m
 
 Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
 ``poll``; every length is checked against :class:`Limits` *before* anything is allocated for it,
-so a hostile peer can neither hang the reader nor make it allocate memory it did not send.
+so a hostile peer can neither hang the reader nor make it allocate memory it did not send; a
+header's JSON nodes are counted before it is parsed (``Limits.max_header_nodes``); buffers are
+received straight into their final, writable place (:attr:`Frame.buffers`), so no reader copies them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from __future__ import annotations
 import array
 import json
 import math
+import mmap
 import os
 import select
 import socket
@@ -130,10 +133,16 @@ class Limits:
     """Caps a reader applies to one frame. The defaults suit small control frames."""
 
     max_header_bytes: int = 1024 * 1024
+    # JSON values and containers in the header, counted before it is parsed: parsing costs the
+    # reader ~80 bytes per node, so bytes alone would let 16 MiB of "{}," cost 445 MiB.
+    max_header_nodes: int = 1_000_000
     max_buffers: int = 4
     max_buffer_bytes: int = 64 * 1024 * 1024
     max_total_bytes: int = 64 * 1024 * 1024
     max_fds: int = 0
+
+
+Received = bytearray | mmap.mmap  # a received buffer: writable, in its final place
 
 
 @dataclass
@@ -142,7 +151,7 @@ class Frame:
 
     kind: str
     fields: dict[str, Any]
-    buffers: list[bytes] = field(default_factory=list)
+    buffers: list[Received] = field(default_factory=list)  # writable: read once, in place
     fds: list[int] = field(default_factory=list)
 
     def close_fds(self) -> None:
@@ -230,8 +239,12 @@ def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = 
                 raise FrameError(f"buffer of {n} bytes, more than the cap of {limits.max_buffer_bytes}")
         if sum(lengths) > limits.max_total_bytes:
             raise FrameError(f"buffers total {sum(lengths)} bytes, more than the cap of {limits.max_total_bytes}")
-        header = parse_header(reader.read(header_len))
-        buffers = [reader.read(n) for n in lengths]
+        raw_header = reader.read(header_len)
+        nodes = count_nodes(raw_header)
+        if nodes > limits.max_header_nodes:
+            raise FrameError(f"a header of {nodes} JSON nodes, more than the cap of {limits.max_header_nodes} nodes")
+        header = parse_header(raw_header)
+        buffers = [reader.read_buffer(n) for n in lengths]
         nfds = header.pop("fds", 0)
         if type(nfds) is not int or nfds != len(reader.fds):
             raise FrameError(f"the header announces {nfds!r} file descriptors, {len(reader.fds)} arrived")
@@ -245,7 +258,13 @@ def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = 
         _close_all(reader.fds)
 
 
-def parse_header(raw: bytes) -> dict[str, Any]:
+def count_nodes(raw: bytes | bytearray) -> int:
+    """An upper bound of the values and containers in a JSON text, without parsing it: each value
+    but a container's first follows a comma (commas inside strings only make the bound higher)."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+
+
+def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
     """Strict JSON: UTF-8, an object, no duplicate keys, no NaN, the right version, a str kind."""
     try:
         header = strict_json_loads(raw.decode("utf-8"))
@@ -289,14 +308,39 @@ class _Reader:
         self.ancbufsize = socket.CMSG_SPACE((max_fds + 1) * _INT_SIZE)
         self.fds: list[int] = []
 
-    def read(self, n: int) -> bytes:
-        # Grown as bytes arrive (never pre-sized), so a declared length costs nothing until sent.
-        # Each read is tried first and polled for only when nothing is there yet.
+    def read(self, n: int) -> bytearray:
+        """``n`` bytes of the frame's head, grown as they arrive (a piece of at most ``_CHUNK`` at
+        a time, never pre-sized): a declared length costs nothing until sent."""
         data = bytearray()
         while len(data) < n:
+            piece = bytearray(min(n - len(data), _CHUNK))
+            got = self._recv_into(memoryview(piece), len(data), n)
+            if got == n:
+                return piece  # the whole read at once: no copy
+            data += memoryview(piece)[:got]
+        return data
+
+    def read_buffer(self, n: int) -> Received:
+        """One of the frame's buffers, received straight into its final, writable place: no copy
+        follows, here or in a decoder. A large one is an anonymous mapping, whose pages cost
+        memory only as bytes arrive, so a declared length costs nothing until sent (a small one,
+        at most ``_CHUNK``, is allocated ahead)."""
+        if n == 0:
+            return bytearray()
+        data: Received = bytearray(n) if n <= _CHUNK else mmap.mmap(-1, n)
+        with memoryview(data) as view:
+            filled = 0
+            while filled < n:
+                filled += self._recv_into(view[filled:], filled, n)
+        return data
+
+    def _recv_into(self, view: memoryview, done: int, n: int) -> int:
+        """Bytes received into ``view`` (at least one), with any fds that came along. Each read is
+        tried first and polled for only when nothing is there yet."""
+        while True:
             _check_deadline(self.deadline)
             try:
-                chunk, ancdata, flags, _ = self.sock.recvmsg(min(n - len(data), _CHUNK), self.ancbufsize, _MSG_CMSG_CLOEXEC)
+                got, ancdata, flags, _ = self.sock.recvmsg_into([view], self.ancbufsize, _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 _wait(self.sock, select.POLLIN, self.deadline)
                 continue
@@ -304,12 +348,9 @@ class _Reader:
                 raise FrameEOF("the peer reset the channel") from exc
             if ancdata or flags & _MSG_CTRUNC:
                 self._take_fds(ancdata, flags)
-            if not chunk:
-                raise FrameEOF(f"the channel closed after {len(data)} of {n} bytes")
-            if len(chunk) == n:
-                return chunk  # the whole read at once: no copy
-            data += chunk
-        return bytes(data)
+            if not got:
+                raise FrameEOF(f"the channel closed after {done} of {n} bytes")
+            return got
 
     def _take_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
         for level, kind, payload in ancdata:

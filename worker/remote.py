@@ -31,6 +31,8 @@ CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own 
 _INVOKE_LIMITS = protocol.Limits(
     max_header_bytes=64 * 1024 * 1024, max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40,
     max_fds=protocol.MAX_VALUE_FDS,
+    max_header_nodes=64 * 1024 * 1024,  # the parent's tree: values.unpack's caps say the rest, as a failed call
+
 )
 
 _held: list[Any] = []  # the model, once loaded with returns="remote"

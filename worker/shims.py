@@ -51,7 +51,7 @@ class FetchRefused(OSError, RuntimeError):
     a repository's own handling of a failed download still catches it."""
 
 
-def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[bytes], list[int]]], refused: type[BaseException],
+def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[Any], list[int]]], refused: type[BaseException],
             repo_dirs: list[str], view_dir: str, network: bool, scratch_dir: str | None = None) -> None:
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
     _PATCHES.update(_patches())
@@ -80,12 +80,12 @@ def _torch_home(view_dir: str, scratch_dir: str) -> str:
     return home
 
 
-def ask(what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+def ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
     """Ask the parent for ``what``; a refusal raises :class:`FetchRefused` with the parent's reason."""
     return _ask(what, args)
 
 
-def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
     try:
         return _state["ask"](what, args)
     except _state["refused"] as exc:

@@ -350,7 +350,14 @@ class _Unpacker:
         if numel * itemsize >= 2**63:
             raise BadTree(f"a tensor of shape {shape[:8]} is larger than any buffer")
         segment, offset = self.take(segment_index, offset, numel * itemsize)
-        dtype = getattr(torch, torch_name)
+        try:
+            return self.build(torch, getattr(torch, torch_name), segment, offset, numel, itemsize, shape)
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            # torch's own refusals (strides that overflow on a zero-size shape): still only a bad tree.
+            raise BadTree(f"a tensor of shape {shape[:8]} cannot be built: {str(exc)[:200]}") from None
+
+    @staticmethod
+    def build(torch: Any, dtype: Any, segment: Any, offset: int, numel: int, itemsize: int, shape: list[int]) -> Any:
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
         if dtype is torch.bool and int(torch.frombuffer(segment, dtype=torch.uint8, count=numel, offset=offset).max()) > 1:

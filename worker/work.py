@@ -161,7 +161,7 @@ class Channel:
         self.lock = threading.Lock()
         self.next_id = 1
 
-    def ask(self, what: str, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+    def ask(self, what: str, args: dict[str, Any]) -> tuple[Any, list[protocol.Received], list[int]]:
         """(the answer's value, its buffers, its fds: the caller owns them), or raise Refused."""
         with self.lock:
             ask_id, self.next_id = self.next_id, self.next_id + 1
@@ -201,7 +201,7 @@ def _scratch_use(scratch_dir: str) -> dict[str, int]:
     return {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
 
 
-def _answer(request: dict[str, Any], buffers: list[bytes], repo_dirs: list[str]) -> Reply:
+def _answer(request: dict[str, Any], buffers: list[protocol.Received], repo_dirs: list[str]) -> Reply:
     repo_dir = repo_dirs[0]
     action, model, returns = request.get("action"), request.get("model"), request.get("returns")
     # Only modules imported from here on can be the repository's: looking at just those spares a

@@ -20,7 +20,7 @@ from .._worker import protocol
 from ..errors import HubconfError, InvalidArgumentError, ProtocolError
 from .process import Worker
 from .remote import open_remote
-from .replies import interpret, scratch_full
+from .replies import interpret, result_cap, scratch_full
 
 ACTIONS = ("list", "help", "load")
 RETURNS = ("object", "weights", "remote")
@@ -83,7 +83,7 @@ def run_isolated(
             _report_missing_layers(frame.fields.get("sandbox"))
             if frame.kind == protocol.RESULT and (full := scratch_full(frame.fields.get("sandbox"))):
                 _log.warning(full)  # the repository went on; an exception it raised says it in its message
-            return interpret(frame, action, model, returns, repo_dir)
+            return interpret(frame, action, model, returns, repo_dir, result_cap(sandbox))
         finally:
             frame.close_fds()
 

@@ -9,7 +9,7 @@ from typing import IO
 from .. import _terminal
 
 OUTPUT_CAP = 1024 * 1024  # bytes relayed to each of the caller's stdout and stderr per call
-OUTPUT_PREFIX = "[worker] "
+OUTPUT_PREFIX = _terminal.WORKER_PREFIX
 OUTPUT_TRUNCATED = "[worker output truncated]\n"
 
 

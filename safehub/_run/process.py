@@ -10,6 +10,7 @@ a timeout, a crash (with the signal's name), a broken protocol.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -27,13 +28,14 @@ from .._worker import protocol
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from . import launch, memory_cgroup
 from .output import Relay
-from .replies import MAX_INLINE_BYTES, MAX_SHARDS
 from .._stale import remove_tree
+from .replies import MAX_INLINE_BYTES, MAX_SHARDS, result_cap
 from .scratch import make_scratch
 
 EXIT_GRACE_S = 2.0  # how long a worker that answered (or hung up) gets to exit by itself
 REPLY_LIMITS = protocol.Limits(
     max_header_bytes=4 * 1024 * 1024,
+    max_header_nodes=100_000,  # a list of entrypoints, a report of the sandbox: small
     max_buffers=1,
     max_buffer_bytes=MAX_INLINE_BYTES,
     max_total_bytes=MAX_INLINE_BYTES,
@@ -95,6 +97,9 @@ class Worker:
     def receive(self, expected: tuple[str, ...], limits: protocol.Limits = REPLY_LIMITS) -> protocol.Frame:
         """The worker's next frame, held to its declaration (``protocol.MESSAGES``)."""
         assert self.sock is not None
+        cap = result_cap(self.sandbox)
+        if cap < limits.max_total_bytes:  # no inline reply larger than the worker could hold
+            limits = dataclasses.replace(limits, max_buffer_bytes=min(limits.max_buffer_bytes, cap), max_total_bytes=cap)
         with self._protocol_errors():
             frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
             try:

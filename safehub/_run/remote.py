@@ -228,8 +228,8 @@ def open_remote(worker: Worker, frame: protocol.Frame, model: str) -> RemoteModu
         raise ProtocolError(f"the worker answered returns={str(fields.get('returns'))[:40]!r} to returns='remote'")
     methods = fields.get("methods")
     if (type(methods) is not list or len(methods) > MAX_METHODS
-            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and not m.startswith("_") for m in methods)):
-        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public names")
+            or not all(type(m) is str and 0 < len(m) <= MAX_NAME and m.isprintable() and not m.startswith("_") for m in methods)):
+        raise ProtocolError(f"the worker's list of methods is not at most {MAX_METHODS} public, printable names")
     class_name = fields.get("class")
     class_name = class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
     session = RemoteSession(worker, model)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._results import decode_object, decode_weights, map_sealed_memfd
+from .. import _terminal
+from .._memfds import map_sealed_memfds
+from .._results import decode_object, decode_weights
+from .._sandbox import Sandbox
 from .._worker import protocol
 from ..errors import (
     EntrypointNotFoundError,
@@ -29,8 +32,17 @@ MAX_SHARDS = 8  # memfds with one result (the worker writes one per core, at mos
 _MAX_TEXT = 1024 * 1024
 
 
-def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path) -> Any:
-    """Check the reply against the request and decode it; nothing in it is executed but an object result."""
+def result_cap(sandbox: Sandbox) -> int:
+    """The most bytes one result may hold: what the worker could hold (its ``memory_limit``)."""
+    return min(MAX_PAYLOAD_BYTES, sandbox.memory_limit or MAX_PAYLOAD_BYTES)
+
+
+def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path,
+              max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
+    """Check the reply against the request and decode it; nothing in it is executed but an object result.
+
+    Strings meant to be shown (entrypoint names, a docstring) come with their control characters
+    made visible (``_terminal``): a name or docstring can write to no terminal."""
     if frame.kind == protocol.ERROR:
         raise _remote_failure(frame.fields, model, repo_dir)
     if frame.kind != protocol.RESULT:
@@ -44,42 +56,38 @@ def interpret(frame: protocol.Frame, action: str, model: str | None, returns: st
         names = fields.get("entrypoints")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ProtocolError("the worker's entrypoint list is not a list of str")
-        return names
+        return [_terminal.visible(name) for name in names]
     if action == "help":
         doc = fields.get("doc")
         if doc is not None and not isinstance(doc, str):
             raise ProtocolError("the worker's docstring is not a str")
-        return doc
+        return None if doc is None else _terminal.visible_lines(doc)
     if fields.get("returns") != returns:
         # E.g. a pickle where weights were asked: refused before a byte of it is looked at.
         raise ProtocolError(f"the worker answered returns={fields.get('returns')!r} to returns={returns!r}")
     # Tensors are views on the private mappings, which live as long as they do: never closed here.
-    shards = result_shards(frame)
+    shards = result_shards(frame, max_bytes)
     if returns == "weights":
         return decode_weights(shards)
     return decode_object(shards)
 
 
-def result_shards(frame: protocol.Frame) -> list[Any]:
+def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> list[Any]:
     """A weights or object result's shards (``transport``, ``sizes`` and what came with the frame):
-    each memfd checked for its seals and mapped privately, or the one inline buffer."""
+    the memfds checked and mapped privately, together (``_memfds``), or the one inline buffer.
+    ``max_bytes`` bounds the result. The frame's fds stay the caller's to close: no shard needs them."""
     fields = frame.fields
     sizes, transport = fields.get("sizes"), fields.get("transport")
     if type(sizes) is not list or not 1 <= len(sizes) <= MAX_SHARDS or not all(type(n) is int and n >= 0 for n in sizes):
         raise ProtocolError(f"the worker's result sizes {str(sizes)[:100]} are not 1 to {MAX_SHARDS} counts of bytes")
+    if sum(sizes) > max_bytes:
+        raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {max_bytes} "
+                                "(what the worker could hold: Sandbox(memory_limit=...))")
     if transport == "memfd" and len(frame.fds) == len(sizes) and not frame.buffers:
-        if sum(sizes) > MAX_PAYLOAD_BYTES:
-            raise ResultDecodeError(f"the worker's result of {sum(sizes)} bytes is more than the cap of {MAX_PAYLOAD_BYTES}")
-        shards: list[Any] = []
-        try:
-            for fd, size in zip(frame.fds, sizes, strict=True):
-                shards.append(map_sealed_memfd(fd, max_bytes=MAX_PAYLOAD_BYTES))
-                if len(shards[-1]) != size:
-                    raise ResultDecodeError(f"the worker's memfd holds {len(shards[-1])} bytes, not the {size} announced")
-        except BaseException:
-            for shard in shards:
-                shard.close()  # no tensor is on them yet
-            raise
+        shards = map_sealed_memfds(frame.fds, max_bytes=max_bytes)
+        for shard, size in zip(shards, sizes, strict=True):
+            if len(shard) != size:
+                raise ResultDecodeError(f"the worker's memfd holds {len(shard)} bytes, not the {size} announced")
         return shards
     if transport == "inline" and len(frame.buffers) == len(sizes) == 1 and not frame.fds:
         if len(frame.buffers[0]) != sizes[0]:

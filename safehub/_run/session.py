@@ -28,7 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_weights, map_sealed_memfd
+from .._memfds import map_sealed_memfds
+from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_weights
 from .._worker import protocol, values
 from ..errors import (
     InvalidArgumentError,
@@ -40,7 +41,7 @@ from ..errors import (
     WorkerTimeoutError,
 )
 from .process import EXIT_GRACE_S, Worker
-from .replies import MAX_INLINE_BYTES, result_shards
+from .replies import MAX_INLINE_BYTES, result_cap, result_shards
 
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
 MAX_REFUSALS = 1000  # questions one call may ask (each refused) before the worker is cut off
@@ -48,6 +49,7 @@ FETCH_REFUSED = "a remote model's calls may not fetch: the inputs could leave th
 # A reply's tree is in its header; the weights decoder's caps bound its tensors and bytes.
 REPLY_LIMITS = protocol.Limits(
     max_header_bytes=16 * 1024 * 1024,
+    max_header_nodes=values.Caps().max_nodes,
     max_buffers=1,
     max_buffer_bytes=MAX_INLINE_BYTES,
     max_total_bytes=MAX_INLINE_BYTES,
@@ -179,10 +181,11 @@ class RemoteSession:
             if method == "state_dict":
                 if frame.fields["value"] is not None:
                     raise ProtocolError("the worker answered state_dict() with something else than weights")
-                return decode_weights(result_shards(frame))
+                return decode_weights(result_shards(frame, result_cap(self.sandbox)))
             if "transport" in frame.fields or "sizes" in frame.fields:
                 raise ProtocolError(f"the worker answered {_name(method)} with weights")
-            segments = [*frame.buffers, *(map_sealed_memfd(fd, max_bytes=MAX_TOTAL_BYTES) for fd in frame.fds)]
+            # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
+            segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=result_cap(self.sandbox))]
             try:
                 return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
             except values.BadTree as exc:

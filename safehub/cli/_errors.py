@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .. import errors
+from .._terminal import visible
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -48,14 +49,14 @@ Message = Callable[[BaseException, argparse.Namespace | None], str]
 
 
 def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
-    """The error's own message, on one line whatever it holds."""
+    """The error's own message, on one line whatever it holds, its control characters made visible."""
     if isinstance(exc, errors.SafeHubError):
         message = exc.message
     elif isinstance(exc, OSError) and exc.filename is not None:
         message = f"{exc.strerror or exc}: {exc.filename}"
     else:
         message = str(exc) or type(exc).__name__
-    return " ".join(message.split())
+    return " ".join(visible(message).split())
 
 
 def _untrusted(exc: BaseException, args: argparse.Namespace | None) -> str:

@@ -18,7 +18,8 @@ from ._errors import EXIT_ERROR, EXIT_USAGE, CommandError
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    # ensure_ascii: every control character in a value (the worker's strings) leaves as a \u escape.
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
 
 
 def note(text: str) -> None:

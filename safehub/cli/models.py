@@ -15,6 +15,7 @@ from typing import Any
 from .. import _api
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
 from ._options import REPO_HELP, add_command, entrypoint_arguments, json_option, repo_options, sandbox_from_options, sandbox_options
+from .._terminal import visible, visible_lines
 from ._output import atomic_output, check_output_path, format_size, note, print_json, savable_tensors, stdout_to_stderr
 
 _TRUST_FOR_NO_ISOLATE = "trust the repository (adds it to the trusted list); needed only with --no-isolate"
@@ -98,7 +99,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_json({"repo": args.repo, "entrypoints": names})
     else:
         for name in names:
-            print(name)
+            print(visible(name))
     return EXIT_OK
 
 
@@ -110,7 +111,7 @@ def cmd_help(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"repo": args.repo, "model": args.model, "doc": doc})
     elif doc:
-        print(doc.rstrip("\n"))
+        print(visible_lines(doc.rstrip("\n")))
     else:
         note(f"{args.model} has no docstring.")
     return EXIT_OK

@@ -275,7 +275,7 @@ FORGED = {
     "unsealed_memfd": "not sealed against writes",
     "too_many_fds": "more than 8 file descriptors",
     "deep_tree": "nested deeper than 32 containers",
-    "node_flood": "more than 1000000 nodes",
+    "node_flood": "more than the cap of 1000000 nodes",  # counted before the header is parsed
     "header_length_absurd": "more than the cap",
     "buffer_length_absurd": "more than the cap",
     "wrong_kind": "'result' frame where ask or returned or failed was expected",

@@ -102,3 +102,17 @@ def test_messages_are_one_line_and_name_the_way_out():
 def test_interruptions_end_silently():
     assert _errors.error_line(KeyboardInterrupt(), args()) is None
     assert _errors.error_line(BrokenPipeError(), args()) is None
+
+
+def test_the_workers_text_in_an_error_is_made_visible_where_the_error_is_made():
+    import pickle
+
+    error = errors.RemoteError("raised Evil\x1b]0;title\x07: boom\r\nsafehub: all good", remote_type="Evil\x1b",
+                               remote_traceback="Traceback\n\x1b[2J  line\nsafehub: fake\n")
+    text = str(error)
+    assert "\x1b" not in text and "\r" not in text
+    assert "raised Evil\\x1b]0;title\\x07: boom safehub: all good" in text  # one line, visible
+    assert "\n[worker] \\x1b[2J  line\n[worker] safehub: fake" in text  # the traceback's lines marked
+    assert error.remote_type == "Evil\x1b"  # facts stay as they came: data
+    assert str(pickle.loads(pickle.dumps(error))) == text
+    assert cli._errors.error_line(ValueError("raw\x9b2J"), None).startswith("unexpected ValueError: raw\\x9b2J")

@@ -87,7 +87,40 @@ def test_round_trip_with_buffers(pair):
     thread.start()
     frame = recv_frame(b, deadline=deadline(), limits=Limits(max_buffer_bytes=4 << 20, max_total_bytes=8 << 20))
     thread.join()
-    assert frame.kind == "call" and frame.fields == fields and frame.buffers == buffers
+    assert frame.kind == "call" and frame.fields == fields and [bytes(b) for b in frame.buffers] == buffers
+    assert all(not memoryview(b).readonly for b in frame.buffers)  # a decoder needs no copy to write them
+
+
+def test_a_large_buffer_is_received_once_into_its_place(pair):
+    # 64 MiB sent in 1 MiB pieces: the reader allocates no second copy of it (tracemalloc sees
+    # every Python allocation; the buffer itself is an anonymous mapping, its pages filled in place).
+    a, b = pair
+    size = 64 << 20
+    thread = threading.Thread(target=send_frame, args=(a, "call", {}, [bytes(size)]), kwargs={"deadline": deadline()})
+    thread.start()
+    tracemalloc.start()
+    try:
+        frame = recv_frame(b, deadline=deadline(), limits=Limits(max_buffer_bytes=size, max_total_bytes=size))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        thread.join()
+    assert len(frame.buffers[0]) == size and not memoryview(frame.buffers[0]).readonly
+    assert peak < 4 << 20, f"the reader allocated {peak >> 20} MiB for a {size >> 20} MiB buffer"
+
+
+def test_a_header_is_counted_before_it_is_parsed(pair):
+    a, b = pair
+    body = b'{"v":3,"kind":"call","x":[' + b"{}," * 999 + b"{}]}"
+    a.sendall(_protocol.PREFIX.pack(_protocol.MAGIC, _protocol.PROTOCOL_VERSION, 0, len(body)) + body)
+    with pytest.raises(FrameError, match="a header of 2004 JSON nodes, more than the cap of 1000 nodes"):
+        recv_frame(b, deadline=deadline(), limits=Limits(max_header_nodes=1000))
+
+
+def test_count_nodes_bounds_the_values_of_a_json_text():
+    assert _protocol.count_nodes(b'{"v":3,"kind":"x"}') == 3  # the object, two values (keys not counted)
+    assert _protocol.count_nodes(b"[[],{},1]") == 6  # 4 values: each container counts its own bracket
+    assert _protocol.count_nodes(b'"a,b,c"') == 3  # commas in strings: an upper bound only
 
 
 def test_round_trip_with_fds(pair):

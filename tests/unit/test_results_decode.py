@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safehub._results import decode_object, decode_weights, map_sealed_memfd
+from safehub._memfds import map_sealed_memfd
+from safehub._results import decode_object, decode_weights
 from safehub._worker import objects
 from safehub._worker import weights as encoder
 from safehub.errors import ResultDecodeError

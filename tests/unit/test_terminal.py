@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from safehub import _terminal
 from safehub._terminal import AFTER_CR, CONTROLS, LINE_START, MID_LINE, mark_lines, visible
 
 P = "[w] "
@@ -99,3 +100,10 @@ def test_nothing_a_terminal_acts_on_gets_through(chunks):
     assert "\r" not in out
     lines = out.split("\n")
     assert lines[-1] == "" and all(line.startswith(P) for line in lines[:-1])
+
+
+def test_visible_lines_keeps_lines_and_shows_every_other_control():
+    text = "line 1\r\x1b]52;c;aGk=\x07\nline 3\t\u202e\n"
+    assert _terminal.visible_lines(text) == "line 1\n\\x1b]52;c;aGk=\\x07\nline 3\t\\u202e\n"
+    assert _terminal.visible_lines(text, "[worker] ").splitlines()[1] == "[worker] \\x1b]52;c;aGk=\\x07"
+    assert _terminal.visible_lines(_terminal.visible_lines(text)) == _terminal.visible_lines(text)  # idempotent

@@ -18,8 +18,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safehub._results import map_sealed_memfd
+from safehub._memfds import map_sealed_memfd
 from safehub._worker import values
+from safehub._worker.layout import DTYPES
 from safehub._worker.protocol import strict_json_loads
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -177,6 +178,7 @@ F32 = bytearray(16)
         ({"tensor": [0, 0, "F32", [-1]]}, [F32], "non-negative ints"),
         ({"tensor": [0, 0, "F32", [1] * 65]}, [F32], "at most 64"),
         ({"tensor": [0, 0, "F32", [2**40, 2**40]]}, [F32], "larger than any buffer"),
+        ({"tensor": [0, 0, "F32", [0, 2**62, 2**62]]}, [F32], "cannot be built: Stride calculation overflowed"),
         ({"tensor": [0, 4, "F32", [4]]}, [F32], "run past segment 0"),
         ({"tensor": [0, 0, "BOOL", [4]]}, [bytearray([0, 1, 2, 0])], "0 or 1"),
         ({"list": [{"tensor": [0, 0, "F32", [4]]}, {"tensor": [0, 8, "F32", [2]]}]}, [F32], "overlap"),
@@ -220,6 +222,17 @@ def test_any_tree_is_a_value_or_bad_tree(tree, segments):
         values.unpack(tree, [bytearray(s) for s in segments])
     except values.BadTree:
         pass
+
+
+@FUZZ
+@given(st.sampled_from(sorted(DTYPES)), st.lists(st.just(0) | st.integers(1, 4) | st.integers(0, 2**63 - 1), max_size=8))
+def test_any_tensor_node_is_a_tensor_or_bad_tree(dtype, shape):
+    # torch's own refusals (a zero-size shape whose strides overflow) are BadTree too, never raw.
+    try:
+        tensor = values.unpack({"tensor": [0, 0, dtype, shape]}, [bytearray(256)])
+    except values.BadTree:
+        return
+    assert list(tensor.shape) == shape
 
 
 DATA = st.recursive(
