@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from . import _cache, _fetch, _log, _pins, _refs, _trust, constants
+from . import _cache, _fetch, _log, _pins, _refs, _tree, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
@@ -148,14 +149,35 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
                             skip_validation=bool(args.get("skip_validation")), lock=lock)
 
     file_pins = _pins.read_files(lock) if lock is not None else None
+    granted = _granted_files(file_pins)
+    if granted:
+        # Files the lock pins that a hub dir already holds: the worker may read them in place
+        # (a read-only hub dir's cannot be hard-linked into the call's view).
+        sandbox = dataclasses.replace(sandbox, extra_read_paths=(*sandbox.extra_read_paths, *sorted(granted)))
     hub_pins = _pins.read_hub(lock) if lock is not None else None
-    with Broker(sandbox, nested=nested, file_pins=file_pins, hub_pins=hub_pins) as broker:
+    with Broker(sandbox, nested=nested, file_pins=file_pins, hub_pins=hub_pins, granted=granted) as broker:
         if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
             # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.
             _log.info(f"{repo_dir} is private to root: the sandbox reads a copy of it")
             repo_dir = broker.view.add_tree(Path(repo_dir), f"local-{Path(repo_dir).name}")
         return run_isolated(repo_dir, action, returns=returns, sandbox=sandbox, asks=broker.handlers(), view_dir=broker.view.root, **call)
+
+
+def _granted_files(file_pins: dict[str, _pins.FilePin] | None) -> frozenset[str]:
+    """Real paths of the cached files a lock file pins (each layer's copy the broker would serve)."""
+    if not file_pins:
+        return frozenset()
+    found = set()
+    for url, pin in file_pins.items():
+        name = pin.name or _pins.default_file_name(url)
+        if not name:
+            continue
+        for place in ([pin.place] if pin.place else ["hub/checkpoints", "checkpoints"]):
+            path = _cache.find_checkpoint(place, name)
+            if path is not None:
+                found.add(os.path.realpath(path))
+    return frozenset(found)
 
 
 def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
@@ -181,7 +203,12 @@ def pin(github: str, *, skip_validation: bool = False, force_reload: bool = Fals
             path=None,
             repo=str(repo_ref),
         )
-    return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256)
+    if not entry.tree_matches():
+        # What is pinned is what the archive extracts to, never a tree changed since.
+        _log.warning(f"The cached tree of {repo_ref} changed since it was fetched; fetching it again to pin it.")
+        entry = _cache_entry(repo_ref, force_reload=True, verbose=False, skip_validation=skip_validation)
+    tree_sha256 = entry.tree_sha256 if entry.tree_format == _tree.FORMAT else _cache.tree_manifest(entry.repo_dir).digest
+    return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256, tree_sha256)
 
 
 def _import_in_process(repo_dir: Path) -> Any:

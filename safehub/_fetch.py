@@ -6,6 +6,11 @@ file is used, extract it with :mod:`safehub._extract` (no escapes, caps), and in
 :mod:`safehub._cache` (one rename, the record last). Of many processes that miss the cache at
 once, the first downloads and the others find its install once they hold the lock.
 
+With a pin, a cached tree is served only if it still is the pinned tree (:func:`cached`, checked
+against the pin's ``tree_sha256``, or the record's digest for a lock file older than tree pins)
+before any of its code runs. A changed tree is fetched again and replaced when it can be (online,
+a writable hub dir), else refused with :class:`~safehub.errors.TreeChangedError`.
+
 The archive is fetched by commit SHA, except with ``skip_validation`` (no API request, as
 torch.hub): then by ref, and the commit is the one ``git archive`` wrote into the zip comment
 (GitHub's zipballs carry it). An archive with no SHA there is installed with an unknown commit
@@ -18,19 +23,79 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from . import _cache, _extract, _github, _log
+from . import _cache, _extract, _github, _log, _tree, constants
 from ._cache import CacheEntry
 from ._pins import Pin
 from ._refs import RepoRef, ResolvedRef
-from .errors import HashMismatchError
+from .errors import HashMismatchError, ReadOnlyCacheError, TreeChangedError
 
 
 def cached(repo_ref: RepoRef, pin: Pin | None = None) -> CacheEntry | None:
-    """The cache entry serving ``repo_ref``, with no network; None on a miss or if it is not the pinned one."""
-    entry = _cache.lookup(repo_ref)
-    if entry is None or (pin is not None and not pin.holds(entry)):
+    """The cache entry serving ``repo_ref``, with no network; None on a miss or if it is not the pinned one.
+
+    With ``pin``, the tree on disk is checked against it first (cheap when its files' stamps did
+    not change). A changed tree is None (to be fetched again) when it can be replaced, online in
+    a writable hub dir, with a warning naming the changes.
+
+    Raises:
+        TreeChangedError: the pinned tree changed and cannot be fetched again (offline or a
+            read-only hub dir); nothing of it ran.
+    """
+    if pin is None:
+        return _cache.lookup(repo_ref)  # unlocked: torch.hub's behaviour, a cached folder is used as it is
+    changed: list[tuple[CacheEntry, list[str]]] = []
+    for entry in _cache.lookup_all(repo_ref):  # shared hub dirs first, in order
+        if not pin.holds(entry):
+            continue
+        changes = tree_changes(entry, pin)
+        if changes is None:
+            return entry
+        changed.append((entry, changes))
+    if not changed:
         return None
-    return entry
+    entry, changes = changed[0]
+    shown = _shown(changes)
+    if constants.SAFEHUB_OFFLINE or not _cache.hub_is_writable():
+        why = ("offline mode is on" if constants.SAFEHUB_OFFLINE else
+               f"the hub dir {_cache.get_dir()} is read-only here")
+        raise TreeChangedError(
+            f"The cached tree of {repo_ref} ({entry.repo_dir}) is not the tree the lock file pins "
+            f"({shown}), and {why}, so it cannot be fetched again. None of its code ran. Fetch it "
+            f"again online into a writable hub dir (`safehub cache fill --locked LOCKFILE`, or "
+            f"`safehub cache clean {entry.owner}/{entry.repo}:{entry.ref}` then load), or rebuild "
+            "the image it came from; if nobody should have changed it, treat it as tampering.",
+            repo=str(repo_ref),
+            path=str(entry.repo_dir),
+            changes=changes,
+        )
+    _log.warning(f"The cached tree of {repo_ref} ({entry.repo_dir}) is not the pinned one ({shown}); "
+                 "fetching the pinned archive again. None of the changed code ran.")
+    return None
+
+
+def tree_changes(entry: CacheEntry, pin: Pin) -> list[str] | None:
+    """None if ``entry``'s tree on disk is the one ``pin`` pins; else what changed (maybe [] if unknown).
+
+    A pin without ``tree_sha256`` (an older lock file) is held to the digest recorded when the
+    pinned archive was extracted.
+    """
+    if pin.tree_sha256:
+        now = _cache.tree_manifest(entry.repo_dir)
+        if now.digest == pin.tree_sha256:
+            return None
+    else:
+        if entry.tree_matches():
+            return None
+        now = _cache.tree_manifest(entry.repo_dir)
+    reference = _cache.read_manifest(entry)
+    return reference.changes(now) if reference is not None else []
+
+
+def _shown(changes: list[str], limit: int = 10) -> str:
+    if not changes:
+        return "its digest differs"
+    more = f", and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "changed: " + ", ".join(changes[:limit]) + more
 
 
 def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bool = True,
@@ -46,6 +111,14 @@ def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bo
         ArchiveError: the archive is corrupt, too large or tries to escape; nothing changed.
     """
     folder = _cache.folder_name(resolved.owner, resolved.repo, resolved.ref)
+    if not _cache.hub_is_writable():
+        raise ReadOnlyCacheError(
+            f"{resolved.owner}/{resolved.repo}:{resolved.ref} must be downloaded, but the hub dir "
+            f"{_cache.get_dir()} is read-only here (a read-only mount, or another user's). Point "
+            "--hub-dir / TORCH_HOME at a writable folder, and list this one in SAFEHUB_SHARED_HUB_DIRS "
+            "to keep using what it holds; or fill it where it is writable (`safehub cache fill --locked LOCKFILE`).",
+            hub_dir=_cache.get_dir(),
+        )
     with _cache.locked(folder):
         if not force_reload:
             entry = _installed(resolved, pin)
@@ -59,9 +132,30 @@ def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bo
             extract_dir = work_dir / "extract"
             extract_dir.mkdir()
             tree_dir = _extract.extract_zip(archive_path, extract_dir)
+            manifest = _tree.of_dir(tree_dir)
+            if pin is not None and pin.tree_sha256 and manifest.digest != pin.tree_sha256:
+                raise HashMismatchError(
+                    f"The archive of {_label(resolved)} has the pinned sha256 but extracts to a tree with "
+                    f"digest {manifest.digest}, not the pinned {pin.tree_sha256}. It was not installed. "
+                    "The lock file does not hold together: run `safehub lock` again.",
+                    url=_github.archive_url(resolved.owner, resolved.repo, pin.commit_sha),
+                    expected=pin.tree_sha256,
+                    actual=manifest.digest,
+                )
             if resolved.commit_sha is None:
                 resolved = replace(resolved, commit_sha=_commit_named_by(archive_path, resolved))
-            return _cache.install(resolved, tree_dir, archive_sha256=archive_sha256)
+            old = _installed_manifest(folder)
+            entry = _cache.install(resolved, tree_dir, archive_sha256=archive_sha256, manifest=manifest)
+            if pin is not None and old is not None and old.digest != manifest.digest:
+                _log.warning(f"Replaced the changed tree of {_label(resolved)} with the pinned one "
+                             f"({_shown(manifest.changes(old))} before the replacement).")
+            return entry
+
+
+def _installed_manifest(folder: str) -> _tree.Manifest | None:
+    """The manifest of the tree in ``folder`` now, if there is one (to log what a replacement undid)."""
+    entry = _cache.read_record(folder)
+    return None if entry is None else _cache.tree_manifest(entry.repo_dir)
 
 
 def _installed(resolved: ResolvedRef, pin: Pin | None) -> CacheEntry | None:
@@ -71,7 +165,7 @@ def _installed(resolved: ResolvedRef, pin: Pin | None) -> CacheEntry | None:
         return None
     if resolved.is_default_branch and not entry.is_default_branch:
         return None  # a later default-branch lookup would not find it: record it as the default
-    if pin is not None and not pin.holds(entry):
+    if pin is not None and (not pin.holds(entry) or tree_changes(entry, pin) is not None):
         return None
     return entry
 

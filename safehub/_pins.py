@@ -1,13 +1,14 @@
 """Pin files (``safehub lock``'s output, read by ``lock=`` and ``--locked``): each repository ref
-pinned to a commit SHA and the sha256 of its archive.
+pinned to a commit SHA, the sha256 of its archive and the digest of its extracted tree.
 
 Like pip's hash-checking mode: with a lock, a load downloads exactly the pinned commit, needs no
 API request, and refuses an archive whose sha256 differs. The file is JSON::
 
     {"version": 1,
      "repos": {"owner/repo:ref": {"ref": "main", "commit_sha": "…40 hex…",
-                                  "archive_sha256": "…64 hex…"}},
-     "files": {"https://host/path/w.pth": {"sha256": "…64 hex…", "size": 102400}},
+                                  "archive_sha256": "…64 hex…", "tree_sha256": "…64 hex…"}},
+     "files": {"https://host/path/w.pth": {"sha256": "…64 hex…", "size": 102400,
+                                           "name": "w.pth", "place": "hub/checkpoints"}},
      "hub_files": [{"repo_type": "model", "repo_id": "org/name", "revision": "main",
                     "commit_sha": "…40 hex…", "filename": "model.safetensors",
                     "sha256": "…64 hex…", "size": 102400}]}
@@ -19,6 +20,12 @@ serves only those URLs, each checked against its sha256 before the worker sees i
 repositories are pinned in ``repos`` like any other. ``hub_files`` (optional) pins what it fetched
 from the Hugging Face Hub: each file of a repository at a revision, the commit that revision
 resolved to and the file's sha256; a locked load fetches that commit and refuses other bytes.
+
+``tree_sha256`` (:mod:`safehub._tree`'s digest) pins what runs: every locked operation checks the
+cached tree against it before any code of the repository runs. A lock file written before it
+existed has none; then the tree is checked against the digest recorded when its archive (whose
+sha256 the pin names) was extracted. A file's ``name`` and ``place`` say where it was kept
+(``safehub cache fill`` puts it there); older lock files lack them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ if TYPE_CHECKING:
 LOCK_VERSION = 1
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A plain file name (the broker's rule): never a path, a hidden or a lock file.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class Pin:
     ref: str
     commit_sha: str
     archive_sha256: str
+    tree_sha256: str = ""  # "" in lock files written before tree pins
 
     def resolved(self, repo_ref: RepoRef) -> ResolvedRef:
         """What ``repo_ref`` resolves to under this pin, with no API request."""
@@ -61,6 +71,8 @@ class Pin:
 class FilePin:
     sha256: str
     size: int
+    name: str = ""  # the file name it was kept under ("" in older lock files)
+    place: str = ""  # "hub/checkpoints" or "checkpoints" ("" in older lock files)
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,8 @@ def read(path: str | os.PathLike[str]) -> dict[str, Pin]:
         except (TypeError, ValueError) as exc:
             raise LockFileError(f"Bad entry {key!r} in {path}: {exc}", path=str(path), repo=key) from None
         bad_ref = repo_ref.ref is not None and repo_ref.ref != pin.ref
-        if bad_ref or not _SHA1.fullmatch(pin.commit_sha) or not _SHA256.fullmatch(pin.archive_sha256):
+        bad_tree = pin.tree_sha256 != "" and not _SHA256.fullmatch(str(pin.tree_sha256))
+        if bad_ref or bad_tree or not _SHA1.fullmatch(str(pin.commit_sha)) or not _SHA256.fullmatch(str(pin.archive_sha256)):
             raise LockFileError(f"Bad entry {key!r} in {path}: wrong ref or hashes.", path=str(path), repo=key)
         pins[_key(repo_ref)] = pin
     return pins
@@ -120,7 +133,9 @@ def read_files(path: str | os.PathLike[str]) -> dict[str, FilePin]:
             pin = FilePin(**value)
         except TypeError as exc:
             raise LockFileError(f"Bad file entry {url[:200]!r} in {path}: {exc}", path=str(path), repo=None) from None
-        if not _SHA256.fullmatch(str(pin.sha256)) or type(pin.size) is not int or pin.size < 0:
+        bad_name = pin.name != "" and (not isinstance(pin.name, str) or not _FILE_NAME.fullmatch(pin.name))
+        bad_place = pin.place not in ("", "hub/checkpoints", "checkpoints")
+        if not _SHA256.fullmatch(str(pin.sha256)) or type(pin.size) is not int or pin.size < 0 or bad_name or bad_place:
             raise LockFileError(f"Bad file entry {url[:200]!r} in {path}: wrong sha256 or size.", path=str(path), repo=None)
         out[url] = pin
     return out
@@ -148,12 +163,25 @@ def read_hub(path: str | os.PathLike[str]) -> dict[tuple[str, str, str, str], Hu
 
 
 def dumps(pins: dict[str, Pin], files: dict[str, FilePin] | None = None, hub_files: list[HubPin] | None = None) -> str:
-    data: dict[str, object] = {"version": LOCK_VERSION, "repos": {k: asdict(v) for k, v in sorted(pins.items())}}
+    data: dict[str, object] = {"version": LOCK_VERSION, "repos": {k: _without_empty(asdict(v)) for k, v in sorted(pins.items())}}
     if files:
-        data["files"] = {url: asdict(pin) for url, pin in sorted(files.items())}
+        data["files"] = {url: _without_empty(asdict(pin)) for url, pin in sorted(files.items())}
     if hub_files:
         data["hub_files"] = [asdict(pin) for pin in sorted({p.key: p for p in hub_files}.values(), key=lambda p: p.key)]
     return json.dumps(data, indent=2) + "\n"
+
+
+def default_file_name(url: str) -> str:
+    """The name torch.hub keeps a URL's file under (the last part of its path); "" if that is no plain name."""
+    import posixpath
+    import urllib.parse
+
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    return name if _FILE_NAME.fullmatch(name) else ""
+
+
+def _without_empty(fields: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if v != ""}
 
 
 def pin_for(path: str | os.PathLike[str], repo_ref: RepoRef) -> Pin:

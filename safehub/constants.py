@@ -73,6 +73,12 @@ _COMPUTED: dict[str, Callable[[], Any]] = {
         entry.strip() for entry in (_env("SAFEHUB_ALLOW_HOSTS") or "").split(",") if entry.strip()
     ),
     # SAFEHUB_GITHUB_TOKEN wins, so a job can give safehub a token other tools do not see.
+    # The per-user folder for what readers of the cache write (views, digest memos); see _cache.runtime_dir.
+    "SAFEHUB_RUNTIME_DIR": lambda: _env("SAFEHUB_RUNTIME_DIR"),
+    # Read-only hub dirs consulted, in order, before the writable one (colon-separated).
+    "SAFEHUB_SHARED_HUB_DIRS": lambda: tuple(
+        os.path.abspath(os.path.expanduser(entry)) for entry in (_env("SAFEHUB_SHARED_HUB_DIRS") or "").split(":") if entry.strip()
+    ),
     "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
     # The Hugging Face Hub, read as huggingface_hub reads them, so both share one cache and endpoint.
     "HF_ENDPOINT": lambda: (_env("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),

@@ -23,6 +23,8 @@ message.
     │   └── HubFileError                      the Hugging Face Hub (or its cache, offline) lacks a file; kind
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
+    ├── TreeChangedError (RuntimeError)       a pinned tree in the cache is not the pinned one
+    ├── ReadOnlyCacheError (RuntimeError)     something must be written in a read-only hub dir
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
     ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
     │   ├── MissingDependenciesError          `dependencies` names modules that are not installed
@@ -186,6 +188,23 @@ class LockFileError(SafeHubError, ValueError):
 
     path: str | None = None
     repo: str | None = None
+
+
+class TreeChangedError(SafeHubError, RuntimeError):
+    """A cached tree differs from the tree its lock file pins, and it could not be fetched again
+    (offline, or a read-only hub dir). Nothing of it ran. Attributes: ``repo``, ``path``,
+    ``changes`` (``+ path``, ``- path``, ``~ path``, as far as the install's manifest tells)."""
+
+    repo: str | None = None
+    path: str | None = None
+    changes: list[str] | None = None
+
+
+class ReadOnlyCacheError(SafeHubError, RuntimeError):
+    """A download or install must write in a hub dir this process cannot write (a read-only mount,
+    or another user's). Attribute: ``hub_dir``."""
+
+    hub_dir: str | None = None
 
 
 class UntrustedRepoError(SafeHubError, RuntimeError):

@@ -11,7 +11,8 @@ pytest_plugins = ["tests.fixtures_github", "tests.fixtures_hf"]
 
 # Where GitHub would be if a test forgot the emulator: a closed loopback port, so it fails fast.
 _NOWHERE = "http://127.0.0.1:9"
-_SCRUBBED = ("GITHUB_TOKEN", "SAFEHUB_ALLOW_HOSTS", "SAFEHUB_OFFLINE", "TORCH_HUB", "XDG_CACHE_HOME",
+_SCRUBBED = ("GITHUB_TOKEN", "SAFEHUB_GITHUB_TOKEN", "SAFEHUB_ALLOW_HOSTS", "SAFEHUB_OFFLINE", "SAFEHUB_SHARED_HUB_DIRS",
+             "TORCH_HUB", "XDG_CACHE_HOME",
              "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
 
 
@@ -22,6 +23,8 @@ def hub_dir(tmp_path_factory, monkeypatch):
 
     torch_home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    # Views and digest memos of this test's calls, apart from every other test's (mktemp: 0700).
+    monkeypatch.setenv("SAFEHUB_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     for name in _SCRUBBED:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SAFEHUB_GITHUB_URL", _NOWHERE)

@@ -159,7 +159,9 @@ def link(served: str, dst: str) -> None:
 def _served_path(value: Any) -> str:
     """The path the parent answered with, which must lie in this call's view folder."""
     path = value.get("path") if isinstance(value, dict) else None
-    if not isinstance(path, str) or not os.path.realpath(path).startswith(_state["view_dir"] + os.sep):
+    # The entry's folder, not the entry: a view entry may be a link to a file granted to this call.
+    where = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)) if isinstance(path, str) else ""
+    if not isinstance(path, str) or not where.startswith(_state["view_dir"] + os.sep):
         raise OSError(errno.EPROTO, "safehub: the parent's answer names no file of the call's view")
     return path
 

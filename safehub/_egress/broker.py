@@ -66,7 +66,8 @@ class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
     def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None,
-                 hub_pins: dict[Any, Any] | None = None, limits: Limits | None = None) -> None:
+                 hub_pins: dict[Any, Any] | None = None, limits: Limits | None = None,
+                 granted: frozenset[str] = frozenset()) -> None:
         self.sandbox = sandbox
         self.nested = nested
         # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
@@ -77,12 +78,23 @@ class Broker:
         self.limits = _limits.DEFAULT_LIMITS if limits is None else limits
         self.budget = CallBudget(self.limits)
         self.deadline = Deadline(sandbox.timeout)
-        self.view = CallView()
+        self.view = CallView(granted)
         self.records: list[FetchRecord] = []
 
     def close(self) -> None:
         self.view.remove()
+        self._restamp(self.records)
         _record.publish(self.records)
+
+    @staticmethod
+    def _restamp(records: list[FetchRecord]) -> None:
+        """A view's hard link, made and removed, changes its file's ctime, which the digest memo
+        keys on: remember the digests this call measured under the stamps this call caused."""
+        for record in records:
+            if record.kind == "file" and record.path:
+                _cache.remember_file_digest(Path(record.path), record.sha256)
+            elif record.kind == "hf" and record.path:  # the snapshot's link: the memo keys on its blob
+                _cache.remember_file_digest(Path(record.path).resolve(), record.sha256)
 
     def __enter__(self) -> Broker:
         return self
@@ -110,31 +122,36 @@ class Broker:
             raise Refusal(f"files are kept in the checkpoints folders, not {str(place)[:40]!r}")
         if hash_prefix is not None and (not isinstance(hash_prefix, str) or not re.fullmatch(r"[0-9a-fA-F]{1,64}", hash_prefix)):
             raise Refusal(f"the hash prefix {str(hash_prefix)[:80]!r} is not hexadecimal")
-        folder = _cache.hub_path() / "checkpoints" if place == "hub/checkpoints" else Path(constants.TORCH_HOME) / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
+        # A read-only shared hub dir that holds the file serves it in place; else the writable one.
+        path = _cache.find_checkpoint(place, name) or _cache.checkpoint_dir(place) / name
         pinned = self._pinned(url)
         saved = None
         if not (path.is_file() and not path.is_symlink()):
             self._may_download(url)
+            path.parent.mkdir(parents=True, exist_ok=True)
             # A pinned file is checked against its whole sha256 before it is moved into place;
             # unless_present: parallel calls (threads, processes) fetching one checkpoint download it once.
             with _told_to_the_worker():
                 saved = _download.fetch_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress),
                                            open_url=self.open_url, unless_present=True)
         if saved is not None:
-            _remember_digest(path, saved.sha256)  # measured on the way in: the next load reads it
+            _cache.remember_file_digest(path, saved.sha256)  # measured on the way in: the next load reads it
+            _cache.record_checkpoint(path, place, url=url, size=saved.size, sha256=saved.sha256)  # for `cache verify`
             record = FetchRecord(kind="file", url=url, final_url=saved.final_url, size=saved.size,
-                                 sha256=saved.sha256, path=str(path))
+                                 sha256=saved.sha256, path=str(path), name=name, place=place)
         else:
-            # A file the cache had: a pinned one is hashed again, whatever the memo says.
-            size, digest = _digest(path, trust_memo=pinned is None)
+            # A file the cache had. The digest memo is this user's own (a private folder, keyed on
+            # size, mtime, inode and ctime), so a pinned file is hashed once, not on every call.
+            size, digest = _cache.file_digest(path)
             if pinned is not None and digest != pinned.sha256:
                 raise Refusal(f"{path} is not the file the lock file pins for {url[:500]} (sha256 differs); "
                               "remove it to fetch the pinned one, or run `safehub lock --load` again")
-            record = FetchRecord(kind="file", url=url, final_url=url, size=size, sha256=digest, cached=True, path=str(path))
+            record = FetchRecord(kind="file", url=url, final_url=url, size=size, sha256=digest, cached=True, path=str(path),
+                                 name=name, place=place)
         self._record(record)
-        return {"path": str(self.view.add_file(path, place, name))}, [], []
+        shown = self.view.add_file(path, place, name)
+        self._restamp([record])
+        return {"path": str(shown)}, [], []
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         url = self._url(args)
@@ -209,7 +226,7 @@ class Broker:
 
     def _hub(self) -> _hf.HubFetcher:
         # Each file of a snapshot counts as one thing fetched, like each ask.
-        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _digest(path, trust_memo=not pinned),
+        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _cache.file_digest(path, trust_memo=not pinned),
                               count=self._count, pins=self.hub_pins)
 
     def _hub_request(self, args: dict[str, Any], *, with_file: bool) -> _hf.HubRequest:
@@ -311,51 +328,6 @@ def _get_into(url: str, fd: int, open_url: Callable[[str], CheckedResponse], max
         size, digest = _http.stream_to_file(response, out, max_bytes=max_bytes)  # digest: the connection's
         record = FetchRecord(kind="get", url=url, final_url=response.geturl(), size=size, sha256=digest)
         return {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}, record
-
-
-def _digest(path: Path, *, trust_memo: bool = True) -> tuple[int, str]:
-    """(size, sha256) of a cached file; remembered beside the cache, so a 1 GiB checkpoint is
-    hashed once, not on every load (a changed size, mtime or inode means a new file)."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if trust_memo:
-            known = _remembered_digest(path, st)
-            if known is not None:
-                return st.st_size, known
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    _write_memo(path, st, digest)
-    return st.st_size, digest
-
-
-def _remember_digest(path: Path, digest: str) -> None:
-    """Remember the sha256 of a file this process just put in place (measured as it arrived)."""
-    with contextlib.suppress(OSError):
-        _write_memo(path, os.stat(path), digest)
-
-
-def _memo_path(path: Path) -> Path:
-    return _cache.hub_path() / ".safehub" / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-
-
-def _remembered_digest(path: Path, st: os.stat_result) -> str | None:
-    import json
-
-    with contextlib.suppress(OSError, ValueError):
-        known = json.loads(_memo_path(path).read_text())
-        if known.get("stamp") == [st.st_size, st.st_mtime_ns, st.st_ino] and isinstance(known.get("sha256"), str):
-            return str(known["sha256"])
-    return None
-
-
-def _write_memo(path: Path, st: os.stat_result, digest: str) -> None:
-    import json
-
-    memo = _memo_path(path)
-    with contextlib.suppress(OSError):
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(path), "stamp": [st.st_size, st.st_mtime_ns, st.st_ino], "sha256": digest}))
-        os.replace(tmp, memo)
 
 
 def _patterns(value: Any) -> list[str] | None:

@@ -32,6 +32,8 @@ class FetchRecord:
         cached: the cache had it, and nothing was fetched.
         path: where the parent keeps it ("" for a GET).
         commit_sha: a repository's commit, or the commit a Hub file was fetched at ("" otherwise).
+        name, place: a file's name and checkpoints folder (``"hub/checkpoints"`` or
+            ``"checkpoints"``), so ``safehub cache fill`` puts it back there ("" otherwise).
         hub_file: a Hugging Face Hub file (``kind="hf"``): repo_type, repo_id, revision, filename.
     """
 
@@ -43,6 +45,8 @@ class FetchRecord:
     cached: bool = False
     path: str = ""
     commit_sha: str = ""
+    name: str = ""
+    place: str = ""
     hub_file: tuple[str, str, str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,14 +1,21 @@
 """A call's view: the one folder of the cache its worker may read, holding exactly what it fetched.
 
 The worker never sees the hub dir (other repositories, the trusted_list, safehub's records). For
-each call the parent makes ``<hub_dir>/.safehub/views/<pid>-<random>/``, laid out as a
-``TORCH_HOME`` (``hub/checkpoints/``, ``checkpoints/``, ``repos/``) with a Hugging Face cache beside
-them (``huggingface/hub/``, the worker's ``HF_HUB_CACHE``), grants the worker read on it
-alone (bubblewrap binds it, Landlock allows it), and links into it each checkpoint or nested
-repository the broker serves. Hard links: the same inode as the cache's file, so a 1 GiB
-checkpoint is not copied (a copy only where a link cannot be made or the worker's uid could not
-read the cache's file). The view is removed when the call ends; a view whose caller died is
-swept by the next call, like a stale scratch folder.
+each call the parent makes ``<runtime_dir>/views/<pid>-<random>/`` (the per-user runtime folder,
+:func:`safehub._cache.runtime_dir`: never inside the hub dir, which may be read-only or another
+user's), laid out as a ``TORCH_HOME`` (``hub/checkpoints/``, ``checkpoints/``, ``repos/``) with a
+Hugging Face cache beside them (``huggingface/hub/``, the worker's ``HF_HUB_CACHE``), grants
+the worker read on it alone (bubblewrap binds it, Landlock allows it), and shows in it each
+checkpoint or nested repository the broker serves:
+
+- a hard link where one can be made (the runtime folder on the hub dir's filesystem, which is
+  writable): the same inode as the cache's file, so a 1 GiB checkpoint is not copied;
+- else a symlink to a file granted to the call before its worker started (``granted``: what the
+  call's lock file pins and a hub dir already holds; the worker's read rules name each one);
+- else a copy (a read-only hub dir and a file no lock named).
+
+The view is removed when the call ends; a view whose caller died is swept by the next call, like
+a stale scratch folder.
 """
 
 from __future__ import annotations
@@ -21,20 +28,21 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import _cache, _stale
+from .. import _cache, _log, _stale
 from .._stale import remove_tree, sweepable_owners
 
 VIEWS = "views"
+_LOUD_COPY_BYTES = 64 * 1024**2
 PLACES = ("hub/checkpoints", "checkpoints", "repos", HF_PLACE := "huggingface/hub")
 
 
 class CallView:
     """The view folder of one call (see the module docstring)."""
 
-    def __init__(self) -> None:
-        top = _cache.hub_path() / ".safehub" / VIEWS
-        top.mkdir(parents=True, exist_ok=True)
+    def __init__(self, granted: frozenset[str] = frozenset()) -> None:
+        top = _cache.runtime_subdir(VIEWS)
         _stale.sweep(top, "", sweepable_owners())
+        self.granted = granted  # real paths of cache files the worker may read in place
         self.root = top / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.root.mkdir(mode=0o755)
         for place in PLACES:
@@ -48,7 +56,7 @@ class CallView:
         target = self.root / place / name
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
-        _link_or_copy(source, target)
+        _link_or_copy(source, target, self.granted)
         return target
 
     def add_hub_file(self, served: Any, relative: PurePosixPath) -> Path:
@@ -57,7 +65,7 @@ class CallView:
         target = self._hub_path(relative)
         if not target.exists():
             self._folders_to(target.parent)
-            _link_or_copy(served.snapshot_path.resolve(), target)
+            _link_or_copy(served.snapshot_path.resolve(), target, self.granted)
         return target
 
     def hub_snapshot(self, folder_name: str, commit_sha: str, revision: str) -> Path:
@@ -109,7 +117,7 @@ class CallView:
         remove_tree(self.root)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path, granted: frozenset[str] = frozenset()) -> None:
     mode = source.stat().st_mode
     # A link shares the cache file's owner and mode: where others may not read it, a worker
     # dropped to another uid could not either, so it gets a readable copy instead.
@@ -118,6 +126,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
             os.link(source, target)
             return
         except OSError:
-            pass  # another filesystem, or links refused: copy
+            pass  # another filesystem (a read-only mount is one), or links refused
+        if os.path.realpath(source) in granted:
+            os.symlink(os.path.realpath(source), target)  # the worker's rules grant that file itself
+            return
+    if source.stat().st_size > _LOUD_COPY_BYTES:
+        _log.info(f"copying {source} into the call's view ({source.stat().st_size} bytes): it cannot be linked "
+                  "from the runtime folder; a lock file that pins it lets the worker read it in place")
     shutil.copyfile(source, target)
     target.chmod(0o644)

@@ -35,7 +35,8 @@ EXIT_CODES = {
     "error, cut-off download, or --offline with nothing cached (a retry or GITHUB_TOKEN may help)",
     EXIT_INTEGRITY: "integrity: an archive's sha256 differs from the lock file; the lock file is "
     "missing, unreadable or lacks the repository; a commit on no branch or tag (a fork's); a "
-    "hostile archive; `cache verify` found a changed tree",
+    "hostile archive; a pinned tree changed in the cache (and could not be fetched again); `cache "
+    "verify` found a changed tree or checkpoint",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -109,6 +110,7 @@ ERROR_TABLE: tuple[Rule, ...] = (
     # a GitHubError, and neither is cured by a retry.
     Rule(errors.HashMismatchError, EXIT_INTEGRITY, _plain),
     Rule(errors.LockFileError, EXIT_INTEGRITY, _plain),
+    Rule(errors.TreeChangedError, EXIT_INTEGRITY, _plain),
     Rule(errors.ForkCommitError, EXIT_INTEGRITY, _plain),
     Rule(errors.ArchiveError, EXIT_INTEGRITY, _plain),
     Rule(errors.FetchRefusedError, EXIT_INTEGRITY, _plain),  # a rule of the fetch policy: no retry cures it

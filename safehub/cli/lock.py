@@ -70,7 +70,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 elif fetch.hub_file is not None:
                     hub_files.append(_pins.HubPin(*fetch.hub_file[:3], fetch.commit_sha, fetch.hub_file[3], fetch.sha256, fetch.size))
                 else:
-                    files[fetch.url] = _pins.FilePin(fetch.sha256, fetch.size)
+                    # Where it was kept, so `safehub cache fill` puts it back there.
+                    files[fetch.url] = _pins.FilePin(fetch.sha256, fetch.size, fetch.name, fetch.place)
     text = _pins.dumps(pins, files, hub_files)
     if output is None:
         sys.stdout.write(text)

@@ -121,7 +121,10 @@ def test_pretrained_weights_come_through_the_parent(repo, checkpoint, github, hu
     assert cached.read_bytes() == data  # torch.hub's layout: plain torch.hub finds the same file
     assert [(f.kind, f.url, f.size, f.cached) for f in fetches] == [("file", url, len(data), False)]
     assert len(file_requests(github)) == 1
-    assert not list((hub_dir / ".safehub" / "views").iterdir())  # the call's view is gone
+    from safehub import _cache
+
+    assert not list((_cache.runtime_dir() / "views").iterdir())  # the call's view is gone
+    assert not (hub_dir / ".safehub" / "views").exists()  # and it never was in the hub dir
 
 
 def test_a_second_load_downloads_nothing_and_plain_torch_hub_finds_the_file(repo, checkpoint, github, hub_dir, monkeypatch):

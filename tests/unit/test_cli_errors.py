@@ -33,6 +33,8 @@ EXPECTED = {
     "HubFileError": cli.EXIT_NETWORK,
     "ArchiveError": cli.EXIT_INTEGRITY,
     "LockFileError": cli.EXIT_INTEGRITY,
+    "TreeChangedError": cli.EXIT_INTEGRITY,
+    "ReadOnlyCacheError": cli.EXIT_ERROR,
     "UntrustedRepoError": cli.EXIT_UNTRUSTED,
     "HubconfError": cli.EXIT_ERROR,
     "MissingDependenciesError": cli.EXIT_ERROR,
