@@ -11,6 +11,7 @@ import builtins
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,15 @@ from . import _cache, _fetch, _log, _pins, _refs, _tree, _trust, constants
 from ._refs import RepoRef
 from ._worker import hubconf as _hubconf
 from .errors import (
+    DamagedCacheError,
     EntrypointNotFoundError,
     HubconfError,
+    HubconfNotFoundError,
     InvalidArgumentError,
     LockFileError,
     MissingDependenciesError,
     OfflineError,
+    RemoteError,
 )
 
 _RETURNS = ("object", "weights", "remote")
@@ -77,8 +81,12 @@ def _local_dir(path: object) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgumentError(f"With source='local', pass a folder path, not {path!r}.")
     repo_dir = Path(path)
+    if not repo_dir.is_dir():
+        raise HubconfNotFoundError(f"No such folder: {repo_dir}; with source='local', pass the folder that holds "
+                                   f"{constants.MODULE_HUBCONF}.", repo_dir=str(repo_dir))
     if not (repo_dir / constants.MODULE_HUBCONF).is_file():
-        raise HubconfError(f"{repo_dir} has no {constants.MODULE_HUBCONF}; pass the folder that holds it.")
+        raise HubconfNotFoundError(f"{repo_dir} has no {constants.MODULE_HUBCONF}; pass the folder that holds it.",
+                                   repo_dir=str(repo_dir))
     return repo_dir
 
 
@@ -119,18 +127,45 @@ def _repo_dir(
     verbose: bool,
     skip_validation: bool,
     lock: str | os.PathLike[str] | None = None,
-) -> Path:
+) -> tuple[Path, _cache.CacheEntry | None]:
+    """The repository's folder, and its cache entry (None for a local folder)."""
     if source == "local":
         # torch.hub never asks trust for a local folder: the caller already has its code.
         _trust.validate(trust_repo)
         if lock is not None:
             raise InvalidArgumentError("A lock file pins GitHub repositories; it does not apply to source='local'.")
-        return _local_dir(repo_or_dir)
+        return _local_dir(repo_or_dir), None
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
     entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
                          skip_validation=skip_validation, lock=lock)
-    return entry.repo_dir
+    return entry.repo_dir, entry
+
+
+# Failures a changed cached tree can cause (a module missing, a file broken), in the worker or here.
+_TREE_FAILURES = (RemoteError, HubconfError, ImportError, SyntaxError, NameError, AttributeError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def _blaming_a_damaged_tree(entry: _cache.CacheEntry | None) -> Iterator[None]:
+    """A load of a cached tree that fails because the tree changed since it was fetched says so,
+    naming the folder and the cure, rather than showing only what broke (``No module named ...``)."""
+    try:
+        yield
+    except _TREE_FAILURES as exc:
+        if entry is None or isinstance(exc, DamagedCacheError):
+            raise
+        with _cache.locked(entry.folder):  # never hash a tree an install is replacing
+            changed = _cache.tree_digest(entry.repo_dir) != entry.tree_sha256
+        if not changed:
+            raise
+        label = f"{entry.owner}/{entry.repo}:{entry.ref}"
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise DamagedCacheError(
+            f"The cached tree of {label} in {entry.repo_dir} changed since it was fetched (a file edited, "
+            f"added or removed), and loading it failed: {first_line}. Fetch it again with force_reload=True.",
+            path=str(entry.repo_dir), repo=label,
+        ) from exc
 
 
 def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: Any, **call: Any) -> Any:
@@ -214,8 +249,10 @@ def pin(github: str, *, skip_validation: bool = False, force_reload: bool = Fals
 def _import_in_process(repo_dir: Path) -> Any:
     try:
         return _hubconf.import_hubconf(str(repo_dir))
+    except _hubconf.HubconfUnreadable as exc:
+        raise HubconfError(str(exc), repo_dir=str(repo_dir)) from None
     except _hubconf.HubconfMissing as exc:
-        raise HubconfError(str(exc)) from None
+        raise HubconfNotFoundError(str(exc), repo_dir=str(repo_dir)) from None
 
 
 def _entry_in_process(module: Any, model: object) -> Any:
@@ -226,7 +263,7 @@ def _entry_in_process(module: Any, model: object) -> Any:
     except _hubconf.MissingDependencies as exc:
         raise MissingDependenciesError(str(exc), missing=exc.missing) from None
     except _hubconf.EntrypointNotFound as exc:
-        raise EntrypointNotFoundError(str(exc), model=exc.model) from None
+        raise EntrypointNotFoundError(str(exc), model=exc.model, suggestions=exc.suggestions) from None
 
 
 def list(  # noqa: A001 - torch.hub's name
@@ -272,15 +309,16 @@ def list(  # noqa: A001 - torch.hub's name
     """
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
-    repo_dir = _repo_dir(
+    repo_dir, entry = _repo_dir(
         github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
-    if sandbox is not None:
-        return _isolated(repo_dir, "list", sandbox=sandbox, returns="weights", lock=lock)
-    with _hubconf.prepended_sys_path(str(repo_dir)):
-        module = _import_in_process(repo_dir)
-    return _hubconf.list_entrypoints(module)
+    with _blaming_a_damaged_tree(entry):
+        if sandbox is not None:
+            return _isolated(repo_dir, "list", sandbox=sandbox, returns="weights", lock=lock)
+        with _hubconf.prepended_sys_path(str(repo_dir)):
+            module = _import_in_process(repo_dir)
+        return _hubconf.list_entrypoints(module)
 
 
 def help(  # noqa: A001 - torch.hub's name
@@ -322,15 +360,16 @@ def help(  # noqa: A001 - torch.hub's name
     """
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
-    repo_dir = _repo_dir(
+    repo_dir, entry = _repo_dir(
         github, source, trust_repo=trust_repo, trust_needed=sandbox is None,
         force_reload=force_reload, verbose=True, skip_validation=skip_validation, lock=lock,
     )
-    if sandbox is not None:
-        return _isolated(repo_dir, "help", model=model, sandbox=sandbox, returns="weights", lock=lock)
-    with _hubconf.prepended_sys_path(str(repo_dir)):
-        module = _import_in_process(repo_dir)
-    return _entry_in_process(module, model).__doc__
+    with _blaming_a_damaged_tree(entry):
+        if sandbox is not None:
+            return _isolated(repo_dir, "help", model=model, sandbox=sandbox, returns="weights", lock=lock)
+        with _hubconf.prepended_sys_path(str(repo_dir)):
+            module = _import_in_process(repo_dir)
+        return _entry_in_process(module, model).__doc__
 
 
 def load(
@@ -412,15 +451,17 @@ def load(
             "anyway. Call the model (or model.state_dict()) yourself, or pass isolate=True."
         )
     trust_needed = sandbox is None or returns == "object"
-    repo_dir = _repo_dir(
+    repo_dir, cache_entry = _repo_dir(
         repo_or_dir, source, trust_repo=trust_repo, trust_needed=trust_needed,
         force_reload=force_reload, verbose=verbose, skip_validation=skip_validation, lock=lock,
     )
     if sandbox is not None:
-        return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox, lock=lock)
+        with _blaming_a_damaged_tree(cache_entry):
+            return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, returns=returns, sandbox=sandbox, lock=lock)
     with _hubconf.prepended_sys_path(str(repo_dir)):
-        module = _import_in_process(repo_dir)
-        entry = _entry_in_process(module, model)
+        with _blaming_a_damaged_tree(cache_entry):
+            module = _import_in_process(repo_dir)
+            entry = _entry_in_process(module, model)
         return entry(*args, **kwargs)
 
 

@@ -31,9 +31,7 @@ import zipfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from tqdm import tqdm
-
-from . import _extract, _filelock, _http
+from . import _extract, _filelock, _http, _log
 from .errors import DownloadError, HashMismatchError, InvalidArgumentError
 
 logger = logging.getLogger("safehub")
@@ -257,7 +255,7 @@ def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bo
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
-            saved = _fetch_into(url, out, progress, open_url)
+            saved = _fetch_into(url, out, progress, open_url, label=dst.name)
         _check_hash(url, saved.sha256, hash_prefix)
         os.replace(tmp_path, dst)
     except BaseException:
@@ -267,8 +265,11 @@ def _download(url: str, dst: pathlib.Path, hash_prefix: str | None, progress: bo
     return saved
 
 
-def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None) -> Saved:
-    """Stream ``url`` into ``out``; return the final URL and the body's size and sha256 hex."""
+def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], Any] | None = None, *,
+                label: str = "") -> Saved:
+    """Stream ``url`` into ``out``; return the final URL and the body's size and sha256 hex. The
+    progress bar, labelled ``label``, is drawn only on a terminal and never with ``-q``
+    (``_log.progress``)."""
     try:
         response = (open_url or _http.open_url)(url)
     except _http.HTTPStatusError as exc:
@@ -276,15 +277,9 @@ def _fetch_into(url: str, out: Any, progress: bool, open_url: Callable[[str], An
     with response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        with tqdm(
-            total=total,
-            disable=not progress,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-        ) as bar:
-            size, digest = _http.stream_to_file(response, out, on_chunk=bar.update)
+        with _log.progress(label or os.path.basename(urllib.parse.urlsplit(url).path), verbose=progress,
+                           total=total) as on_chunk:
+            size, digest = _http.stream_to_file(response, out, on_chunk=on_chunk)
         return Saved(response.geturl(), size, digest)
 
 

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from . import constants
 from .errors import ArchiveError
+from ._worker import with_article
 
 # Longest symlink target we accept; Linux's PATH_MAX. Anything longer is not a real link.
 MAX_LINK_TARGET_BYTES = 4096
@@ -236,7 +237,7 @@ def _check_single_top(members: list[_Member]) -> None:
         raise ArchiveError(f"Expected one top-level folder in the archive, found {len(tops)}: {shown}.")
     for m in members:
         if len(m.parts) == 1 and m.kind != "dir":
-            raise ArchiveError(f"Member {m.name!r} is a {m.kind} at the top level; expected a folder.")
+            raise ArchiveError(f"Member {m.name!r} is {with_article(m.kind)} at the top level; expected a folder.")
 
 
 def _check_no_duplicates(members: list[_Member]) -> None:

@@ -23,7 +23,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from . import _cache, _extract, _github, _log, _tree, constants
+from . import _cache, _disk, _extract, _github, _log, _tree, constants
 from ._cache import CacheEntry
 from ._pins import Pin
 from ._refs import RepoRef, ResolvedRef
@@ -108,6 +108,7 @@ def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bo
     Raises:
         HashMismatchError: with ``pin``, the archive's sha256 is not the pinned one; nothing changed.
         GitHubError, NetworkError, DownloadError: the download failed; nothing changed.
+        DiskFullError: the hub dir has no room left; nothing changed.
         ArchiveError: the archive is corrupt, too large or tries to escape; nothing changed.
     """
     folder = _cache.folder_name(resolved.owner, resolved.repo, resolved.ref)
@@ -119,7 +120,7 @@ def fetch_repo(resolved: ResolvedRef, *, force_reload: bool = False, verbose: bo
             "to keep using what it holds; or fill it where it is writable (`safehub cache fill --locked LOCKFILE`).",
             hub_dir=_cache.get_dir(),
         )
-    with _cache.locked(folder):
+    with _disk.writing_in(_cache.get_dir(), f"the repository {_label(resolved)}"), _cache.locked(folder):
         if not force_reload:
             entry = _installed(resolved, pin)
             if entry is not None:

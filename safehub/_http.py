@@ -139,27 +139,29 @@ def stream_to_file(
     own_digest: Callable[[], str] | None = getattr(response, "body_sha256", None)
     digest = hashlib.sha256()
     received = 0
-    try:
-        while True:
+    while True:
+        try:
             chunk = response.read(constants.READ_CHUNK)
-            if not chunk:
-                break
-            received += len(chunk)
-            if max_bytes is not None and received > max_bytes:
-                raise DownloadError(f"{url} is over the limit of {max_bytes} bytes.", url=url)
-            if own_digest is None:
-                digest.update(chunk)
-            out.write(chunk)
-            if on_chunk is not None:
-                on_chunk(len(chunk))
-    except http.client.IncompleteRead as exc:
-        received += len(exc.partial)
-    except (OSError, http.client.HTTPException) as exc:
-        raise NetworkError(
-            f"The connection to {url} broke after {received} bytes: {exc}. Try again.",
-            url=url,
-            status=None,
-        ) from exc
+        except http.client.IncompleteRead as exc:
+            received += len(exc.partial)
+            break
+        except (OSError, http.client.HTTPException) as exc:
+            raise NetworkError(
+                f"The connection to {url} broke after {received} bytes: {exc}. Try again.",
+                url=url,
+                status=None,
+            ) from exc
+        if not chunk:
+            break
+        received += len(chunk)
+        if max_bytes is not None and received > max_bytes:
+            raise DownloadError(f"{url} is over the limit of {max_bytes} bytes.", url=url)
+        if own_digest is None:
+            digest.update(chunk)
+        # Outside the read's handler: a failed write (a full disk) is the disk's, not the network's.
+        out.write(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     if expected_len is not None and received != expected_len:
         raise IncompleteDownloadError(
             f"The download of {url} stopped after {received} of {expected_len} bytes; "

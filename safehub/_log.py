@@ -17,7 +17,9 @@ To silence the echo without configuring logging, attach a handler to ``"safehub"
 ``logging.NullHandler()``); to see the lines through logging, configure logging as usual.
 
 :func:`progress` gives a tqdm bar on stderr for downloads only where someone watches (stderr is
-a terminal) and ``verbose`` is on; elsewhere (CI logs, pipes) it does nothing.
+a terminal) and ``verbose`` is on; elsewhere (CI logs, pipes) it does nothing. Every download
+bar of the process goes through it, those made on a worker's behalf included. :func:`set_quiet`
+(the command line's ``-q``) turns the bars off for the whole process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from collections.abc import Callable, Iterator
 from ._terminal import visible
 
 logger = logging.getLogger("safehub")
+_quiet = False
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """No progress bars at all in this process (``safehub -q``); messages are the logger's to silence."""
+    global _quiet
+    _quiet = quiet
 
 
 def info(msg: str, *, verbose: bool = True) -> None:
@@ -66,7 +75,7 @@ def _is_terminal(stream: object) -> bool:
 @contextlib.contextmanager
 def progress(desc: str, *, verbose: bool = True, total: int | None = None) -> Iterator[Callable[[int], None] | None]:
     """A callback taking a byte count, drawing a tqdm bar on a terminal's stderr; None when quiet."""
-    if not verbose or not _is_terminal(sys.stderr):
+    if not verbose or _quiet or not _is_terminal(sys.stderr):
         yield None
         return
     from tqdm import tqdm  # only when a bar is drawn

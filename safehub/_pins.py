@@ -192,7 +192,7 @@ def pin_for(path: str | os.PathLike[str], repo_ref: RepoRef) -> Pin:
     except KeyError:
         raise LockFileError(
             f"{path} has no entry for {repo_ref}. Add it with `safehub lock {repo_ref}` (and merge "
-            "the output into the lock file), or load without --locked.",
+            "the output into the lock file), or load without lock=.",
             path=str(path),
             repo=str(repo_ref),
         ) from None

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from ._worker.layout import DTYPES, OBJECT_FORMAT, PICKLE_ENTRY
 from ._worker.protocol import count_nodes, strict_json_loads
 from .errors import ResultDecodeError
+from ._worker import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -204,7 +205,7 @@ def _storage_view(torch: Any, buffer: Any, offset: int, size: int) -> Any:
 
 def _describe(value: Any) -> str:
     # Never repr an arbitrary object here: its __repr__ would be the worker's code.
-    return repr(value)[:80] if type(value) in (str, int) else f"a {type(value).__name__}"
+    return repr(value)[:80] if type(value) in (str, int) else with_article(type(value).__name__)
 
 
 def _parse_shards(

@@ -243,6 +243,15 @@ def sandbox_report(sandbox: Sandbox | None = None) -> dict[str, dict[str, Any]]:
         if name == "namespaces" and not available and "bubblewrap" in wanted:
             active = bool(report.get("bubblewrap", {}).get("active"))
         report[name] = {"active": active, "available": available, "detail": str(found.get("detail", ""))}
+        if found.get("restricted"):
+            report[name]["restricted"] = True
+    # The scratch folder is a sized tmpfs only inside a mount namespace; elsewhere it is a plain
+    # folder, and RLIMIT_FSIZE bounds each file to max_scratch_size (worker/sandbox/confine.py).
+    if "rlimits" in report:
+        mounts = report.get("namespaces", {}).get("active") or report.get("bubblewrap", {}).get("active")
+        report["rlimits"]["detail"] += ("; scratch a sized tmpfs in the worker's mount namespace" if mounts else
+                                        "; scratch a plain folder (no mount namespace here): each file is "
+                                        "bounded to max_scratch_size, not their total")
     return report
 
 

@@ -1,14 +1,16 @@
 """The exceptions safehub raises, and nothing else.
 
 Every error is a :class:`SafeHubError`. Where a torch.hub caller already catches a builtin
-(torch.hub raises ``ValueError`` and ``RuntimeError``), the safehub error subclasses that builtin
-too, so code written for torch.hub keeps working. Facts are attributes, never parsed from the
-message.
+(torch 2.13's hub raises ``ValueError``, ``RuntimeError``, ``FileNotFoundError`` for a missing
+hubconf.py, and urllib's ``HTTPError``/``URLError``, which are ``OSError``, when GitHub or a
+download fails), the safehub error subclasses that builtin too, so code written for torch.hub
+keeps working; ``tests/integration/test_error_compat.py`` runs both on the same bad inputs.
+Facts are attributes, never parsed from the message.
 
     SafeHubError
     ├── InvalidRefError (ValueError)          owner/repo[:ref] is not a valid GitHub name
     ├── InvalidArgumentError (ValueError)     any other bad argument (source, returns, ...)
-    ├── GitHubError (RuntimeError)            the GitHub API or archive host failed
+    ├── GitHubError (RuntimeError, OSError)   the GitHub API or archive host failed
     │   ├── RateLimitError                    403/429 with the rate limit spent
     │   ├── AuthenticationError               401: a bad or expired GITHUB_TOKEN
     │   ├── RepoNotFoundError                 404 on the repository
@@ -16,7 +18,8 @@ message.
     │   ├── ForkCommitError (ValueError)      a commit no branch or tag of the repository holds
     │   └── NetworkError                      the host could not be reached
     ├── OfflineError (RuntimeError)           SAFEHUB_OFFLINE=1 and the cache lacks something
-    ├── DownloadError (RuntimeError)          a download failed
+    ├── DiskFullError (OSError)               no space left in a folder safehub writes; path
+    ├── DownloadError (RuntimeError, OSError) a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   ├── HashMismatchError                 the sha256 does not match
     │   ├── FetchRefusedError                 the fetch policy refused a URL, address or cap
@@ -27,6 +30,8 @@ message.
     ├── ReadOnlyCacheError (RuntimeError)     something must be written in a read-only hub dir
     ├── UntrustedRepoError (RuntimeError)     trust was needed and not given
     ├── HubconfError (RuntimeError)           hubconf.py is missing or broken
+    │   ├── HubconfNotFoundError (FileNotFoundError)  no hubconf.py (or no folder) there
+    │   ├── DamagedCacheError                 the cached tree changed since it was fetched; path, repo
     │   ├── MissingDependenciesError          `dependencies` names modules that are not installed
     │   └── EntrypointNotFoundError           no callable of that name
     ├── WorkerError (RuntimeError)            the isolated worker failed
@@ -34,6 +39,7 @@ message.
     │   ├── WorkerCrashedError                the worker died; exit_code, signal_name
     │   ├── WorkerTimeoutError (TimeoutError) the worker ran past Sandbox.timeout
     │   ├── RemoteClosedError                 a remote model's worker has ended; reason
+    │   ├── SandboxLimitError                 a limit of the sandbox made it fail; limit, value
     │   └── ProtocolError                     the worker sent bytes that break the protocol
     │       └── ResultDecodeError             a result that fails validation (weights, pickle)
     └── SandboxError (RuntimeError)           a Sandbox setting is invalid or unavailable
@@ -89,7 +95,7 @@ class InvalidArgumentError(SafeHubError, ValueError):
     """An argument other than the repository string is invalid."""
 
 
-class GitHubError(SafeHubError, RuntimeError):
+class GitHubError(SafeHubError, RuntimeError, OSError):
     """GitHub (or the configured mirror) failed. Attributes: ``url``, ``status``."""
 
     url: str | None = None
@@ -132,7 +138,13 @@ class OfflineError(SafeHubError, RuntimeError):
     """Offline mode is on and the cache cannot answer."""
 
 
-class DownloadError(SafeHubError, RuntimeError):
+class DiskFullError(SafeHubError, OSError):
+    """A write failed for lack of space (ENOSPC, EDQUOT). Attribute: ``path``, the folder."""
+
+    path: str | None = None
+
+
+class DownloadError(SafeHubError, RuntimeError, OSError):
     """A download failed. Attribute: ``url``."""
 
     url: str | None = None
@@ -217,6 +229,21 @@ class HubconfError(SafeHubError, RuntimeError):
     """``hubconf.py`` is missing or fails."""
 
 
+class HubconfNotFoundError(HubconfError, FileNotFoundError):
+    """No ``hubconf.py`` in the folder, or no such folder: torch.hub raises FileNotFoundError there.
+    Attribute: ``repo_dir``."""
+
+    repo_dir: str | None = None
+
+
+class DamagedCacheError(HubconfError):
+    """The cached tree of a repository changed since it was fetched (a file edited, added or
+    removed), and loading it failed. Attributes: ``path`` (the tree), ``repo``."""
+
+    path: str | None = None
+    repo: str | None = None
+
+
 class MissingDependenciesError(HubconfError):
     """Modules named in ``dependencies`` are not installed. Attribute: ``missing``."""
 
@@ -224,9 +251,10 @@ class MissingDependenciesError(HubconfError):
 
 
 class EntrypointNotFoundError(HubconfError):
-    """No callable entrypoint of that name. Attribute: ``model``."""
+    """No callable entrypoint of that name. Attributes: ``model``, ``suggestions`` (close names)."""
 
     model: str | None = None
+    suggestions: list[str] | None = None
 
 
 class WorkerError(SafeHubError, RuntimeError):
@@ -267,6 +295,23 @@ class RemoteClosedError(WorkerError):
     out, crashed, broke the protocol, or past its idle or whole-life limit. Attribute: ``reason``."""
 
     reason: str | None = None
+
+
+class SandboxLimitError(WorkerError):
+    """A limit of the sandbox, not the repository, made the worker fail (memory, processes, open
+    files, scratch, file size, CPU time). Attributes: ``limit`` (the Sandbox setting's name),
+    ``value`` (its value), and where the worker saw it ``remote_type`` and ``remote_traceback``."""
+
+    limit: str | None = None
+    value: float | None = None
+    remote_type: str | None = None
+    remote_traceback: str = ""
+    exit_code: int | None = None
+    signal_name: str | None = None
+
+    def __str__(self) -> str:
+        tb = getattr(self, "remote_traceback", "")
+        return f"{self.message}\n\nRemote traceback (from the worker):\n{tb}" if tb else self.message
 
 
 class ProtocolError(WorkerError):

@@ -41,3 +41,10 @@ import os
 
 WORKER_DIR = os.path.dirname(os.path.abspath(__file__))
 ENTRY_SCRIPT = os.path.join(WORKER_DIR, "main.py")
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an", as English reads it: "an Encoder", "a Linear", "an int".
+
+    One rule for every message that names a type (worker and parent alike)."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' and noun[:1] else 'a'} {noun}"

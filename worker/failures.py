@@ -24,12 +24,68 @@ def error(category: str, message: str, **facts: Any) -> tuple[str, dict[str, Any
 
 
 def exception(phase: str, exc: BaseException) -> tuple[str, dict[str, Any], list[bytes], list[int]]:
-    """The ERROR reply for an exception the repository's code raised during ``phase``."""
+    """The ERROR reply for an exception the repository's code raised during ``phase``; with
+    ``limit`` (a Sandbox setting's name) when a limit of the sandbox caused it."""
     try:
         message = str(exc)
     except Exception:
         message = f"<unprintable {type(exc).__name__}>"
-    return error("exception", message, type=type(exc).__name__, traceback=format_traceback(exc), phase=phase)
+    facts: dict[str, Any] = {"phase": phase}
+    limit = limit_behind(exc)
+    if limit:
+        facts["limit"] = limit
+    return error("exception", message, type=type(exc).__name__, traceback=format_traceback(exc), **facts)
+
+
+# Words of a failure that only a limit of the sandbox causes here (the worker has no other cause
+# for them): an allocation refused by RLIMIT_AS/RLIMIT_DATA, a library that could not be mapped.
+_OUT_OF_MEMORY = ("failed to map segment", "cannot allocate memory", "can't allocate memory", "std::bad_alloc",
+                  "out of memory", "cannot map zero-fill pages")
+
+
+def limit_behind(exc: BaseException) -> str:
+    """The Sandbox setting whose limit made ``exc`` (or what it was raised from), or ""."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        limit = _limit_of(current)
+        if limit:
+            return limit
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return ""
+
+
+def _limit_of(exc: BaseException) -> str:
+    import errno
+
+    if isinstance(exc, MemoryError):
+        return "memory_limit"
+    number = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if number == errno.ENOMEM:
+        return "memory_limit"
+    if number in (errno.EMFILE, errno.ENFILE):
+        return "max_open_files"
+    if number == errno.EFBIG:
+        return "max_file_size"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return "max_scratch_size"  # the worker writes nowhere but its scratch tmpfs
+    try:
+        text = str(exc).lower()
+    except Exception:
+        return ""
+    if any(words in text for words in _OUT_OF_MEMORY):
+        return "memory_limit"
+    if "can't start new thread" in text or (number == errno.EAGAIN and _raised_by_fork(exc)):
+        return "max_processes"
+    return ""
+
+
+def _raised_by_fork(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name in ("fork", "_launch", "_execute_child", "start", "_Popen")
 
 
 def format_traceback(exc: BaseException) -> str:

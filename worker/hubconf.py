@@ -25,15 +25,36 @@ class HubconfUnreadable(HubconfMissing):
     pass
 
 
+# Import names whose pip distribution is called otherwise (the common ones of hub repositories).
+PIP_NAMES = {"PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-learn", "yaml": "pyyaml",
+             "skimage": "scikit-image", "google.protobuf": "protobuf", "attr": "attrs", "Crypto": "pycryptodome",
+             "bs4": "beautifulsoup4", "dateutil": "python-dateutil", "fitz": "pymupdf", "git": "gitpython"}
+
+
+def missing_dependencies_message(missing: list[str]) -> str:
+    """torch.hub's words, then the command that fixes it."""
+    wheels = " ".join(PIP_NAMES.get(name, name.split(".")[0]) for name in missing)
+    return f"Missing dependencies: {', '.join(missing)}. Install them with: pip install {wheels}"
+
+
+def entrypoint_not_found_message(model: str, suggestions: list[str]) -> str:
+    """torch.hub's words, then the closest names the repository has."""
+    message = f"Cannot find callable {model} in hubconf"
+    if suggestions:
+        message += f"; did you mean {' or '.join(repr(s) for s in suggestions)}?"
+    return message
+
+
 class MissingDependencies(Exception):
     def __init__(self, missing: list[str]) -> None:
-        super().__init__(f"Missing dependencies: {', '.join(missing)}")
+        super().__init__(missing_dependencies_message(missing))
         self.missing = missing
 
 
 class EntrypointNotFound(Exception):
-    def __init__(self, model: str) -> None:
-        super().__init__(f"Cannot find callable {model} in hubconf")
+    def __init__(self, model: str, suggestions: list[str] | None = None) -> None:
+        self.suggestions = list(suggestions or [])
+        super().__init__(entrypoint_not_found_message(model, self.suggestions))
         self.model = model
 
 
@@ -86,7 +107,9 @@ def get_entrypoint(module: ModuleType, model: Any) -> Callable[..., Any]:
         raise MissingDependencies(missing)
     func = getattr(module, model, None) if model in dir(module) else None
     if func is None or not callable(func):
-        raise EntrypointNotFound(model)
+        import difflib
+
+        raise EntrypointNotFound(model, difflib.get_close_matches(model, list_entrypoints(module), n=3, cutoff=0.6))
     return func
 
 

@@ -75,6 +75,8 @@ import time
 from dataclasses import MISSING, asdict, dataclass, field, fields as dataclass_fields
 from typing import Any, Iterable, Sequence
 
+from . import with_article
+
 PROTOCOL_VERSION = 3
 MAGIC = b"SHUB"
 PREFIX = struct.Struct(">4sHHI")
@@ -436,6 +438,10 @@ def _opt(*types: type) -> Field:
 
 
 MAX_VALUE_FDS = 8  # memfds with one INVOKE or RETURNED (the encoders write at most 4)
+# A remote model's wire method names besides its own methods: reading a plain attribute (its
+# name the one argument), and the methods answered in the weights layout rather than as values.
+REMOTE_GETATTR = "__getattr__"
+REMOTE_WEIGHTS_METHODS = ("state_dict", "named_parameters")
 
 
 MESSAGES: dict[str, Message] = {
@@ -473,15 +479,18 @@ MESSAGES: dict[str, Message] = {
                 "phase": _opt(str),
                 "missing": _opt(list),
                 "model": _opt(str),
+                "suggestions": _opt(list),
+                "limit": _opt(str),
                 "layer": _opt(str),
                 "sandbox": _opt(dict),
             },
         ),
         Message(INVOKE, "parent", {"method": Field((str,)), "call": Field((dict,)), "inference": Field((bool,))},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
-        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list)},
+        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list), "self": _opt(bool)},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
-        Message(FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str)}),
+        Message(FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str),
+                                   "limit": _opt(str)}),
         Message(CLOSE, "parent", {}),
         Message(READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
         Message(SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
@@ -506,7 +515,7 @@ def check_message(frame: Frame, expected: Iterable[str]) -> Frame:
                 raise FrameError(f"a {frame.kind} frame without its {name!r} field")
             continue
         if type(frame.fields[name]) not in spec.types:
-            raise FrameError(f"a {frame.kind} frame whose {name!r} is a {type(frame.fields[name]).__name__}")
+            raise FrameError(f"{with_article(str(frame.kind))} frame whose {name!r} is {with_article(type(frame.fields[name]).__name__)}")
     return frame
 
 
@@ -593,7 +602,7 @@ class WorkerSettings:
                     raise ValueError(f"worker setting {name} must be a list of str")
                 value = tuple(value)
             elif type(value) not in kinds and not (float in kinds and type(value) is int):
-                raise ValueError(f"worker setting {name} is a {type(value).__name__}")
+                raise ValueError(f"worker setting {name} is {with_article(type(value).__name__)}")
             values[name] = value
         missing = [n for n, f in known.items() if n not in values and f.default is MISSING]
         if missing:

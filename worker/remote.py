@@ -27,6 +27,8 @@ from .protocol import EXIT_OK, EXIT_SOFTWARE, WorkerSettings
 MAX_METHODS = 4096
 MAX_METHOD_NAME = 256
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__ (forward)
+GETATTR_METHOD = protocol.REMOTE_GETATTR  # ``remote.name`` for a plain (non-callable) attribute: (name,)
+WEIGHTS_METHODS = protocol.REMOTE_WEIGHTS_METHODS  # answered in the weights layout
 # The parent is trusted here; its frames carry a call's arguments, inline or in memfds.
 _INVOKE_LIMITS = protocol.Limits(
     max_header_bytes=64 * 1024 * 1024, max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40,
@@ -40,8 +42,18 @@ _held: list[Any] = []  # the model, once loaded with returns="remote"
 Reply = tuple[str, dict[str, Any], list[Any], list[int]]
 
 
+class NotOneModel(Exception):
+    """The entrypoint returned several things (a model and its preprocessing) for one handle."""
+
+
 def hold(model: Any) -> dict[str, Any]:
     """Keep ``model`` for the calls to come; return the RESULT's fields that describe it."""
+    if isinstance(model, (tuple, list)) and any(callable(item) for item in model):
+        kinds = ", ".join(type(item).__name__ for item in model[:8])
+        raise NotOneModel(
+            f"The entrypoint returned a {type(model).__name__} ({kinds}); returns=\"remote\" keeps one model "
+            "per handle. Call an entrypoint that returns the model alone, or load its weights "
+            "(returns=\"weights\") or the whole result (returns=\"object\", which needs trust).")
     _held[:] = [model]
     warm_up()
     return {"methods": public_methods(model), "class": type(model).__name__[:MAX_METHOD_NAME]}
@@ -127,8 +139,10 @@ def invoke(model: Any, frame: protocol.Frame) -> Reply:
         return _failed("arguments", f"the call's arguments could not be read: {exc}")
     finally:
         frame.close_fds()
-    if method == "state_dict":
-        return _state_dict(model)
+    if method in WEIGHTS_METHODS:
+        return _weights(model, method)
+    if method == GETATTR_METHOD:
+        return _attribute(model, args)
     target = _target(model, method)
     if target is None:
         return _failed("no_method", f"the remote {type(model).__name__} has no public method {method[:MAX_METHOD_NAME]!r}")
@@ -137,22 +151,45 @@ def invoke(model: Any, frame: protocol.Frame) -> Reply:
             value = target(*args, **kwargs)
     except BaseException as exc:
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
+    if value is model:  # eval(), train(), to("cpu"), float(): the parent returns its handle
+        return (protocol.RETURNED, {"value": None, "self": True}, [], [])
     try:
-        if method in ("eval", "train"):
-            value = None  # the module itself: the parent returns its handle
         packed = values.pack(value, root="result")
     except (ValueError, OSError) as exc:  # NotData, NotWeights, a memfd that could not be written
-        return _failed("bad_result", f"the result of {_name(method)} cannot be sent: {exc}", exc)
+        return _failed("bad_result", f"the result of a call to {_name(method)} cannot be sent: {exc}", exc)
     return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)
 
 
-def _state_dict(model: Any) -> Reply:
-    """The model's weights in the weights layout (``returns="weights"``'s), for the weights decoder."""
+def _attribute(model: Any, args: Any) -> Reply:
+    """A plain attribute's value (``m.training``, a config number), as data; never a private name."""
+    name = args[0] if isinstance(args, (list, tuple)) and len(args) == 1 else None
+    if not isinstance(name, str) or name.startswith("_") or len(name) > MAX_METHOD_NAME:
+        return _failed("no_attribute", "an attribute is read by its public name")
     try:
-        parts = weights.weights_parts(weights.collect_tensors(model))
+        value = getattr(model, name)
+    except AttributeError:
+        return _failed("no_attribute", f"the remote {type(model).__name__} has no public method or attribute {name!r}")
+    except BaseException as exc:  # a property of the model's that raised
+        return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
+    try:
+        packed = values.pack(value, root="result")
+    except (ValueError, OSError) as exc:
+        return _failed("bad_result", f"the attribute {name!r} of the remote {type(model).__name__} is not data: {exc}", exc)
+    return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)
+
+
+def _weights(model: Any, method: str) -> Reply:
+    """The model's weights (``state_dict``) or parameters (``named_parameters``) in the weights
+    layout (``returns="weights"``'s), for the weights decoder."""
+    try:
+        if method == "named_parameters":
+            tensors: Any = {name: p.detach() for name, p in model.named_parameters()}
+        else:
+            tensors = weights.collect_tensors(model)
+        parts = weights.weights_parts(tensors)
         transport, buffers, fds = weights.encode_shards(parts, WEIGHTS_METADATA)
     except weights.NotWeights as exc:
-        return _failed("bad_result", f"state_dict() cannot be sent: {exc}", exc)
+        return _failed("bad_result", f"{method}() cannot be sent: {exc}", exc)
     except BaseException as exc:  # the model's own state_dict() raised
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
     return (protocol.RETURNED, {"value": None, **transport}, buffers, fds)
@@ -186,7 +223,7 @@ def _map(fd: int) -> Any:
 
 
 def _name(method: str) -> str:
-    return "the call" if method == CALL_METHOD else f"{method[:MAX_METHOD_NAME]}()"
+    return "the model" if method == CALL_METHOD else f"{method[:MAX_METHOD_NAME]}()"
 
 
 def _failed(category: str, message: str, exc: BaseException | None = None) -> Reply:

@@ -122,6 +122,38 @@ def _patch_torch_hub(hub: Any) -> None:
     hub.download_url_to_file = download_url_to_file
     hub._get_cache_or_reload = _get_cache_or_reload
     hub._load_local = _load_local
+    # load_state_dict_from_url writes 'Downloading: "<url>" to <the view's path>' before it asks,
+    # even for a file the cache has: the parent says what really happens (a download with its
+    # progress bar, or the cached file), so torch.hub's own line would only mislead.
+    hub.sys = _TorchHubSys()
+
+
+class _TorchHubSys:
+    """``sys`` as torch.hub's functions see it: the same, but their "Downloading:" lines are dropped."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys, name)
+
+    @property
+    def stdout(self) -> Any:
+        return _WithoutDownloadLine(sys.stdout)
+
+    @property
+    def stderr(self) -> Any:
+        return _WithoutDownloadLine(sys.stderr)
+
+
+class _WithoutDownloadLine:
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if isinstance(text, str) and text.startswith('Downloading: "'):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _trust(value: Any) -> Any:

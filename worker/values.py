@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import weights
+from . import weights, with_article
 from .layout import DTYPES
 
 MAX_DEPTH = 32
@@ -190,7 +190,7 @@ class _Packer:
             return {"dict": self.pairs(value.items(), depth)}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {"dict": self.pairs(((f.name, getattr(value, f.name)) for f in dataclasses.fields(value)), depth)}
-        raise NotData(f"a {type(value).__name__} is not data (tensors, numbers, bool, None, str, bytes, "
+        raise NotData(f"{with_article(type(value).__name__)} is not data (tensors, numbers, bool, None, str, bytes, "
                       "and lists, tuples and str-keyed dicts of them)")
 
     def items(self, values: Any, depth: int) -> list[Any]:
@@ -300,7 +300,7 @@ class _Unpacker:
             if depth >= self.caps.max_depth:
                 raise BadTree(f"nested deeper than {self.caps.max_depth} containers")
             if type(body) is not list:
-                raise BadTree(f"a {tag} node holds a {type(body).__name__}, not a list")
+                raise BadTree(f"{with_article(str(tag))} node holds {with_article(type(body).__name__)}, not a list")
             if tag == "dict":
                 return self.dict(body, depth)
             items = [self.node(item, depth + 1) for item in body]

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from . import with_article
+
 from .layout import DTYPE_NAMES, WEIGHTS_METADATA
 
 MAX_SHARDS = 4
@@ -54,7 +56,7 @@ def collect_tensors(result: Any) -> dict[str, Any]:
         if not isinstance(name, str):
             raise NotWeights(f"Tensor names must be str, not {type(name).__name__} ({name!r}). {_USE_OBJECT}")
         if not isinstance(value, torch.Tensor):
-            raise NotWeights(f"{name!r} is a {type(value).__name__}, not a tensor (no nesting). {_USE_OBJECT}")
+            raise NotWeights(f"{name!r} is {with_article(type(value).__name__)}, not a tensor (no nesting). {_USE_OBJECT}")
     if not tensors:
         raise NotWeights(f"The entrypoint's result holds no tensors. {_USE_OBJECT}")
     return dict(tensors)

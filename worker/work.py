@@ -222,7 +222,7 @@ def _answer(request: dict[str, Any], buffers: list[protocol.Received], repo_dirs
     except hubconf.MissingDependencies as exc:
         return _error("missing_dependencies", str(exc), missing=[str(m) for m in exc.missing])
     except hubconf.EntrypointNotFound as exc:
-        return _error("entrypoint_not_found", str(exc), model=str(model))
+        return _error("entrypoint_not_found", str(exc), model=str(model), suggestions=[str(s) for s in exc.suggestions])
     except BaseException as exc:
         return _exception("import", exc)
     if action == "help":
@@ -242,7 +242,7 @@ def _answer(request: dict[str, Any], buffers: list[protocol.Received], repo_dirs
     try:
         return _encode(value, returns, repo_dirs, preloaded)
     except BaseException as exc:
-        message = str(exc) if type(exc).__name__ == "NotWeights" else f"the result cannot be sent: {type(exc).__name__}: {exc}"
+        message = str(exc) if type(exc).__name__ in ("NotWeights", "NotOneModel") else f"the result cannot be sent: {type(exc).__name__}: {exc}"
         return _error("bad_result", message, type=type(exc).__name__, traceback=_format_traceback(exc))
 
 

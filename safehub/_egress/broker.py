@@ -44,10 +44,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _download, _http, _log, constants
+from .. import _cache, _disk, _download, _http, _log, constants
 from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
-from ..errors import SafeHubError
+from ..errors import DiskFullError, OfflineError, SafeHubError
 from . import hf as _hf
 from . import limits as _limits
 from . import record as _record
@@ -58,6 +58,10 @@ from .view import CallView
 
 # A file name torch.hub could have made from a URL, and nothing that is a path or a lock.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,254}\Z")
+
+# Failures that are the caller's, not the repository's: they end the call as they are, rather than
+# reaching the worker as a refused fetch whose error the repository would then raise as its own.
+CALLERS_ERRORS: tuple[type[BaseException], ...] = (OfflineError, DiskFullError)
 
 NestedRepo = Callable[[dict[str, Any]], Any]  # args -> the repository's cache entry (_cache.CacheEntry)
 
@@ -126,12 +130,15 @@ class Broker:
         path = _cache.find_checkpoint(place, name) or _cache.checkpoint_dir(place) / name
         pinned = self._pinned(url)
         saved = None
-        if not (path.is_file() and not path.is_symlink()):
+        if path.is_file() and not path.is_symlink():
+            _log.info(f'Using the cached file {path} for "{url[:500]}"')
+        else:
             self._may_download(url)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _log.info(f'Downloading: "{url[:500]}" to {path}')
             # A pinned file is checked against its whole sha256 before it is moved into place;
             # unless_present: parallel calls (threads, processes) fetching one checkpoint download it once.
-            with _told_to_the_worker():
+            with _told_to_the_worker(), _disk.writing_in(path.parent, f"the file {name} fetched for the worker"):
                 saved = _download.fetch_to(url, path, pinned.sha256 if pinned else hash_prefix, bool(progress),
                                            open_url=self.open_url, unless_present=True)
         if saved is not None:
@@ -216,6 +223,8 @@ class Broker:
             raise Refusal("a nested load names its repository as owner/repo[:ref]")
         try:
             entry = self.nested(args)
+        except CALLERS_ERRORS:
+            raise
         except SafeHubError as exc:
             raise Refusal(f"the nested repository {github[:200]} cannot be loaded: {exc}") from None
         self._record(FetchRecord(kind="repo", url=github, final_url=github, size=0, sha256=entry.archive_sha256, cached=True,
@@ -284,7 +293,10 @@ class Broker:
 
     def _may_download(self, url: str) -> None:
         if constants.SAFEHUB_OFFLINE:
-            raise Refusal(f"{url[:500]} is not in the cache and SAFEHUB_OFFLINE is set")
+            # The caller's setting, not the repository's failure: the call ends with it (exit 4).
+            raise OfflineError(f"Offline mode (SAFEHUB_OFFLINE=1) is on and {url[:500]}, which the repository "
+                               f"fetches, is not in the cache ({_cache.hub_path() / 'checkpoints'}). Load it once "
+                               "online, or unset SAFEHUB_OFFLINE.", url=url[:500])
 
     def _count(self, what: str) -> None:
         """Count one ask against the call's budget, before anything else is decided about it."""
@@ -305,6 +317,8 @@ def _told_to_the_worker() -> Iterator[None]:
     as torch.hub's errors are: it gets the message as a refusal, and this call goes on."""
     try:
         yield
+    except CALLERS_ERRORS:
+        raise
     except SafeHubError as exc:
         raise Refusal(str(exc)) from None
 

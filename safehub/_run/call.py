@@ -17,7 +17,7 @@ from .. import _log
 from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
 from .._worker import protocol
-from ..errors import HubconfError, InvalidArgumentError, ProtocolError
+from ..errors import HubconfNotFoundError, InvalidArgumentError, ProtocolError
 from .process import Worker
 from .remote import open_remote
 from .replies import interpret, result_cap, scratch_full
@@ -83,7 +83,7 @@ def run_isolated(
             _report_missing_layers(frame.fields.get("sandbox"))
             if frame.kind == protocol.RESULT and (full := scratch_full(frame.fields.get("sandbox"))):
                 _log.warning(full)  # the repository went on; an exception it raised says it in its message
-            return interpret(frame, action, model, returns, repo_dir, result_cap(sandbox))
+            return interpret(frame, action, model, returns, repo_dir, result_cap(sandbox), sandbox=sandbox)
         finally:
             frame.close_fds()
 
@@ -143,7 +143,7 @@ def _check_call(repo_dir: Path, action: str, model: str | None, returns: str, sa
     repo_dir = Path(repo_dir).resolve()
     if not (repo_dir / "hubconf.py").is_file():
         # Said here, without starting a worker; the worker checks again (the folder may change).
-        raise HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+        raise HubconfNotFoundError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
     return repo_dir
 
 

@@ -25,6 +25,7 @@ import psutil
 
 from .._sandbox import Sandbox, worker_environ
 from .._worker import protocol
+from .._limit_errors import SIGNAL_LIMITS, limit_error
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
 from . import launch, memory_cgroup
 from .output import Relay
@@ -115,7 +116,8 @@ class Worker:
             yield
         except protocol.FrameTimeout:
             raise WorkerTimeoutError(
-                f"the worker ran past its time limit of {self.sandbox.timeout:g} s and was killed",
+                f"the worker ran past its time limit of {self.sandbox.timeout:g} s and was killed; "
+                "raise it with Sandbox(timeout=...)",
                 timeout=self.sandbox.timeout,
             ) from None
         except protocol.FrameEOF as exc:
@@ -141,7 +143,12 @@ class Worker:
         if code is None:
             message = "the worker ended before answering; the zygote that forked it did not report its exit status"
             return WorkerCrashedError(message, exit_code=None, signal_name=None)
-        return crashed_error(code)
+        crashed = crashed_error(code)
+        setting = SIGNAL_LIMITS.get(crashed.signal_name or "")
+        if setting:  # only a limit sends this signal: say which, not "crashed"
+            return limit_error(setting, self.sandbox, f"the worker was killed by {crashed.signal_name}",
+                               exit_code=crashed.exit_code, signal_name=crashed.signal_name)
+        return crashed
 
     def restart_clock(self, seconds: float | None = None) -> None:
         """A worker that stays up (a remote model) starts a call: its time limit counts from now."""

@@ -10,12 +10,13 @@ so no trust is needed. :func:`open_remote` turns a worker's answer to the load i
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._worker import protocol
 from ..errors import ProtocolError
 from .process import Worker
-from .session import CALL_METHOD, RemoteSession
+from .session import CALL_METHOD, GETATTR_METHOD, SELF, RemoteSession
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,10 @@ class RemoteModule:
     - ``remote.encode(x)``, ``remote.generate(ids, max_new_tokens=8)``: any public method (or
       submodule) of the model, by name; :attr:`methods` lists them, :meth:`call` calls one by
       name (also one whose name this class uses itself, such as ``close``);
-    - :meth:`state_dict` gives the weights as data; :meth:`eval` and :meth:`train` are forwarded.
+    - :meth:`state_dict`, :meth:`named_parameters` and :meth:`parameters` give the weights as
+      data; a plain attribute (``remote.training``, a config value) is read in the worker and
+      comes back as data (``AttributeError`` if the model has none); a method that returns the
+      model itself (``eval()``, ``train()``, ``to("cpu")``, ``float()``) returns this handle.
 
     Arguments and results are data, never pickles: tensors (the dtypes of
     ``returns="weights"``: float64/32/16, bfloat16, int64/32/16/8, uint8, bool), int, float,
@@ -96,7 +100,11 @@ class RemoteModule:
 
             logits = remote(torch.rand(1, 3, 32, 32))
         """
-        return self._session.call(CALL_METHOD, args, kwargs, inference=self.inference_mode)
+        return self._result(self._session.call(CALL_METHOD, args, kwargs, inference=self.inference_mode))
+
+    def _result(self, value: Any) -> Any:
+        # A method that returns the model itself (to("cpu"), float(), eval()) gives this handle.
+        return self if value is SELF else value
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call the model's public method ``method`` in the worker; as ``remote.<method>(...)``.
@@ -118,13 +126,16 @@ class RemoteModule:
         """
         if not isinstance(method, str) or method not in self._methods:
             raise AttributeError(f"the remote {self._class_name} has no public method {str(method)[:MAX_NAME]!r}")
-        return self._session.call(method, args, kwargs, inference=self.inference_mode)
+        return self._result(self._session.call(method, args, kwargs, inference=self.inference_mode))
 
     def __getattr__(self, name: str) -> Any:
-        # Only for names the class lacks: the model's public methods become callables here.
-        if name.startswith("_") or name not in self._methods:
-            raise AttributeError(f"the remote {self._class_name} has no public method {name!r}")
-        return _RemoteMethod(self, name)
+        # Only for names the class lacks: the model's public methods become callables here, and
+        # any other public attribute (m.training, a config value) is read in the worker, as data.
+        if name.startswith("_"):
+            raise AttributeError(f"the remote {self._class_name}'s private attributes stay in its worker ({name!r})")
+        if name in self._methods:
+            return _RemoteMethod(self, name)
+        return self._session.call(GETATTR_METHOD, (name,), {}, inference=self.inference_mode)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | self._methods)
@@ -150,6 +161,19 @@ class RemoteModule:
             my_model.load_state_dict(remote.state_dict())
         """
         return self._session.call("state_dict", (), {}, inference=self.inference_mode)
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each parameter of the model, as data (like :meth:`state_dict`).
+
+        Example::
+
+            total = sum(p.numel() for _, p in remote.named_parameters())
+        """
+        return iter(self._session.call("named_parameters", (), {}, inference=self.inference_mode).items())
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """The model's parameters, as data (tensors, not ``nn.Parameter``s bound to the model)."""
+        return (tensor for _, tensor in self.named_parameters())
 
     def eval(self) -> RemoteModule:
         """Put the model in evaluation mode (``model.eval()`` in the worker); returns the handle."""

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import _terminal
+from .._limit_errors import known_limit, limit_error
 from .._memfds import map_sealed_memfds
 from .._results import decode_object, decode_weights
 from .._sandbox import Sandbox
+from .._worker import hubconf as _hubconf
 from .._worker import protocol
 from ..errors import (
     EntrypointNotFoundError,
     HubconfError,
+    HubconfNotFoundError,
     MissingDependenciesError,
     ProtocolError,
     RemoteError,
@@ -38,13 +41,14 @@ def result_cap(sandbox: Sandbox) -> int:
 
 
 def interpret(frame: protocol.Frame, action: str, model: str | None, returns: str, repo_dir: Path,
-              max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
+              max_bytes: int = MAX_PAYLOAD_BYTES, sandbox: Any = None) -> Any:
     """Check the reply against the request and decode it; nothing in it is executed but an object result.
 
     Strings meant to be shown (entrypoint names, a docstring) come with their control characters
-    made visible (``_terminal``): a name or docstring can write to no terminal."""
+    made visible (``_terminal``): a name or docstring can write to no terminal. ``sandbox``: the
+    call's, to name a limit it hit with its value."""
     if frame.kind == protocol.ERROR:
-        raise _remote_failure(frame.fields, model, repo_dir)
+        raise _remote_failure(frame.fields, model, repo_dir, sandbox)
     if frame.kind != protocol.RESULT:
         raise ProtocolError(f"the worker sent a {frame.kind!r} frame, expected a result")
     fields = frame.fields
@@ -96,21 +100,25 @@ def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> 
     raise ProtocolError(f"the worker's result transport {str(transport)[:40]!r} does not match what came with it")
 
 
-def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -> SafeHubError:
+def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path, sandbox: Any = None) -> SafeHubError:
     category = fields.get("error")
     message, remote_type = _text(fields.get("message")), _text(fields.get("type"))
     remote_traceback = _text(fields.get("traceback"))
     if category == "hubconf_missing":
-        return HubconfError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
+        return HubconfNotFoundError(f"No hubconf.py in {repo_dir}", repo_dir=str(repo_dir))
     if category == "hubconf_unreadable":
         return HubconfError(message or f"The sandbox cannot read {repo_dir}", repo_dir=str(repo_dir))
     if category == "missing_dependencies":
         missing = fields.get("missing")
         if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
             return ProtocolError("the worker's list of missing dependencies is not a list of str")
-        return MissingDependenciesError(f"Missing dependencies: {', '.join(missing)}", missing=missing)
+        return MissingDependenciesError(_hubconf.missing_dependencies_message(missing), missing=missing)
     if category == "entrypoint_not_found":
-        return EntrypointNotFoundError(f"Cannot find callable {model} in hubconf", model=model)
+        suggestions = fields.get("suggestions")
+        suggestions = [s for s in suggestions[:3] if isinstance(s, str) and s.isidentifier() and len(s) <= 100] \
+            if isinstance(suggestions, list) else []
+        return EntrypointNotFoundError(_hubconf.entrypoint_not_found_message(str(model), suggestions),
+                                       model=model, suggestions=suggestions)
     if category == "exception":
         phase = fields.get("phase")
         where = {
@@ -118,6 +126,10 @@ def _remote_failure(fields: dict[str, Any], model: str | None, repo_dir: Path) -
             "arguments": "the worker could not unpickle the entrypoint's arguments",
             "call": f"the entrypoint {model!r} raised",
         }.get(phase if isinstance(phase, str) else "", "the repository's code raised")
+        limit = known_limit(fields.get("limit"))
+        if limit and sandbox is not None:
+            return limit_error(limit, sandbox, f"{where}: {remote_type}: {message}",
+                               remote_type=remote_type, remote_traceback=remote_traceback)
         full = scratch_full(fields.get("sandbox"))
         return RemoteError(
             f"{where}: {remote_type}: {message}" + (f" ({full})" if full else ""),

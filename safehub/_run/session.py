@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._limit_errors import known_limit, limit_error
 from .._memfds import map_sealed_memfds
 from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_weights
 from .._worker import protocol, values
@@ -37,6 +38,7 @@ from ..errors import (
     RemoteClosedError,
     RemoteError,
     ResultDecodeError,
+    SandboxLimitError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
@@ -44,6 +46,8 @@ from .process import EXIT_GRACE_S, Worker
 from .replies import MAX_INLINE_BYTES, result_cap, result_shards
 
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
+GETATTR_METHOD = protocol.REMOTE_GETATTR  # reading a plain attribute: ``remote.training``
+SELF = object()  # a call's result that is the model itself (``to("cpu")``, ``float()``): the handle
 MAX_REFUSALS = 1000  # questions one call may ask (each refused) before the worker is cut off
 FETCH_REFUSED = "a remote model's calls may not fetch: the inputs could leave through a URL"
 # A reply's tree is in its header; the weights decoder's caps bound its tensors and bytes.
@@ -98,13 +102,13 @@ class RemoteSession:
         try:
             packed = values.pack_call(args, kwargs)
         except values.NotData as exc:
-            raise InvalidArgumentError(f"the arguments of {_name(method)} cannot be sent to the remote model: {exc}") from None
+            raise InvalidArgumentError(f"the arguments of a call to {_name(method)} cannot be sent to the remote model: {exc}") from None
         try:
             with self.call_lock:
                 self._begin()
                 try:
                     frame = self._exchange(method, packed, inference)
-                    failure = _failure(frame.fields, method) if frame.kind == protocol.FAILED else None
+                    failure = _failure(frame.fields, method, self.sandbox) if frame.kind == protocol.FAILED else None
                     value = None if failure is not None else self._decode(frame, method)
                 except BaseException as exc:
                     error = self._fail(exc, method)
@@ -178,10 +182,14 @@ class RemoteSession:
     def _decode(self, frame: protocol.Frame, method: str) -> Any:
         """A RETURNED frame's value, read as hostile. Its fds are closed here (mappings keep theirs)."""
         try:
-            if method == "state_dict":
+            if method in protocol.REMOTE_WEIGHTS_METHODS:
                 if frame.fields["value"] is not None:
-                    raise ProtocolError("the worker answered state_dict() with something else than weights")
+                    raise ProtocolError(f"the worker answered {method}() with something else than weights")
                 return decode_weights(result_shards(frame, result_cap(self.sandbox)))
+            if frame.fields.get("self") is True:
+                if frame.fields["value"] is not None or frame.buffers or frame.fds:
+                    raise ProtocolError(f"the worker answered a call to {_name(method)} with the model and data")
+                return SELF
             if "transport" in frame.fields or "sizes" in frame.fields:
                 raise ProtocolError(f"the worker answered {_name(method)} with weights")
             # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
@@ -189,7 +197,7 @@ class RemoteSession:
             try:
                 return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
             except values.BadTree as exc:
-                raise ResultDecodeError(f"the result of {_name(method)} is not valid data: {exc}") from None
+                raise ResultDecodeError(f"the result of a call to {_name(method)} is not valid data: {exc}") from None
         finally:
             frame.close_fds()
 
@@ -270,17 +278,24 @@ class RemoteSession:
                 self.worker.sock.close()
 
 
-def _failure(fields: dict[str, Any], method: str) -> Exception:
+def _failure(fields: dict[str, Any], method: str, sandbox: Any = None) -> Exception:
     """The error for a FAILED reply: the model's own exception, or a result it could not send."""
     category, message = fields.get("error"), _text(fields.get("message"))
     remote_type, remote_traceback = _text(fields.get("type")), _text(fields.get("traceback"), 256 * 1024)
+    limit = known_limit(fields.get("limit"))
+    if category == "exception" and limit and sandbox is not None:
+        return limit_error(limit, sandbox, f"a call to {_name(method)} raised {remote_type}: {message}",
+                           remote_type=remote_type, remote_traceback=remote_traceback)
     if category == "exception":
-        return RemoteError(f"the remote model's {_name(method)} raised {remote_type}: {message}",
+        whose = "the remote model" if method == CALL_METHOD else f"the remote model's {method}()"
+        return RemoteError(f"{whose} raised {remote_type}: {message}",
                            remote_type=remote_type, remote_traceback=remote_traceback)
     if category == "bad_result":
         return ResultDecodeError(message, remote_type=remote_type, remote_traceback=remote_traceback)
     if category in ("no_method", "arguments"):
         return InvalidArgumentError(message)
+    if category == "no_attribute":
+        return AttributeError(message)
     return ProtocolError(f"the worker failed a call with an error of unknown category {str(category)[:40]!r}")
 
 
@@ -291,6 +306,8 @@ def _why(exc: BaseException, method: str) -> str:
         return f"a call to {name} ran past its time limit of {exc.timeout:g} s (Sandbox(timeout=...)) and its worker was ended"
     if isinstance(exc, WorkerCrashedError):
         return f"its worker died during a call to {name}: {exc}"
+    if isinstance(exc, SandboxLimitError):
+        return f"its worker hit a limit of the sandbox during a call to {name}: {exc.message}"
     if isinstance(exc, ProtocolError):
         return f"its worker broke the protocol during a call to {name}: {exc}"
     if isinstance(exc, RemoteClosedError):
@@ -303,7 +320,8 @@ def _gone_message(model: str, reason: str) -> str:
 
 
 def _name(method: str) -> str:
-    return "the call" if method == CALL_METHOD else f"{method}()"
+    """What a call is a call to, in a sentence: "the model" (its own ``__call__``) or "encode()"."""
+    return "the model" if method == CALL_METHOD else f"{method}()"
 
 
 def _text(value: Any, limit: int = _MAX_TEXT) -> str:

@@ -31,7 +31,7 @@ import os
 import sys
 import traceback
 
-from .. import _cache
+from .. import _cache, _log
 from ._errors import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -79,6 +79,7 @@ def _setup(args: argparse.Namespace) -> None:
         logger.setLevel(logging.DEBUG)
     elif args.quiet:
         logger.addHandler(logging.NullHandler())  # a handler of its own: _log stops echoing
+        _log.set_quiet()  # and no progress bar, the downloads made for a worker included
 
 
 def _fail(exc: BaseException, args: argparse.Namespace | None) -> int:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        for name in ("debug", "offline", "quiet"):
+        for name in ("debug", "json", "offline", "quiet"):
             setattr(args, name, getattr(args, name, False))
         args.hub_dir = getattr(args, "hub_dir", None)
         args.verbose = not args.quiet

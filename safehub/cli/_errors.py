@@ -27,16 +27,17 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_ERROR: "an error to fix: unknown repository, ref or entrypoint, broken hubconf.py, missing "
     "dependencies, the repository's code raised, a sandbox limit was hit, a file could not be "
-    "written",
+    "written (a full disk included, named by its folder)",
     EXIT_USAGE: "usage: a bad option or argument, including a malformed owner/repo[:ref]",
     EXIT_UNTRUSTED: "untrusted: the repository's code would run outside the sandbox and it is not "
     "trusted (pass --trust, or run `safehub trust add`)",
     EXIT_NETWORK: "GitHub or the network failed: unreachable, rate limited, token refused, server "
-    "error, cut-off download, or --offline with nothing cached (a retry or GITHUB_TOKEN may help)",
+    "error, cut-off download, or --offline with something not in the cache, a repository or a file it "
+    "fetches (a retry or GITHUB_TOKEN may help)",
     EXIT_INTEGRITY: "integrity: an archive's sha256 differs from the lock file; the lock file is "
     "missing, unreadable or lacks the repository; a commit on no branch or tag (a fork's); a "
     "hostile archive; a pinned tree changed in the cache (and could not be fetched again); `cache "
-    "verify` found a changed tree or checkpoint",
+    "verify` found a changed tree or checkpoint; a load failed on a changed tree",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -49,15 +50,51 @@ class CommandError(errors.SafeHubError):
 Message = Callable[[BaseException, argparse.Namespace | None], str]
 
 
+# The library's messages speak Python (they name the keyword that changes a thing); on the command
+# line the same advice names the option. One table, read in order (longest phrases first), turns the
+# one into the other; ``tests/unit/test_cli_errors.py`` checks that every CLI word it names exists.
+CLI_WORDS: tuple[tuple[str, str], ...] = (
+    ("isolate=safehub.Sandbox(network=True)", "--network"),
+    ("Sandbox(network=True)", "--network"),
+    ("Sandbox(allow_hosts=...)", "--allow-host HOST[:PORT]"),
+    ("Sandbox(timeout=...)", "--timeout SECONDS"),
+    ("Sandbox(memory_limit=...)", "--memory-limit SIZE"),
+    ("Sandbox(max_processes=...)", "--max-processes N"),
+    ("Sandbox(max_open_files=...)", "--max-open-files N"),
+    ("Sandbox(cpu_time=...)", "--cpu-time SECONDS"),
+    ("Sandbox(max_scratch_size=...)", "--scratch-size SIZE"),
+    ("Sandbox(max_file_size=...)", "--max-file-size SIZE"),
+    ("Sandbox(fetch=False)", "the sandbox's settings"),
+    ('returns="object"', "--returns object"),
+    ("returns='object'", "--returns object"),
+    ('returns="weights"', "--returns weights"),
+    ("returns='weights'", "--returns weights"),
+    ('returns="remote"', "`safehub run`"),
+    ("trust_repo=True", "--trust"),
+    ("force_reload=True", "--force-reload"),
+    ("skip_validation=True", "--skip-validation"),
+    ("without lock=", "without --locked"),
+    ("safehub.set_dir() or TORCH_HOME", "--hub-dir or TORCH_HOME"),
+)
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python API's advice said in the command line's words."""
+    for python, cli in CLI_WORDS:
+        message = message.replace(python, cli)
+    return message
+
+
 def _plain(exc: BaseException, args: argparse.Namespace | None) -> str:
-    """The error's own message, on one line whatever it holds, its control characters made visible."""
+    """The error's own message, on one line whatever it holds, its control characters made visible,
+    in the command line's words."""
     if isinstance(exc, errors.SafeHubError):
         message = exc.message
     elif isinstance(exc, OSError) and exc.filename is not None:
         message = f"{exc.strerror or exc}: {exc.filename}"
     else:
         message = str(exc) or type(exc).__name__
-    return " ".join(visible(message).split())
+    return cli_words(" ".join(visible(message).split()))
 
 
 def _untrusted(exc: BaseException, args: argparse.Namespace | None) -> str:
@@ -76,7 +113,9 @@ def _no_entrypoint(exc: BaseException, args: argparse.Namespace | None) -> str:
     if args is None or not getattr(args, "model", None):
         return _plain(exc, args)
     local = " --source local" if getattr(args, "source", "github") == "local" else ""
-    return (f"{args.repo} has no entrypoint {args.model!r}; `safehub list {args.repo}{local}` shows "
+    suggestions = getattr(exc, "suggestions", None) or []
+    guess = f"did you mean {' or '.join(repr(s) for s in suggestions)}? " if suggestions else ""
+    return (f"{args.repo} has no entrypoint {args.model!r}; {guess}`safehub list {args.repo}{local}` shows "
             "the entrypoints it has.")
 
 
@@ -113,7 +152,10 @@ ERROR_TABLE: tuple[Rule, ...] = (
     Rule(errors.TreeChangedError, EXIT_INTEGRITY, _plain),
     Rule(errors.ForkCommitError, EXIT_INTEGRITY, _plain),
     Rule(errors.ArchiveError, EXIT_INTEGRITY, _plain),
+    Rule(errors.DamagedCacheError, EXIT_INTEGRITY, _plain),  # what `cache verify` would find
     Rule(errors.FetchRefusedError, EXIT_INTEGRITY, _plain),  # a rule of the fetch policy: no retry cures it
+    # The caller's disk, not the network: a download into a full hub dir is no network failure.
+    Rule(errors.DiskFullError, EXIT_ERROR, _plain),
     # A name to fix, not a failure a retry would cure.
     Rule(errors.RepoNotFoundError, EXIT_ERROR, _plain),
     Rule(errors.RefNotFoundError, EXIT_ERROR, _plain),
@@ -122,6 +164,7 @@ ERROR_TABLE: tuple[Rule, ...] = (
     Rule(errors.DownloadError, EXIT_NETWORK, _plain),
     Rule(errors.EntrypointNotFoundError, EXIT_ERROR, _no_entrypoint),
     Rule(errors.RemoteError, EXIT_ERROR, _remote),
+    Rule(errors.SandboxLimitError, EXIT_ERROR, _remote),
     Rule(errors.SafeHubError, EXIT_ERROR, _plain),
     Rule(OSError, EXIT_ERROR, _plain),  # a file that could not be read or written
     Rule(BaseException, EXIT_ERROR, _unexpected),  # a bug: still one line, unless --debug

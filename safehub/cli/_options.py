@@ -27,6 +27,8 @@ def global_options(parser: argparse.ArgumentParser) -> None:
                        help="hub dir to use instead of $TORCH_HOME/hub (holds the cache and trusted_list)")
     group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no informational messages or progress bars on stderr (errors still show)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result as JSON on stdout")
 
 
 def add_command(subparsers: Any, name: str, *, help: str, description: str, epilog: str,
@@ -47,10 +49,6 @@ def add_group(subparsers: Any, name: str, *, help: str, description: str, epilog
     actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", title="actions")
     actions.required = True
     return actions
-
-
-def json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
 def entrypoint_arguments(parser: argparse.ArgumentParser, *, model_metavar: str = "MODEL") -> None:
@@ -74,35 +72,74 @@ def repo_options(parser: argparse.ArgumentParser) -> None:
                              "(fewer API requests)")
 
 
+def check_repo(args: argparse.Namespace) -> None:
+    """A malformed owner/repo[:ref] is said first (exit 2), before any other check of the command."""
+    if getattr(args, "source", "github") == "github":
+        from .._refs import parse
+
+        parse(args.repo)
+
+
 def sandbox_options(parser: argparse.ArgumentParser, *, no_isolate: bool) -> None:
-    """The sandbox's limits (read by :func:`sandbox_from_options`), and --no-isolate where it applies."""
+    """The sandbox's settings (read by :func:`sandbox_from_options`), and --no-isolate where it applies.
+
+    Each option is the Sandbox setting of the same name (:data:`SANDBOX_OPTIONS`), so an error that
+    names a setting names an option here too (``_errors.CLI_WORDS``)."""
     sandbox = parser.add_argument_group("sandbox")
     if no_isolate:
         sandbox.add_argument("--no-isolate", action="store_true",
                              help="run hubconf.py in this process, as torch.hub does (needs trust)")
-    sandbox.add_argument("--timeout", metavar="SECONDS", type=positive_float,
+    sandbox.add_argument("--timeout", metavar="SECONDS", type=positive_float, default=argparse.SUPPRESS,
                          help="wall-clock limit for the worker (default 300)")
     sandbox.add_argument("--memory-limit", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
                          help="memory limit for the worker, e.g. 4G, 512M, or none (default 8G)")
+    sandbox.add_argument("--cpu-time", metavar="SECONDS", type=positive_float, default=argparse.SUPPRESS,
+                         help="CPU time limit for the worker (default: none)")
+    sandbox.add_argument("--max-processes", metavar="N", type=positive_int, default=argparse.SUPPRESS,
+                         help="processes and threads the worker may have (default: 64 plus two per CPU)")
+    sandbox.add_argument("--max-open-files", metavar="N", type=positive_int, default=argparse.SUPPRESS,
+                         help="open files the worker may have (default 256)")
+    sandbox.add_argument("--scratch-size", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
+                         help="size of the worker's scratch folder (HOME, TMPDIR), e.g. 1G (default 4G)")
+    sandbox.add_argument("--max-file-size", metavar="SIZE", type=parse_size, default=argparse.SUPPRESS,
+                         help="largest file the worker may write (default: none)")
+    sandbox.add_argument("--network", action="store_true", default=argparse.SUPPRESS,
+                         help="give the worker the network (off by default: fetches go through safehub)")
+    sandbox.add_argument("--allow-host", metavar="HOST[:PORT]", action="append", default=argparse.SUPPRESS,
+                         help="a host the worker's fetches may reach although its address is private or "
+                              "loopback (a local mirror); repeatable, also SAFEHUB_ALLOW_HOSTS")
+
+
+# option dest -> the Sandbox setting it sets
+SANDBOX_OPTIONS = {
+    "timeout": "timeout", "memory_limit": "memory_limit", "cpu_time": "cpu_time",
+    "max_processes": "max_processes", "max_open_files": "max_open_files", "scratch_size": "max_scratch_size",
+    "max_file_size": "max_file_size", "network": "network", "allow_host": "allow_hosts",
+}
+
+
+def sandbox_settings_given(args: argparse.Namespace) -> list[str]:
+    """The sandbox options given on the command line, as typed (--timeout, --network)."""
+    return ["--" + dest.replace("_", "-") for dest in SANDBOX_OPTIONS if hasattr(args, dest)]
 
 
 def sandbox_from_options(args: argparse.Namespace, **settings: Any) -> Any:
-    """A Sandbox with the limits given on the command line (and ``settings``), or None if none was."""
+    """A Sandbox with the settings given on the command line (and ``settings``), or None if none was."""
     from .. import errors
     from .._sandbox import Sandbox
 
     limits = dict(settings)
-    if args.timeout is not None:
-        limits["timeout"] = args.timeout
-    memory_limit = getattr(args, "memory_limit", argparse.SUPPRESS)  # None means "no limit"
-    if memory_limit is not argparse.SUPPRESS:
-        limits["memory_limit"] = memory_limit
+    for dest, setting in SANDBOX_OPTIONS.items():
+        if hasattr(args, dest):  # None (``none``) means "no limit"
+            value = getattr(args, dest)
+            limits[setting] = tuple(value) if setting == "allow_hosts" else value
     if not limits:
         return None
     try:
         return Sandbox(**limits)
     except errors.InvalidArgumentError as exc:
-        raise CommandError(f"Invalid sandbox limit (--timeout, --memory-limit): {exc}", exit_code=EXIT_USAGE) from exc
+        raise CommandError(f"Invalid sandbox setting ({', '.join(sandbox_settings_given(args))}): {exc}",
+                           exit_code=EXIT_USAGE) from exc
 
 
 # -- value types -----------------------------------------------------------------------------------
@@ -143,6 +180,16 @@ def positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import _disk
 from ._errors import EXIT_ERROR, EXIT_USAGE, CommandError
 
 
@@ -50,21 +52,71 @@ def stdout_to_stderr() -> Iterator[None]:
         yield
 
 
-def check_output_path(path: Path) -> None:
-    """Refuse an ``--output`` that cannot be written: said before any download or worker, not after
-    minutes of work."""
+# What an output file's extension says it holds, and how tensors are written in it. A name
+# without an extension gets the command's default format, the first one listed.
+TENSOR_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+
+
+def check_output_path(path: Path, *, formats: dict[str, str] | None = None, option: str = "--output") -> str | None:
+    """Refuse an ``--output`` that cannot be written, or whose extension names a format this
+    command does not write: said before any download or worker, not after minutes of work.
+    Returns the format the extension names (None when ``formats`` is None)."""
     if path.is_dir():
-        raise CommandError(f"--output {path} is a folder; name a file.", exit_code=EXIT_USAGE)
+        raise CommandError(f"{option} {path} is a folder; name a file.", exit_code=EXIT_USAGE)
     if not path.parent.is_dir():
-        raise CommandError(f"--output {path}: the folder {path.parent} does not exist.", exit_code=EXIT_ERROR)
+        raise CommandError(f"{option} {path}: the folder {path.parent} does not exist.", exit_code=EXIT_ERROR)
+    if formats is None:
+        return None
+    found = formats.get(path.suffix.lower()) if path.suffix else next(iter(formats.values()))
+    if found is None:
+        names = " or ".join(formats)
+        raise CommandError(f"{option} {path}: the file name must end in {names}, which says what it holds "
+                           f"(e.g. {path.with_suffix(next(iter(formats)))}).", exit_code=EXIT_USAGE)
+    return found
+
+
+def write_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Tensors into ``path`` in the format its extension names: safetensors (with ``metadata``), or
+    ``torch.save`` of the dict for .pt/.pth (read back with ``torch.load(path, weights_only=True)``)."""
+    kind = TENSOR_FORMATS.get(path.suffix.lower(), "safetensors")
+    with atomic_output(path) as tmp:
+        if kind == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(savable_tensors(tensors), str(tmp), metadata=metadata)
+        else:
+            import torch
+
+            torch.save(dict(tensors), tmp)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (another thread may be creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path``, renamed onto it when the block succeeds, removed if not."""
+    """A temporary name beside ``path``, renamed onto it when the block succeeds, removed if not.
+
+    The file gets the mode any tool's output would: an existing file's own mode (overwriting it
+    keeps it), else 0666 less the umask."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
+        with _disk.writing_in(path.parent, f"the output file {path.name}"):
+            yield tmp
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -39,7 +39,7 @@ Repositories are owner/repo[:ref]; without a ref, the default branch. A reposito
 in a sandboxed worker. Trust (--trust, or `safehub trust add`) is needed only where its code would
 run outside the sandbox: with --no-isolate, or `load --returns object`.
 
-Options --debug, --offline, --hub-dir and --quiet work before or after the sub-command.
+Options --debug, --json, --offline, --hub-dir and --quiet work before or after the sub-command.
 
 environment:
   TORCH_HOME               the hub dir is $TORCH_HOME/hub (shared with torch.hub)

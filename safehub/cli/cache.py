@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import _cache, _fill, _pins, _refs, constants
 from ._errors import EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, add_group, json_option, non_negative_float
+from ._options import add_command, add_group, non_negative_float
 from ._output import format_age, format_size, note, print_json
 
 
@@ -37,7 +37,6 @@ def register(subparsers: Any) -> None:
                     description="Show each cached repository (folder, repo, ref, commit, size, age) and each\n"
                                 "checkpoint (file, size, age), the shared read-only hub dirs' too.",
                     epilog="examples:\n  safehub cache list\n  safehub cache list --json")
-    json_option(q)
     q = add_command(actions, "verify", func=cmd_cache_verify, help="check cached trees and checkpoints",
                     description="Hash each cached tree again and compare it with the digest recorded when it was\n"
                                 "fetched (and, with --locked, with the lock file's pin); hash each checkpoint and\n"
@@ -48,7 +47,6 @@ def register(subparsers: Any) -> None:
     q.add_argument("repos", metavar="REPO", nargs="*",
                    help="owner/repo (every ref) or owner/repo:ref; default: everything cached")
     q.add_argument("--locked", metavar="LOCKFILE", help="also check trees and files against this lock file's pins")
-    json_option(q)
     q = add_command(actions, "clean", func=cmd_cache_clean, help="remove cached repositories",
                     description="Remove cached repositories (tree and record, under their lock).\n\n"
                                 "With no REPO, --all or --older-than, nothing is removed: it shows what --all\n"
@@ -67,7 +65,6 @@ def register(subparsers: Any) -> None:
     q.add_argument("--older-than", metavar="DAYS", type=non_negative_float,
                    help="only repositories fetched more than DAYS days ago")
     q.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
-    json_option(q)
     q = add_command(actions, "fill", func=cmd_cache_fill, help="fetch exactly what a lock file pins",
                     description="Fill the hub dir with exactly what a lock file pins: every repository (nested ones\n"
                                 "included) at its pinned commit, archive and tree, and every pinned file at its\n"
@@ -78,7 +75,6 @@ def register(subparsers: Any) -> None:
                            "  safehub --hub-dir /opt/hub cache fill --locked safehub.lock\n"
                            "  SAFEHUB_OFFLINE=1 TORCH_HOME=/opt safehub load someone/repo:v1.0 net --locked safehub.lock")
     q.add_argument("--locked", metavar="LOCKFILE", required=True, help="the lock file (`safehub lock ... --load ...`)")
-    json_option(q)
 
 
 def _entries() -> list[_cache.CacheEntry]:

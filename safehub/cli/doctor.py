@@ -18,17 +18,16 @@ from .. import __version__, _cache, _trust, constants
 from .._run import memory_cgroup
 from .._sandbox import sandbox_report
 from ._errors import EXIT_OK
-from ._options import add_command, json_option
+from ._options import add_command
 from ._output import print_json
 
 
 def register(subparsers: Any) -> None:
-    p = add_command(subparsers, "doctor", func=cmd_doctor, help="show what this machine and setup offer",
+    add_command(subparsers, "doctor", func=cmd_doctor, help="show what this machine and setup offer",
                     description="Report the sandbox layers available here, the hub dir, the trusted list, the\n"
                                 "GitHub endpoints, offline mode, whether GITHUB_TOKEN is set (never its value),\n"
                                 "and the Python and torch versions.",
                     epilog="examples:\n  safehub doctor\n  safehub doctor --json")
-    json_option(p)
 
 
 def _version_of(distribution: str) -> str | None:
@@ -69,10 +68,44 @@ def _report() -> dict[str, Any]:
         # Whether a token is set, never its value.
         "github_token_set": bool(constants.GITHUB_TOKEN),
         "offline": bool(constants.SAFEHUB_OFFLINE),
-        "sandbox_layers": sandbox_report(),
+        "sandbox_layers": (layers := sandbox_report()),
+        "user_namespaces": _user_namespaces(layers),
         "memory_bound": memory_cgroup.probe(),
         # The command itself starts cold (one call per run); this is what SAFEHUB_WARM says.
         "warm_workers": bool(constants.SAFEHUB_WARM),
+    }
+
+
+def _user_namespaces(layers: dict[str, Any]) -> dict[str, Any]:
+    """What a machine that refuses unprivileged user namespaces means for the sandbox, and what to do."""
+    namespaces = layers.get("namespaces", {})
+    if not namespaces.get("restricted"):
+        return {"restricted": False}
+    still = [name for name, info in layers.items() if info.get("active")]
+    if namespaces.get("active"):
+        meaning = ("Unprivileged user namespaces are disabled or restricted here; as root the worker still gets "
+                   "its net, ipc, pid and mount namespaces, so nothing is lost.")
+    else:
+        meaning = ("Unprivileged user namespaces are disabled or restricted here, so the worker gets no network, "
+                   "ipc, pid or mount namespace: it shares the network stack, sees the machine's /proc and "
+                   "processes, and its scratch folder is a plain folder rather than a sized tmpfs. "
+                   "Landlock (files, TCP), seccomp (UDP and raw sockets, exec), rlimits and the scrubbed "
+                   "environment still hold where listed active.")
+    return {
+        "restricted": True,
+        "meaning": meaning,
+        "still_active": still,
+        "what_to_do": [
+            "Ubuntu 23.10+ (GitHub-hosted runners: ubuntu-24.04): sudo sysctl -w "
+            "kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor profile that allows userns "
+            "for this Python",
+            "user.max_user_namespaces is 0: sudo sysctl -w user.max_user_namespaces=15000",
+            "Docker: its default seccomp profile refuses unshare; run with --security-opt seccomp=unconfined "
+            "or a profile that allows it",
+            *(() if os.geteuid() == 0 else
+              ("or run as root (namespaces without a user namespace, and a drop to uid 65534)",)),
+            "to fail instead of running with fewer layers: Sandbox(require=(\"namespaces\",))",
+        ],
     }
 
 
@@ -104,6 +137,12 @@ def _as_text(report: dict[str, Any]) -> str:
     for name, info in layers.items():
         mark = "active " if info["active"] else "MISSING" if not info["available"] else "off    "
         lines.append(f"  {name.ljust(width)}  {mark}  {info['detail']}")
+    userns = report["user_namespaces"]
+    if userns.get("restricted"):
+        lines.append("user namespaces: " + userns["meaning"])
+        lines.append("  still active: " + (", ".join(userns["still_active"]) or "none"))
+        lines.append("  what you can do:")
+        lines.extend(f"  - {way}" for way in userns["what_to_do"])
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import _refs, _trust, constants
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError
-from ._options import add_command, add_group, json_option
+from ._options import add_command, add_group
 from ._output import note, print_json
 
 
@@ -27,14 +27,12 @@ def register(subparsers: Any) -> None:
     q = add_command(actions, "list", func=cmd_trust_list, help="show the trusted repositories",
                     description="Show the entries of trusted_list (owner_repo, torch.hub's format).",
                     epilog="examples:\n  safehub trust list\n  safehub trust list --json")
-    json_option(q)
     for name, func, verb in (("add", cmd_trust_add, "Add"), ("remove", cmd_trust_remove, "Remove")):
         q = add_command(actions, name, func=func, help=f"{verb.lower()} a repository",
                         description=f"{verb} owner/repo {'to' if name == 'add' else 'from'} trusted_list "
                                     "(trust covers every ref of a repository).",
                         epilog=f"example:\n  safehub trust {name} someone/repo")
         q.add_argument("repo", metavar="REPO", help="owner/repo")
-        json_option(q)
 
 
 def _repo_without_ref(value: str) -> _refs.RepoRef:

@@ -20,7 +20,7 @@ import torch
 import safehub
 from safehub import _trust
 from safehub._egress.record import recording
-from safehub.errors import RemoteError
+from safehub.errors import OfflineError, RemoteError
 from tests.local_repos import write_repo
 
 pytestmark = pytest.mark.usefixtures("worker_start")
@@ -160,7 +160,8 @@ def test_offline_from_the_cache_and_a_missing_file_named(repo, checkpoint, githu
     github.clear_log()
     assert torch.equal(load(repo, "linear", url=url)["bias"], state["bias"])
     missing = url.rsplit("/", 1)[0] + "/missing-00000000.pth"
-    with pytest.raises(RemoteError, match="missing-00000000.pth is not in the cache and SAFEHUB_OFFLINE is set"):
+    # The caller's setting, not the repository's failure: OfflineError (the CLI's exit 4), not RemoteError.
+    with pytest.raises(OfflineError, match=r"missing-00000000.pth, which the repository fetches, is not in the cache"):
         load(repo, "linear", url=missing)
     assert github.requests() == []
 

@@ -331,7 +331,7 @@ def test_what_is_not_data_is_refused_and_the_model_stays(probe):
         probe.echo(deep)
     with pytest.raises(ResultDecodeError, match=r"unsendable\(\) cannot be sent: result\['bad'\]: a set is not data"):
         probe.unsendable()
-    with pytest.raises(AttributeError, match="no public method 'missing'"):
+    with pytest.raises(AttributeError, match="no public method or attribute 'missing'"):
         probe.missing()
     with pytest.raises(AttributeError):
         probe.call("_private")

@@ -47,6 +47,10 @@ EXPECTED = {
     "ProtocolError": cli.EXIT_ERROR,
     "ResultDecodeError": cli.EXIT_ERROR,
     "SandboxError": cli.EXIT_ERROR,
+    "HubconfNotFoundError": cli.EXIT_ERROR,
+    "SandboxLimitError": cli.EXIT_ERROR,
+    "DamagedCacheError": cli.EXIT_INTEGRITY,
+    "DiskFullError": cli.EXIT_ERROR,
 }
 
 
@@ -104,6 +108,34 @@ def test_messages_are_one_line_and_name_the_way_out():
 def test_interruptions_end_silently():
     assert _errors.error_line(KeyboardInterrupt(), args()) is None
     assert _errors.error_line(BrokenPipeError(), args()) is None
+
+
+def test_every_option_the_cli_words_name_exists():
+    """The command line's rendering of the library's advice names only options it has."""
+    import re
+
+    from safehub.cli._parser import build_parser
+
+    parser = build_parser()
+    known = {option for action in parser._actions for option in action.option_strings}
+    for sub in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        known |= {option for action in sub._actions for option in action.option_strings}
+    for _, cli_phrase in _errors.CLI_WORDS:
+        for option in re.findall(r"--[a-z][a-z-]*", cli_phrase):
+            assert option in known, f"CLI_WORDS names {option}, which no command has"
+
+
+@pytest.mark.parametrize(("python", "cli_phrase"), [
+    ("the worker ran past its time limit of 1 s and was killed; raise it with Sandbox(timeout=...)", "--timeout SECONDS"),
+    ("anything else needs isolate=safehub.Sandbox(network=True)", "needs --network"),
+    ("raise it with Sandbox(memory_limit=...).", "--memory-limit SIZE"),
+    ("Use returns=\"object\" to get the object itself.", "Use --returns object"),
+    ("or load without lock=.", "or load without --locked."),
+])
+def test_the_cli_says_the_librarys_advice_in_its_own_words(python, cli_phrase):
+    line = _errors.error_line(errors.SafeHubError(python), args())
+    assert cli_phrase in line
+    assert "Sandbox(" not in line and "returns=" not in line and "lock=" not in line
 
 
 def test_the_workers_text_in_an_error_is_made_visible_where_the_error_is_made():

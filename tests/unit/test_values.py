@@ -119,7 +119,7 @@ def test_calls_pack_args_and_kwargs():
     "value, where",
     [
         ({1, 2}, "value: a set is not data"),
-        ({"a": [1, object()]}, "value['a'][1]: a object is not data"),
+        ({"a": [1, object()]}, "value['a'][1]: an object is not data"),
         ({1: "x"}, "value: dict keys must be str, not int"),
         (torch.zeros(2, dtype=torch.complex64), "value: a tensor that is complex"),
         (torch.zeros(2, dtype=torch.uint16), "value: a tensor that has dtype uint16"),

@@ -94,15 +94,20 @@ def _probe_namespaces() -> dict[str, Any]:
     except (OSError, ValueError):
         max_ns = -1
     if max_ns == 0:
-        return {"available": False, "detail": "user.max_user_namespaces is 0: user namespaces disabled"}
-    ok, err = _in_child(lambda: ns.enter(user=True, net=True, ipc=True, pid=True, mount=True))
-    if ok:
-        return {"available": True, "detail": "unprivileged user+net+ipc+pid+mount namespaces work (unshare in a fork)"}
+        err = "user.max_user_namespaces is 0"
+    else:
+        ok, err = _in_child(lambda: ns.enter(user=True, net=True, ipc=True, pid=True, mount=True))
+        if ok:
+            return {"available": True, "detail": "unprivileged user+net+ipc+pid+mount namespaces work (unshare in a fork)"}
+    # ENOSPC (a max_user_namespaces of 0 somewhere up the chain), EPERM or EACCES (Ubuntu 24.04's
+    # AppArmor rule, Docker's default seccomp profile, a container runtime): the same meaning.
+    restricted = f"user namespaces are disabled or restricted on this machine ({err})"
     if os.geteuid() == 0:
         ok_root, err_root = _in_child(lambda: ns.enter(user=False, net=True, ipc=True, pid=True, mount=True))
         if ok_root:
-            return {"available": True, "detail": f"net+ipc+pid+mount as root only; user namespace failed: {err}"}
-    return {"available": False, "detail": f"unshare failed: {err}"}
+            return {"available": True, "restricted": True,
+                    "detail": f"net+ipc+pid+mount as root only; {restricted}"}
+    return {"available": False, "restricted": True, "detail": restricted}
 
 
 def _probe_landlock() -> dict[str, Any]:
@@ -160,10 +165,10 @@ def _probe_rlimits() -> dict[str, Any]:
         import resource  # noqa: F401
     except ImportError:
         return {"available": False, "detail": "no resource module"}
-    scratch = "; scratch a sized tmpfs in the worker's mount namespace"
+    # The scratch tmpfs needs a mount namespace: the parent's report adds it where one exists.
     if os.geteuid() == 0:
-        return {"available": True, "detail": "AS, CPU, NOFILE, FSIZE, CORE; NPROC binds only after a uid drop (uid 0 is exempt)" + scratch}
-    return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE" + scratch}
+        return {"available": True, "detail": "AS, CPU, NOFILE, FSIZE, CORE; NPROC binds only after a uid drop (uid 0 is exempt)"}
+    return {"available": True, "detail": f"AS, CPU, NPROC (per uid {os.getuid()}, threads count), NOFILE, FSIZE, CORE"}
 
 
 def _probe_uid_drop(target_uid: int = 65534) -> dict[str, Any]:
