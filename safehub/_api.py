@@ -156,7 +156,7 @@ def _blaming_a_damaged_tree(entry: _cache.CacheEntry | None) -> Iterator[None]:
         if entry is None or isinstance(exc, DamagedCacheError):
             raise
         with _cache.locked(entry.folder):  # never hash a tree an install is replacing
-            changed = _cache.tree_digest(entry.repo_dir) != entry.tree_sha256
+            changed = not entry.tree_matches()  # the digest of the record's own format (1 or 2)
         if not changed:
             raise
         label = f"{entry.owner}/{entry.repo}:{entry.ref}"
