@@ -28,5 +28,6 @@ def test_offline_is_refused_in_one_place():
     raisers = sorted(name for name, text in _modules().items() if "raise OfflineError" in text)
     assert raisers == ["_http.py"]  # _http.require_online, asked by every fetch
     readers = sorted(name for name, text in _modules().items() if "constants.SAFEHUB_OFFLINE" in text)
-    # the check; whether a changed pinned tree may be fetched again; doctor's report of the setting
-    assert readers == ["_fetch.py", "_http.py", "cli/doctor.py"]
+    # the check; whether a changed pinned tree may be fetched again; the Hugging Face path, which
+    # also honours HF_HUB_OFFLINE; doctor's report of the setting
+    assert readers == ["_egress/hf.py", "_fetch.py", "_http.py", "cli/doctor.py"]
