@@ -156,7 +156,7 @@ def _blaming_a_damaged_tree(entry: _cache.CacheEntry | None) -> Iterator[None]:
         if entry is None or isinstance(exc, DamagedCacheError):
             raise
         if entry.shared or not _cache.hub_is_writable():
-            changed = not entry.tree_matches()  # a read-only hub dir: no install can be under way
+            changed = not entry.tree_matches()  # a read-only hub dir: no install can be under way (digest of the record's own format)
         else:
             with _cache.locked(entry.folder):  # never hash a tree an install is replacing
                 changed = not entry.tree_matches()
@@ -192,7 +192,8 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, returns: str, lock: 
         # Files the lock pins that a hub dir already holds: the worker may read them in place
         # (a read-only hub dir's cannot be hard-linked into the call's view).
         sandbox = dataclasses.replace(sandbox, extra_read_paths=(*sandbox.extra_read_paths, *sorted(granted)))
-    with Broker(sandbox, nested=nested, file_pins=file_pins, granted=granted) as broker:
+    hub_pins = _pins.read_hub(lock) if lock is not None else None
+    with Broker(sandbox, nested=nested, file_pins=file_pins, hub_pins=hub_pins, granted=granted) as broker:
         if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
             # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.
