@@ -126,8 +126,11 @@ def _blaming_a_damaged_tree(entry: _cache.CacheEntry | None) -> Iterator[None]:
     except _TREE_FAILURES as exc:
         if entry is None or isinstance(exc, DamagedCacheError):
             raise
-        with _cache.locked(entry.folder):  # never hash a tree an install is replacing
-            changed = not entry.tree_matches()  # the digest of the record's own format (1 or 2)
+        if entry.shared or not _cache.hub_is_writable():
+            changed = not entry.tree_matches()  # a read-only hub dir: no install can be under way (digest of the record's own format)
+        else:
+            with _cache.locked(entry.folder):  # never hash a tree an install is replacing
+                changed = not entry.tree_matches()
         if not changed:
             raise
         label = f"{entry.owner}/{entry.repo}:{entry.ref}"
