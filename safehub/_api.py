@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from . import _cache, _fetch, _log, _pins, _refs, _tree, _trust, constants
-from ._refs import RepoRef
 from ._run import returns as _returns
 from ._worker import hubconf as _hubconf
 from .errors import (
@@ -27,7 +26,6 @@ from .errors import (
     InvalidArgumentError,
     LockFileError,
     MissingDependenciesError,
-    OfflineError,
     RemoteError,
 )
 
@@ -89,33 +87,6 @@ def _local_dir(path: object) -> Path:
     return repo_dir
 
 
-def _cache_entry(
-    repo_ref: RepoRef,
-    *,
-    force_reload: bool,
-    verbose: bool,
-    skip_validation: bool,
-    lock: str | os.PathLike[str] | None = None,
-) -> _cache.CacheEntry:
-    """The repository's cache entry, downloading it if needed (exactly the pinned one with a lock)."""
-    pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
-    if not force_reload:
-        entry = _fetch.cached(repo_ref, pin)
-        if entry is not None:
-            _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
-            return entry
-    if constants.SAFEHUB_OFFLINE:
-        raise OfflineError(
-            f"Offline mode (SAFEHUB_OFFLINE=1) is on and {repo_ref} is not in the cache "
-            f"({_cache.get_dir()}). Load it once online, or unset SAFEHUB_OFFLINE."
-        )
-    if pin is not None:
-        resolved = pin.resolved(repo_ref)  # a locked load asks the API nothing: the pin names the commit
-    else:
-        resolved = _refs.resolve(repo_ref, skip_validation=skip_validation)
-    return _fetch.fetch_repo(resolved, force_reload=force_reload, verbose=verbose, pin=pin)
-
-
 def _repo_dir(
     repo_or_dir: object,
     source: str,
@@ -136,8 +107,8 @@ def _repo_dir(
         return _local_dir(repo_or_dir), None
     repo_ref = _refs.parse(repo_or_dir)
     _trust.check(repo_ref.owner, repo_ref.repo, trust_repo, needed=trust_needed)
-    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=verbose,
-                         skip_validation=skip_validation, lock=lock)
+    entry = _fetch.entry_for(repo_ref, force_reload=force_reload, verbose=verbose,
+                             skip_validation=skip_validation, lock=lock)
     return entry.repo_dir, entry
 
 
@@ -154,8 +125,11 @@ def _blaming_a_damaged_tree(entry: _cache.CacheEntry | None) -> Iterator[None]:
     except _TREE_FAILURES as exc:
         if entry is None or isinstance(exc, DamagedCacheError):
             raise
-        with _cache.locked(entry.folder):  # never hash a tree an install is replacing
-            changed = _cache.tree_digest(entry.repo_dir) != entry.tree_sha256
+        if entry.shared or not _cache.hub_is_writable():
+            changed = not entry.tree_matches()  # a read-only hub dir: no install can be under way (digest of the record's own format)
+        else:
+            with _cache.locked(entry.folder):  # never hash a tree an install is replacing
+                changed = not entry.tree_matches()
         if not changed:
             raise
         label = f"{entry.owner}/{entry.repo}:{entry.ref}"
@@ -182,8 +156,8 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, mode: _returns.Mode 
         repo_ref = _refs.parse(args.get("github"))
         _trust.check(repo_ref.owner, repo_ref.repo, "check", needed=_returns.trust_needed(True, mode))
         # With a lock, a nested repository must be pinned in it too, like the outer one.
-        return _cache_entry(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
-                            skip_validation=bool(args.get("skip_validation")), lock=lock)
+        return _fetch.entry_for(repo_ref, force_reload=bool(args.get("force_reload")), verbose=False,
+                                skip_validation=bool(args.get("skip_validation")), lock=lock)
 
     file_pins = _pins.read_files(lock) if lock is not None else None
     granted = _granted_files(file_pins)
@@ -191,7 +165,8 @@ def _isolated(repo_dir: Path, action: str, *, sandbox: Any, mode: _returns.Mode 
         # Files the lock pins that a hub dir already holds: the worker may read them in place
         # (a read-only hub dir's cannot be hard-linked into the call's view).
         sandbox = dataclasses.replace(sandbox, extra_read_paths=(*sandbox.extra_read_paths, *sorted(granted)))
-    with Broker(sandbox, nested=nested, file_pins=file_pins, granted=granted) as broker:
+    hub_pins = _pins.read_hub(lock) if lock is not None else None
+    with Broker(sandbox, nested=nested, file_pins=file_pins, hub_pins=hub_pins, granted=granted) as broker:
         if os.geteuid() == 0 and "uid_drop" in sandbox.wanted_layers() and not _others_can_read(repo_dir):
             # The worker drops to an unprivileged uid, which a private folder (mkdtemp's 0700)
             # keeps out: it gets a readable copy of the tree in its view, the folder stays as it is.
@@ -233,7 +208,7 @@ def _others_can_read(tree: Path, limit: int = 100_000) -> bool:
 def pin(github: str, *, skip_validation: bool = False, force_reload: bool = False) -> tuple[str, _pins.Pin]:
     """Resolve and fetch ``github`` (no code runs, no trust needed); return its lock file entry."""
     repo_ref = _refs.parse(github)
-    entry = _cache_entry(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
+    entry = _fetch.entry_for(repo_ref, force_reload=force_reload, verbose=False, skip_validation=skip_validation)
     if entry.commit_sha == _cache.UNKNOWN_COMMIT:
         raise LockFileError(
             f"Cannot pin {repo_ref}: its cached archive (fetched with skip_validation) named no commit. "
@@ -244,7 +219,7 @@ def pin(github: str, *, skip_validation: bool = False, force_reload: bool = Fals
     if not entry.tree_matches():
         # What is pinned is what the archive extracts to, never a tree changed since.
         _log.warning(f"The cached tree of {repo_ref} changed since it was fetched; fetching it again to pin it.")
-        entry = _cache_entry(repo_ref, force_reload=True, verbose=False, skip_validation=skip_validation)
+        entry = _fetch.entry_for(repo_ref, force_reload=True, verbose=False, skip_validation=skip_validation)
     tree_sha256 = entry.tree_sha256 if entry.tree_format == _tree.FORMAT else _cache.tree_manifest(entry.repo_dir).digest
     return str(repo_ref), _pins.Pin(entry.ref, entry.commit_sha, entry.archive_sha256, tree_sha256)
 

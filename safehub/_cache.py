@@ -149,6 +149,11 @@ def shared_hub_dirs() -> list[Path]:
     return [Path(d) for d in constants.SAFEHUB_SHARED_HUB_DIRS if os.path.isdir(d) and os.path.realpath(d) != own]
 
 
+def trusted_list_path() -> Path:
+    """torch.hub's ``<hub_dir>/trusted_list``."""
+    return hub_path() / constants.TRUSTED_LIST_NAME
+
+
 def checkpoint_dir(place: str, hub_dir: Path | None = None) -> Path:
     """torch.hub's checkpoints folder: ``<hub_dir>/checkpoints`` (``hub/checkpoints``), or
     ``<torch_home>/checkpoints`` (``checkpoints``, where NVIDIA's entrypoints keep files)."""

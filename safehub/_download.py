@@ -231,7 +231,7 @@ def _model_dir(model_dir: str | None) -> pathlib.Path:
         return pathlib.Path(os.path.expanduser(model_dir))
     from . import _cache  # lazily: _cache imports more than a download needs
 
-    return pathlib.Path(_cache.get_dir()) / "checkpoints"
+    return _cache.checkpoint_dir("hub/checkpoints")
 
 
 def _hash_prefix(filename: str, check_hash: bool) -> str | None:

@@ -1,4 +1,9 @@
-"""The fetch step: a resolved repository into the cache.
+"""The fetch step: the cache entry serving a repository, fetched into the cache if need be.
+
+One door, :func:`entry_for`, deciding in this order: the pin (with a lock file, the repository's
+entry in it, read here and only here), a cache hit (:func:`cached`, exactly the pinned tree with a
+pin), offline (``_http.require_online``, the one offline check), pin or resolve (a pin names the
+commit, no API request; otherwise ``_refs.resolve``), then :func:`fetch_repo`.
 
 Under the cache folder's file lock: download the zipball into a private work folder (with
 torch.hub's "Downloading" line and a progress bar), check its sha256 against the pin when a lock
@@ -23,11 +28,34 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from . import _cache, _disk, _extract, _github, _log, _tree, constants
+from . import _cache, _disk, _extract, _github, _http, _log, _pins, _refs, _tree, constants
 from ._cache import CacheEntry
 from ._pins import Pin
 from ._refs import RepoRef, ResolvedRef
 from .errors import HashMismatchError, ReadOnlyCacheError, TreeChangedError
+
+
+def entry_for(repo_ref: RepoRef, *, force_reload: bool = False, verbose: bool = True, skip_validation: bool = False,
+              lock: str | os.PathLike[str] | None = None) -> CacheEntry:
+    """The cache entry serving ``repo_ref``, fetched if needed (exactly the pinned one with ``lock``).
+
+    Raises:
+        LockFileError: ``lock`` cannot be read or has no entry for the repository.
+        OfflineError: offline mode is on and the cache has no entry serving the request.
+        TreeChangedError: as :func:`cached`.
+        HashMismatchError, ReadOnlyCacheError, GitHubError, NetworkError, DownloadError,
+            ArchiveError: as :func:`fetch_repo` and ``_refs.resolve``.
+    """
+    pin = _pins.pin_for(lock, repo_ref) if lock is not None else None
+    if not force_reload:
+        entry = cached(repo_ref, pin)
+        if entry is not None:
+            _log.info(f"Using cache found in {entry.repo_dir}", verbose=verbose)
+            return entry
+    _http.require_online(str(repo_ref), where=f"the cache ({_cache.get_dir()})")
+    # A locked load asks the API nothing: the pin names the commit.
+    resolved = pin.resolved(repo_ref) if pin is not None else _refs.resolve(repo_ref, skip_validation=skip_validation)
+    return fetch_repo(resolved, force_reload=force_reload, verbose=verbose, pin=pin)
 
 
 def cached(repo_ref: RepoRef, pin: Pin | None = None) -> CacheEntry | None:

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _cache, _fetch, _log, _pins, _refs, constants
-from .errors import HashMismatchError, LockFileError, OfflineError
+from . import _cache, _fetch, _http, _log, _pins, _refs
+from .errors import HashMismatchError, LockFileError
 
 # One fill may take long (many large files); each socket operation still has its own timeout.
 _FILL_DEADLINE_S = 24 * 3600.0
@@ -103,6 +103,4 @@ def _download(url: str, path: Path, sha256: str, progress: bool) -> None:
 
 
 def _may_download(what: str) -> None:
-    if constants.SAFEHUB_OFFLINE:
-        raise OfflineError(f"Offline mode (SAFEHUB_OFFLINE=1) is on and {what[:200]} is not in the cache "
-                           f"({_cache.get_dir()}). Fill it online.")
+    _http.require_online(what[:200], where=f"the cache ({_cache.get_dir()})")

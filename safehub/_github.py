@@ -21,7 +21,6 @@ from . import _http, constants
 from .errors import (
     AuthenticationError,
     GitHubError,
-    OfflineError,
     RateLimitError,
     RefNotFoundError,
     RepoNotFoundError,
@@ -41,19 +40,10 @@ def _api_headers() -> dict[str, str]:
     return headers
 
 
-def _check_online(url: str) -> None:
-    if constants.SAFEHUB_OFFLINE:
-        raise OfflineError(
-            f"Offline mode (SAFEHUB_OFFLINE=1) is on and {url} is not in the cache. "
-            "Run once online to fill the cache, or unset SAFEHUB_OFFLINE.",
-            url=url,
-        )
-
-
 def api_get(path: str, *, repo: str | None = None) -> Any:
     """GET ``{SAFEHUB_GITHUB_API_URL}{path}`` and decode the JSON answer."""
     url = constants.SAFEHUB_GITHUB_API_URL + path
-    _check_online(url)
+    _http.require_online(url, url=url)
     try:
         with _http.open_url(url, _api_headers()) as response:
             body = response.read(64 * 1024 * 1024)
@@ -199,7 +189,7 @@ def guess_default_branch(owner: str, repo: str) -> str:
     at its archive, as with torch.hub.
     """
     url = f"{constants.SAFEHUB_GITHUB_URL}/{_quote(owner)}/{_quote(repo)}/tree/main/"
-    _check_online(url)
+    _http.require_online(url, url=url)
     try:
         with _http.open_url(url):
             return "main"
@@ -261,7 +251,7 @@ def _open_archive(owner: str, repo: str, ref: str, validated: bool) -> Any:
     """The archive's response, ready to stream; a 300 stays an HTTPStatusError for the caller."""
     via_api = archive_via_api(validated)
     url = archive_url(owner, repo, ref, validated=validated)
-    _check_online(url)
+    _http.require_online(url, url=url)
     try:
         # Through the API, the token goes along; _http drops it at the redirect to codeload.
         return _http.open_url(url, _api_headers() if via_api else None)

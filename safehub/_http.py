@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, BinaryIO, Protocol
 
 from . import constants
-from .errors import IncompleteDownloadError, NetworkError
+from .errors import IncompleteDownloadError, NetworkError, OfflineError
 
 _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
 
@@ -61,6 +61,23 @@ class HTTPStatusError(Exception):
 
     def __str__(self) -> str:
         return f"HTTP {self.status} from {self.url}"
+
+
+def require_online(what: str, *, url: str | None = None, where: str = "the cache") -> None:
+    """Refuse a fetch in offline mode: ``what`` is not in ``where`` and may not be fetched.
+
+    The one offline check: the fetch step (a repository), GitHub's requests, ``safehub cache
+    fill`` and the fetch broker (a worker's file or GET) all ask it before reaching the network.
+
+    Raises:
+        OfflineError: ``SAFEHUB_OFFLINE`` is set (``--offline``); ``url`` is set on it.
+    """
+    if constants.SAFEHUB_OFFLINE:
+        raise OfflineError(
+            f"Offline mode: {what} is not in {where} and SAFEHUB_OFFLINE is set. "
+            "Fetch it once online, or unset SAFEHUB_OFFLINE (drop --offline).",
+            url=url,
+        )
 
 
 def open_url(

@@ -8,13 +8,18 @@ API request, and refuses an archive whose sha256 differs. The file is JSON::
      "repos": {"owner/repo:ref": {"ref": "main", "commit_sha": "…40 hex…",
                                   "archive_sha256": "…64 hex…", "tree_sha256": "…64 hex…"}},
      "files": {"https://host/path/w.pth": {"sha256": "…64 hex…", "size": 102400,
-                                           "name": "w.pth", "place": "hub/checkpoints"}}}
+                                           "name": "w.pth", "place": "hub/checkpoints"}},
+     "hub_files": [{"repo_type": "model", "repo_id": "org/name", "revision": "main",
+                    "commit_sha": "…40 hex…", "filename": "model.safetensors",
+                    "sha256": "…64 hex…", "size": 102400}]}
 
 Keys are the repository strings as the user wrote them (``owner/repo`` for the default branch);
 ``ref`` is what the key resolved to, which names the cache folder. ``files`` (optional) pins what
 an isolated load fetched through the broker (``safehub lock --load``): with a lock, the broker
 serves only those URLs, each checked against its sha256 before the worker sees it. Nested
-repositories are pinned in ``repos`` like any other.
+repositories are pinned in ``repos`` like any other. ``hub_files`` (optional) pins what it fetched
+from the Hugging Face Hub: each file of a repository at a revision, the commit that revision
+resolved to and the file's sha256; a locked load fetches that commit and refuses other bytes.
 
 ``tree_sha256`` (:mod:`safehub._tree`'s digest) pins what runs: every locked operation checks the
 cached tree against it before any code of the repository runs. A lock file written before it
@@ -70,6 +75,21 @@ class FilePin:
     place: str = ""  # "hub/checkpoints" or "checkpoints" ("" in older lock files)
 
 
+@dataclass(frozen=True)
+class HubPin:
+    repo_type: str
+    repo_id: str
+    revision: str
+    commit_sha: str
+    filename: str
+    sha256: str
+    size: int
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.repo_type, self.repo_id, self.revision, self.filename)
+
+
 def _key(repo_ref: RepoRef) -> str:
     return str(repo_ref)
 
@@ -121,10 +141,33 @@ def read_files(path: str | os.PathLike[str]) -> dict[str, FilePin]:
     return out
 
 
-def dumps(pins: dict[str, Pin], files: dict[str, FilePin] | None = None) -> str:
+def read_hub(path: str | os.PathLike[str]) -> dict[tuple[str, str, str, str], HubPin]:
+    """The Hugging Face Hub files a lock file pins (``hub_files``), keyed by HubPin.key; {} when none."""
+    read(path)
+    entries = json.loads(Path(path).read_text()).get("hub_files", [])
+    if not isinstance(entries, list):
+        raise LockFileError(f"{path}: 'hub_files' is not a list.", path=str(path), repo=None)
+    out: dict[tuple[str, str, str, str], HubPin] = {}
+    for value in entries:
+        try:
+            pin = HubPin(**value)
+        except TypeError as exc:
+            raise LockFileError(f"Bad Hub file entry {str(value)[:200]} in {path}: {exc}", path=str(path), repo=None) from None
+        good = (all(isinstance(getattr(pin, f), str) and getattr(pin, f) for f in ("repo_type", "repo_id", "revision", "filename"))
+                and _SHA1.fullmatch(str(pin.commit_sha)) and _SHA256.fullmatch(str(pin.sha256)) and type(pin.size) is int and pin.size >= 0)
+        if not good:
+            raise LockFileError(f"Bad Hub file entry {str(value)[:200]} in {path}: wrong names, commit, sha256 or size.",
+                                path=str(path), repo=pin.repo_id if isinstance(pin.repo_id, str) else None)
+        out[pin.key] = pin
+    return out
+
+
+def dumps(pins: dict[str, Pin], files: dict[str, FilePin] | None = None, hub_files: list[HubPin] | None = None) -> str:
     data: dict[str, object] = {"version": LOCK_VERSION, "repos": {k: _without_empty(asdict(v)) for k, v in sorted(pins.items())}}
     if files:
         data["files"] = {url: _without_empty(asdict(pin)) for url, pin in sorted(files.items())}
+    if hub_files:
+        data["hub_files"] = [asdict(pin) for pin in sorted({p.key: p for p in hub_files}.values(), key=lambda p: p.key)]
     return json.dumps(data, indent=2) + "\n"
 
 

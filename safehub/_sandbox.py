@@ -42,10 +42,13 @@ ALLOWED_ENV = (
     "OPENBLAS_NUM_THREADS",
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
+    # The user's non-secret Hugging Face Hub settings: a mirror or test endpoint, offline mode.
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
 )
 ALLOWED_ENV_PREFIXES = ("LC_",)
 # Never handed to a worker, even when named in Sandbox(env=...): DESIGN 1 keeps it for the API host.
-FORBIDDEN_ENV = ("GITHUB_TOKEN",)
+FORBIDDEN_ENV = ("GITHUB_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _GIB = 1024**3
@@ -275,7 +278,8 @@ def worker_environ(
     sandbox: Sandbox, scratch_dir: str, environ: Mapping[str, str] | None = None, *, torch_home: str | None = None
 ) -> dict[str, str]:
     """The worker's whole environment: the allow-list of ``environ`` plus HOME and TMPDIR in scratch,
-    and TORCH_HOME on the call's view of the cache (where torch.hub looks for what it fetched).
+    and TORCH_HOME on the call's view of the cache (where torch.hub looks for what it fetched),
+    with HF_HOME and HF_HUB_CACHE on the view's Hugging Face cache (no token file there).
 
     Nothing else crosses: tokens, keys, AWS_*, proxies and LD_* stay in the parent.
     """
@@ -289,6 +293,8 @@ def worker_environ(
     env["HOME"] = env["TMPDIR"] = scratch_dir
     if torch_home is not None:
         env["TORCH_HOME"] = torch_home
+        env["HF_HOME"] = os.path.join(torch_home, "huggingface")
+        env["HF_HUB_CACHE"] = os.path.join(torch_home, "huggingface", "hub")
     return env
 
 

@@ -2,7 +2,7 @@
 
 Every work folder safehub makes carries the pid of its maker right after a fixed prefix
 (``<prefix><pid><anything not a digit>…``): the cache's install folders in
-``<hub_dir>/.safehub/tmp`` (``<pid>.<folder>.…``), the worker's scratch folders in the system
+``_cache.work_dir`` (``<pid>.<folder>.…``), the worker's scratch folders in the system
 temporary folder (``safehub-worker-<pid>-…``). The next call that makes such a folder first
 removes the ones whose maker is gone.
 """

@@ -17,7 +17,7 @@ from .errors import InvalidArgumentError, UntrustedRepoError
 
 
 def trusted_list_path() -> Path:
-    return _cache.hub_path() / constants.TRUSTED_LIST_NAME
+    return _cache.trusted_list_path()
 
 
 def _entry(owner: str, repo: str) -> str:

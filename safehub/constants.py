@@ -20,6 +20,7 @@ TRUSTED_REPO_OWNERS = ("facebookresearch", "facebookincubator", "pytorch", "fair
 # Defaults.
 DEFAULT_GITHUB_URL = "https://github.com"
 DEFAULT_GITHUB_API_URL = "https://api.github.com"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 HTTP_TIMEOUT_S = 30.0
 READ_CHUNK = 1024 * 1024
 USER_AGENT = "safehub"
@@ -51,6 +52,15 @@ def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _read_token_file() -> str | None:
+    path = _env("HF_TOKEN_PATH") or os.path.join(__getattr__("HF_HOME"), "token")
+    try:
+        with open(os.path.expanduser(path)) as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 _COMPUTED: dict[str, Callable[[], Any]] = {
     "SAFEHUB_GITHUB_URL": lambda: (_env("SAFEHUB_GITHUB_URL") or DEFAULT_GITHUB_URL).rstrip("/"),
     "SAFEHUB_GITHUB_API_URL": lambda: (_env("SAFEHUB_GITHUB_API_URL") or DEFAULT_GITHUB_API_URL).rstrip("/"),
@@ -70,6 +80,17 @@ _COMPUTED: dict[str, Callable[[], Any]] = {
         os.path.abspath(os.path.expanduser(entry)) for entry in (_env("SAFEHUB_SHARED_HUB_DIRS") or "").split(":") if entry.strip()
     ),
     "GITHUB_TOKEN": lambda: _env("SAFEHUB_GITHUB_TOKEN") or _env("GITHUB_TOKEN"),
+    # The Hugging Face Hub, read as huggingface_hub reads them, so both share one cache and endpoint.
+    "HF_ENDPOINT": lambda: (_env("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),
+    "HF_HUB_OFFLINE": lambda: _env_flag("HF_HUB_OFFLINE"),
+    "HF_HOME": lambda: os.path.expanduser(
+        _env("HF_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    ),
+    "HF_HUB_CACHE": lambda: os.path.expanduser(
+        _env("HF_HUB_CACHE") or _env("HUGGINGFACE_HUB_CACHE") or os.path.join(__getattr__("HF_HOME"), "hub")
+    ),
+    # HF_TOKEN (or the file `hf auth login` writes): sent to HF_ENDPOINT's own host only, never to a worker.
+    "HF_TOKEN": lambda: _env("HF_TOKEN") or _env("HUGGING_FACE_HUB_TOKEN") or _read_token_file(),
     "TORCH_HOME": lambda: os.path.expanduser(
         _env("TORCH_HOME") or os.path.join(_env("XDG_CACHE_HOME") or "~/.cache", "torch")
     ),

@@ -22,7 +22,8 @@ Facts are attributes, never parsed from the message.
     ├── DownloadError (RuntimeError, OSError) a download failed
     │   ├── IncompleteDownloadError           fewer bytes than Content-Length said
     │   ├── HashMismatchError                 the sha256 does not match
-    │   └── FetchRefusedError                 the fetch policy refused a URL, address or cap
+    │   ├── FetchRefusedError                 the fetch policy refused a URL, address or cap
+    │   └── HubFileError                      the Hugging Face Hub (or its cache, offline) lacks a file; kind
     ├── ArchiveError (ValueError)             a corrupt or hostile zip archive
     ├── LockFileError (ValueError)            a lock file is unreadable or lacks an entry
     ├── TreeChangedError (RuntimeError)       a pinned tree in the cache is not the pinned one
@@ -174,6 +175,20 @@ class FetchRefusedError(DownloadError):
     """
 
     reason: str | None = None
+
+
+class HubFileError(DownloadError):
+    """A Hugging Face Hub file or snapshot could not be served.
+
+    ``kind`` says why, as huggingface_hub's own errors would: ``entry_not_found``,
+    ``revision_not_found``, ``repository_not_found``, ``gated``, ``local_entry_not_found``
+    (offline, or ``local_files_only``, and not in the cache), ``integrity`` (bytes that are not
+    the ones named) or ``http`` (another answer). Also ``repo_id`` and ``filename``.
+    """
+
+    kind: str | None = None
+    repo_id: str | None = None
+    filename: str | None = None
 
 
 class ArchiveError(SafeHubError, ValueError):

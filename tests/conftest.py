@@ -7,12 +7,13 @@ import socket
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_github"]
+pytest_plugins = ["tests.fixtures_github", "tests.fixtures_hf"]
 
 # Where GitHub would be if a test forgot the emulator: a closed loopback port, so it fails fast.
 _NOWHERE = "http://127.0.0.1:9"
 _SCRUBBED = ("GITHUB_TOKEN", "SAFEHUB_GITHUB_TOKEN", "SAFEHUB_ALLOW_HOSTS", "SAFEHUB_OFFLINE", "SAFEHUB_SHARED_HUB_DIRS",
-             "TORCH_HUB", "XDG_CACHE_HOME")
+             "TORCH_HUB", "XDG_CACHE_HOME",
+             "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,9 @@ def hub_dir(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SAFEHUB_GITHUB_URL", _NOWHERE)
     monkeypatch.setenv("SAFEHUB_GITHUB_API_URL", _NOWHERE)
+    # The Hugging Face cache too (HF_HUB_CACHE is HF_HOME/hub), and no Hub but a test's stand-in.
+    monkeypatch.setenv("HF_HOME", str(torch_home.parent / f"{torch_home.name}-hf"))
+    monkeypatch.setenv("HF_ENDPOINT", _NOWHERE)
     monkeypatch.setattr(_cache, "_hub_dir", None)
     return torch_home / "hub"
 

@@ -12,13 +12,18 @@ them (HUB_PATTERNS.md):
 - ``torch.hub._get_cache_or_reload``: nested ``torch.hub.load`` / ``list`` / ``help`` of a GitHub
   repository; the parent runs its whole pipeline and answers with the repository's folder in
   the view. ``torch.hub._load_local``: ``source="local"`` only inside the repositories of this call.
-- ``urllib.request.urlopen`` and ``urlretrieve`` (plain GETs), and ``requests`` GETs when it is
-  installed: the parent fetches the body; other methods and anything else that wants the
-  network fail with an error that names ``Sandbox(network=True)``.
+- ``urllib.request.urlopen`` and ``urlretrieve`` (plain GETs); requests and httpx (GET and HEAD,
+  ``http_clients.py``); huggingface_hub's ``hf_hub_download`` and ``snapshot_download``
+  (``hf_hub.py``): the parent fetches; other methods and anything else that wants the network
+  (raw sockets, websockets) fail with an error that names ``Sandbox(network=True)``, and starting
+  a program (``curl``) fails with one that says the sandbox starts none.
 
-torch.hub and requests are patched when imported (a cold worker of a pure-Python hubconf never
-imports torch), and so are urllib.request and requests. The environment gives torch.hub its folders: ``TORCH_HOME`` is
-the view folder, so ``get_dir()`` and ``_get_torch_home()`` answer as torch.hub would.
+Each library is patched when it is imported (a cold worker of a pure-Python hubconf never
+imports torch), or at once if it already is. The environment gives torch.hub its folders:
+``TORCH_HOME`` is a private folder in scratch whose ``hub`` and ``checkpoints`` lead to the view,
+so ``get_dir()`` and ``_get_torch_home()`` answer as torch.hub would, the served files stay
+read-only, and a repository may keep its own files beside them (fairseq's
+``$TORCH_HOME/pytorch_fairseq``); ``HF_HUB_CACHE`` is the view's Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -47,16 +52,37 @@ class FetchRefused(OSError, RuntimeError):
 
 
 def install(*, ask: Callable[[str, dict[str, Any]], tuple[Any, list[Any], list[int]]], refused: type[BaseException],
-            repo_dirs: list[str], view_dir: str, network: bool) -> None:
+            repo_dirs: list[str], view_dir: str, network: bool, scratch_dir: str | None = None) -> None:
     """Patch the fetch paths of this process; ``ask(what, args)`` asks the parent (raises ``refused``)."""
+    _PATCHES.update(_patches())
     _state.update(ask=ask, refused=refused, repo_dirs=[os.path.realpath(d) for d in repo_dirs], view_dir=os.path.realpath(view_dir))
     if not network:
         socket.socket.connect = _no_network  # type: ignore[method-assign,assignment]
         socket.socket.connect_ex = _no_network  # type: ignore[method-assign,assignment]
+        socket.socket.__init__ = _socket_named  # type: ignore[method-assign]
+    if scratch_dir is not None:
+        os.environ["TORCH_HOME"] = _torch_home(view_dir, scratch_dir)
+    _patch_subprocess()
     for name, patch in _PATCHES.items():
         if name in sys.modules:
             patch(sys.modules[name])
     sys.meta_path.insert(0, _PatchOnImport())
+
+
+def _torch_home(view_dir: str, scratch_dir: str) -> str:
+    """A TORCH_HOME of the worker's own whose served folders lead to the (read-only) view."""
+    home = os.path.join(scratch_dir, "torch_home")
+    os.makedirs(home, exist_ok=True)
+    for place in ("hub", "checkpoints"):
+        link = os.path.join(home, place)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(view_dir, place), link)
+    return home
+
+
+def ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
+    """Ask the parent for ``what``; a refusal raises :class:`FetchRefused` with the parent's reason."""
+    return _ask(what, args)
 
 
 def _ask(what: str, args: dict[str, Any]) -> tuple[Any, list[Any], list[int]]:
@@ -154,6 +180,14 @@ def _fetch_to(url: str, dst: str, hash_prefix: str | None, progress: bool) -> No
         _link(served, dst)
 
 
+def served_path(value: Any) -> str:
+    return _served_path(value)
+
+
+def link(served: str, dst: str) -> None:
+    _link(served, dst)
+
+
 def _served_path(value: Any) -> str:
     """The path the parent answered with, which must lie in this call's view folder."""
     path = value.get("path") if isinstance(value, dict) else None
@@ -228,7 +262,7 @@ def _urlopen(url: Any, data: Any = None, timeout: Any = None, *args: Any, **kwar
     method = url.get_method() if isinstance(url, urllib.request.Request) else ("POST" if data is not None else "GET")
     full_url = url.full_url if isinstance(url, urllib.request.Request) else str(url)
     if method != "GET":
-        raise urllib.error.URLError(f"safehub: only GETs go through the parent, not {method} {full_url}; {NO_NETWORK}")
+        raise urllib.error.URLError(f"safehub: only GETs go through the parent, not urllib {method} {full_url}; {NO_NETWORK}")
     return _Response(*_get(full_url))
 
 
@@ -246,29 +280,6 @@ def _urlretrieve(url: str, filename: str | None = None, reporthook: Any = None, 
     return filename, {}
 
 
-def _patch_requests(requests: Any) -> None:
-    adapters = sys.modules.get("requests.adapters") or importlib.import_module("requests.adapters")
-
-    def send(self: Any, request: Any, **kwargs: Any) -> Any:
-        if request.method != "GET":
-            raise requests.ConnectionError(f"safehub: only GETs go through the parent, not {request.method} {request.url}; {NO_NETWORK}")
-        try:
-            value, body = _get(request.url)
-        except OSError as exc:
-            raise requests.ConnectionError(str(exc), request=request) from None
-        response = requests.Response()
-        response.status_code = int(value.get("status", 200))
-        response.headers.update(value.get("headers") or {})
-        response.url = str(value.get("url", request.url))
-        response.raw = io.BytesIO(body)
-        response._content = body
-        response.request = request
-        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
-        return response
-
-    adapters.HTTPAdapter.send = send
-
-
 def _no_network(self: socket.socket, address: Any) -> Any:
     if self.family == socket.AF_UNIX:
         return _REAL_CONNECT(self, address)  # seccomp decides; the message of a refusal stays the kernel's
@@ -276,13 +287,53 @@ def _no_network(self: socket.socket, address: Any) -> Any:
 
 
 _REAL_CONNECT = socket.socket.connect
+_REAL_SOCKET_INIT = socket.socket.__init__
+
+
+def _socket_named(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+    """A socket seccomp refuses (UDP, raw, a new AF_UNIX one) fails with a message, not a bare EPERM."""
+    try:
+        _REAL_SOCKET_INIT(self, *args, **kwargs)
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"safehub: no socket of this kind ({args[:2]!r}) in the sandbox: {NO_NETWORK}") from None
+
+
+def _patch_subprocess() -> None:
+    """A program the repository starts (curl, wget, git) fails with a message, not a bare EPERM."""
+    import subprocess
+
+    real = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def execute_child(self: Any, args: Any, executable: Any, *rest: Any, **kwargs: Any) -> Any:
+        try:
+            return real(self, args, executable, *rest, **kwargs)
+        except (PermissionError, OSError) as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES):
+                raise
+            shown = args if isinstance(args, (str, bytes)) else " ".join(map(str, args))
+            raise PermissionError(exc.errno, f"safehub: the sandbox starts no programs ({str(shown)[:200]}): downloads go "
+                                             "through torch.hub, huggingface_hub, requests, httpx or urllib, which the parent "
+                                             "serves; a repository that must run programs needs isolate=False") from None
+
+    subprocess.Popen._execute_child = execute_child  # type: ignore[attr-defined]
+
+
 def _patch_urllib(request: Any) -> None:
     request.urlopen = _urlopen
     request.urlretrieve = _urlretrieve
 
 
+def _patches() -> dict[str, Callable[[Any], None]]:
+    from . import hf_hub, http_clients
+
+    return {"urllib.request": _patch_urllib, "torch.hub": _patch_torch_hub, "requests": http_clients.patch_requests,
+            "httpx": http_clients.patch_httpx, "httpx2": http_clients.patch_httpx,
+            "huggingface_hub.file_download": hf_hub.patch_file_download,
+            "huggingface_hub._snapshot_download": hf_hub.patch_snapshot_download}
+
+
 # Patched when imported (urllib.request and torch.hub cost milliseconds a worker may not need).
-_PATCHES: dict[str, Callable[[Any], None]] = {"urllib.request": _patch_urllib, "torch.hub": _patch_torch_hub, "requests": _patch_requests}
+_PATCHES: dict[str, Callable[[Any], None]] = {}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

@@ -129,7 +129,8 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
         if settings.view_dir:
             # From here on, what the repository fetches is asked of the parent (shims.py).
             repo_dirs.append(os.path.join(settings.view_dir, "repos"))
-            shims.install(ask=_channel.ask, refused=Refused, repo_dirs=list(repo_dirs), view_dir=settings.view_dir, network=settings.network)
+            shims.install(ask=_channel.ask, refused=Refused, repo_dirs=list(repo_dirs), view_dir=settings.view_dir, network=settings.network,
+                          scratch_dir=settings.scratch_dir)
         reply = _answer(call.fields, call.buffers, repo_dirs)
     kind, fields, buffers, fds = reply
     fields["sandbox"] = report.as_fields()

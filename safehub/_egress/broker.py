@@ -10,8 +10,15 @@ of :meth:`Broker.handlers` for ``call.run_isolated``:
   ``place="checkpoints"``, so plain torch.hub finds the same files. A file already there is used
   as it is, with no network (torch.hub's rule), also offline. The answer is its path in the
   call's view (``view.py``).
-- ``get`` {url}: a plain GET's body (urllib, requests), at most ``Limits.max_get_bytes``, in a
-  sealed memfd.
+- ``get`` {url, method}: a plain GET's body (urllib, requests, httpx), at most
+  ``Limits.max_get_bytes``, in a sealed memfd; or a HEAD's status and headers, its redirect
+  handed back for the worker's client to follow (each hop another ask, each checked).
+- ``hf_file`` {repo_id, filename, subfolder, repo_type, revision, endpoint, local_files_only,
+  force_download} and ``hf_snapshot`` {repo_id, repo_type, revision, allow_patterns,
+  ignore_patterns, ...}: the Hugging Face Hub's ``hf_hub_download`` and ``snapshot_download``,
+  fetched into the user's Hugging Face cache in huggingface_hub's layout (``hf.py``); the answer
+  is the file's (or snapshot folder's) path in the view's ``huggingface/hub``, or, when the Hub or
+  the cache lacks it, {error, message} for the worker to raise as huggingface_hub would.
 - ``repo`` {github, force_reload, skip_validation, trust_repo, calling_fn}: a nested
   ``torch.hub.load`` / ``list`` / ``help``, through the parent's whole pipeline (``nested``,
   given by ``_api``); the answer is the repository's tree in the view.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -36,10 +44,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import _cache, _disk, _download, _http, _log, constants
+from .. import _cache, _disk, _download, _http, _log
 from .._asks import AskHandler, Refusal
 from .._sandbox import Sandbox
 from ..errors import DiskFullError, OfflineError, SafeHubError
+from . import hf as _hf
 from . import limits as _limits
 from . import record as _record
 from .connection import CallBudget, CheckedResponse, Deadline, FetchPolicy, open_checked
@@ -61,11 +70,13 @@ class Broker:
     """What one call's worker may fetch, and the view it sees the results in."""
 
     def __init__(self, sandbox: Sandbox, *, nested: NestedRepo | None = None, file_pins: dict[str, Any] | None = None,
-                 limits: Limits | None = None, granted: frozenset[str] = frozenset()) -> None:
+                 hub_pins: dict[Any, Any] | None = None, limits: Limits | None = None,
+                 granted: frozenset[str] = frozenset()) -> None:
         self.sandbox = sandbox
         self.nested = nested
         # With a lock file: URL -> _pins.FilePin; only those are served, each hash checked first.
         self.file_pins = file_pins
+        self.hub_pins = hub_pins  # with a lock file: the Hub files it pins (_pins.HubPin by key)
         # One policy, limits, budget and deadline for the whole call: every ask, every connection.
         self.policy = FetchPolicy.for_sandbox(sandbox)
         self.limits = _limits.DEFAULT_LIMITS if limits is None else limits
@@ -86,6 +97,8 @@ class Broker:
         for record in records:
             if record.kind == "file" and record.path:
                 _cache.remember_file_digest(Path(record.path), record.sha256)
+            elif record.kind == "hf" and record.path:  # the snapshot's link: the memo keys on its blob
+                _cache.remember_file_digest(Path(record.path).resolve(), record.sha256)
 
     def __enter__(self) -> Broker:
         return self
@@ -93,12 +106,13 @@ class Broker:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def open_url(self, url: str) -> CheckedResponse:
-        """A response for ``url`` under the call's policy and limits; the ask was counted already."""
-        return open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline, counted=True)
+    def open_url(self, url: str, **options: Any) -> CheckedResponse:
+        """A response for ``url`` under the call's policy and limits; the ask was counted already.
+        ``options`` as ``connection.open_checked`` takes them (method, headers, credentials, follow)."""
+        return open_checked(url, policy=self.policy, budget=self.budget, deadline=self.deadline, counted=True, **options)
 
     def handlers(self) -> dict[str, AskHandler]:
-        return {"fetch": self.fetch, "get": self.get, "repo": self.repo}
+        return {"fetch": self.fetch, "get": self.get, "repo": self.repo, "hf_file": self.hf_file, "hf_snapshot": self.hf_snapshot}
 
     # -- the handlers --------------------------------------------------------------------------
 
@@ -148,12 +162,17 @@ class Broker:
 
     def get(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         url = self._url(args)
-        pinned = self._pinned(url)
+        method = args.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            raise Refusal(f"only GET and HEAD go through the parent, not {str(method)[:20]}")
+        pinned = self._pinned(url) if method == "GET" else None
         self._may_download(url)
         fd = os.memfd_create("safehub-get", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             with _told_to_the_worker():
-                value, record = _get_into(url, fd, self.open_url, self.limits.max_get_bytes)
+                # A HEAD's redirect goes back as it came: the worker's client follows it (or not), asking again.
+                opener = functools.partial(self.open_url, method=method, follow="all" if method == "GET" else "none")
+                value, record = _get_into(url, fd, opener, self.limits.max_get_bytes)
             if pinned is not None and record.sha256 != pinned.sha256:
                 raise Refusal(f"the body of {url[:500]} is not what the lock file pins (sha256 {record.sha256[:16]}..., "
                               f"pinned {pinned.sha256[:16]}...); run `safehub lock --load` again if the change is expected")
@@ -163,8 +182,35 @@ class Broker:
         except BaseException:
             os.close(fd)
             raise
-        self._record(record)
+        if method == "GET":
+            self._record(record)
         return value, [], [fd]
+
+    def hf_file(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+        request = self._hub_request(args, with_file=True)
+        served = self._hub_served(lambda: [self._hub().file(request)])
+        if isinstance(served, dict):
+            return served, [], []
+        path = self.view.add_hub_file(served[0], _hf.snapshot_relative(served[0]))
+        return {"path": str(path), "commit": served[0].commit_sha}, [], []
+
+    def hf_snapshot(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
+        request = self._hub_request(args, with_file=False)
+        patterns = [_patterns(args.get(name)) for name in ("allow_patterns", "ignore_patterns")]
+        commits: list[str] = []
+
+        def fetch() -> list[_hf.HubServed]:
+            commit, files = self._hub().snapshot(request, *patterns)
+            commits.append(commit)
+            return files
+
+        served = self._hub_served(fetch)
+        if isinstance(served, dict):
+            return served, [], []
+        folder = self.view.hub_snapshot(request.folder_name, commits[0], request.revision)
+        for item in served:
+            self.view.add_hub_file(item, _hf.snapshot_relative(item))
+        return {"path": str(folder), "commit": commits[0]}, [], []
 
     def repo(self, args: dict[str, Any]) -> tuple[Any, list[bytes], list[int]]:
         if not self.sandbox.fetch:
@@ -184,6 +230,43 @@ class Broker:
         self._record(FetchRecord(kind="repo", url=github, final_url=github, size=0, sha256=entry.archive_sha256, cached=True,
                                  path=str(entry.repo_dir), commit_sha=entry.commit_sha))
         return {"path": str(self.view.add_tree(entry.repo_dir, entry.repo_dir.name))}, [], []
+
+    # -- the Hugging Face Hub ------------------------------------------------------------------
+
+    def _hub(self) -> _hf.HubFetcher:
+        # Each file of a snapshot counts as one thing fetched, like each ask.
+        return _hf.HubFetcher(self.open_url, digest=lambda path, pinned: _cache.file_digest(path, trust_memo=not pinned),
+                              count=self._count, pins=self.hub_pins)
+
+    def _hub_request(self, args: dict[str, Any], *, with_file: bool) -> _hf.HubRequest:
+        if not self.sandbox.fetch:
+            raise Refusal("fetches are switched off for this call (Sandbox(fetch=False))")
+        self._count(f"{str(args.get('repo_id'))[:100]} {str(args.get('filename', ''))[:100]}")
+        try:
+            return _hf.request_from(args, with_file=with_file)
+        except ValueError as exc:
+            raise Refusal(str(exc)) from None
+
+    def _hub_served(self, fetch: Callable[[], list[_hf.HubServed]]) -> list[_hf.HubServed] | dict[str, Any]:
+        """Files fetched and recorded; a file the Hub or the cache lacks is the worker's to raise
+        as huggingface_hub would ({error, message}); a refusal or a failed download is refused."""
+        from ..errors import HubFileError
+
+        try:
+            served = fetch()
+        except HubFileError as exc:
+            if exc.kind == "integrity":
+                raise Refusal(str(exc)) from None
+            return {"error": exc.kind, "message": str(exc)}
+        except (SafeHubError, ValueError) as exc:
+            raise Refusal(str(exc)) from None
+        for item in served:
+            request = item.request
+            self._record(FetchRecord(kind="hf", url=request.resolve_url(), final_url=request.resolve_url(item.commit_sha),
+                                     size=item.size, sha256=item.sha256, cached=item.cached, path=str(item.snapshot_path),
+                                     commit_sha=item.commit_sha,
+                                     hub_file=(request.repo_type, request.repo_id, request.revision, request.filename)))
+        return served
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -209,11 +292,9 @@ class Broker:
         return pin
 
     def _may_download(self, url: str) -> None:
-        if constants.SAFEHUB_OFFLINE:
-            # The caller's setting, not the repository's failure: the call ends with it (exit 4).
-            raise OfflineError(f"Offline mode (SAFEHUB_OFFLINE=1) is on and {url[:500]}, which the repository "
-                               f"fetches, is not in the cache ({_cache.hub_path() / 'checkpoints'}). Load it once "
-                               "online, or unset SAFEHUB_OFFLINE.", url=url[:500])
+        # The caller's setting, not the repository's failure: the call ends with it (exit 4).
+        _http.require_online(f"{url[:500]}, which the repository fetches,", url=url[:500],
+                             where=f"the cache ({_cache.hub_path() / 'checkpoints'})")
 
     def _count(self, what: str) -> None:
         """Count one ask against the call's budget, before anything else is decided about it."""
@@ -252,11 +333,25 @@ def _get_into(url: str, fd: int, open_url: Callable[[str], CheckedResponse], max
         record = FetchRecord(kind="get", url=url, final_url=exc.url, size=len(body), sha256=hashlib.sha256(body).hexdigest())
         return {"status": exc.status, "url": exc.url, "headers": _safe_headers(exc.headers)}, record
     with response, os.fdopen(os.dup(fd), "wb") as out:
+        # A HEAD (or a redirect handed back) has no body to read, whatever its Content-Length says.
+        if response.status in (301, 302, 303, 307, 308) or response.method == "HEAD":
+            value = {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}
+            return value, FetchRecord(kind="get", url=url, final_url=response.geturl(), size=0, sha256=hashlib.sha256().hexdigest())
         size, digest = _http.stream_to_file(response, out, max_bytes=max_bytes)  # digest: the connection's
         record = FetchRecord(kind="get", url=url, final_url=response.geturl(), size=size, sha256=digest)
         return {"status": response.status, "url": response.geturl(), "headers": _safe_headers(response.headers)}, record
 
 
+def _patterns(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > 256 or not all(isinstance(p, str) and len(p) <= 1024 for p in items):
+        raise Refusal("allow_patterns and ignore_patterns are a str or a list of str")
+    return items
+
+
 def _safe_headers(headers: Any) -> dict[str, str]:
-    keep = ("content-type", "content-length", "etag", "last-modified", "content-disposition")
+    keep = ("content-type", "content-length", "etag", "last-modified", "content-disposition", "location",
+            "x-repo-commit", "x-linked-etag", "x-linked-size", "x-error-code", "x-error-message")
     return {k: str(v)[:1000] for k, v in headers.items() if k.lower() in keep}

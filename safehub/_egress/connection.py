@@ -37,7 +37,7 @@ import io
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from .limits import CallBudget, Deadline, Limits
 from .policy import IPAddress, Resolver, Target
 from .record import FetchRecord
 
-__all__ = ["CallBudget", "CheckedResponse", "Deadline", "FetchPolicy", "FetchRecord", "Limits", "open_checked"]
+__all__ = ["CallBudget", "CheckedResponse", "Credentials", "Deadline", "FetchPolicy", "FetchRecord", "Limits", "open_checked"]
 
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
@@ -86,11 +86,18 @@ class FetchPolicy:
 
 
 def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline: Deadline,
-                 counted: bool = False) -> CheckedResponse:
+                 counted: bool = False, method: str = "GET", headers: Mapping[str, str] | None = None,
+                 credentials: Credentials | None = None, follow: str = "all") -> CheckedResponse:
     """Open ``url`` under ``policy`` and ``budget.limits``; return the response, ready to stream.
 
     The caller closes it. Counts as one fetch of ``budget`` whatever happens, unless ``counted``:
     the caller counted it already (the broker counts each thing a worker asks for as it arrives).
+
+    ``method`` is GET or HEAD; ``headers`` go with every hop; ``credentials`` (headers and the
+    origin they belong to) only with a hop to exactly that origin, never across a redirect to
+    another. ``follow="same_origin"`` follows only redirects that stay on the origin and returns
+    any other redirect as the answer (the Hub's metadata rides on its redirect to the CDN);
+    ``follow="none"`` returns every redirect (a client that follows them itself asks again).
 
     Raises:
         FetchRefusedError: the policy refused the URL, an address, a redirect or a cap, or the
@@ -104,6 +111,8 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
             url=url,
             reason="disabled",
         )
+    if method not in ("GET", "HEAD") or follow not in ("all", "same_origin", "none"):
+        raise ValueError(f"open_checked: method {method!r}, follow {follow!r}")
     if not counted:
         budget.start_fetch(url)
     limits = budget.limits
@@ -111,19 +120,24 @@ def open_checked(url: str, *, policy: FetchPolicy, budget: CallBudget, deadline:
     current, previous = url, None
     for _ in range(limits.max_redirects + 1):
         target, addresses = _check_hop(current, previous, policy, limits, allow, deadline)
-        conn, response = _request(target, addresses, policy, limits, deadline)
+        sent = {**(headers or {}), **(credentials.headers if credentials is not None and credentials.for_target(target) else {})}
+        conn, response = _request(target, addresses, policy, limits, deadline, method, sent)
         location = response.getheader("Location") if response.status in _REDIRECT_STATUSES else None
         if location is None:
-            return _final(url, target, conn, response, budget)
-        conn.close()
+            return _final(url, target, conn, response, budget, method=method)
         try:
-            current, previous = urllib.parse.urljoin(target.url, location.strip()), target
+            following = urllib.parse.urljoin(target.url, location.strip())
         except ValueError:  # urljoin parses the Location, and a broken one raises
+            conn.close()
             raise FetchRefusedError(
                 f"Refusing to fetch {url}: {target.url} redirects to {location[:200]!r}, not a URL.",
                 url=url,
                 reason="redirect",
             ) from None
+        if follow == "none" or (follow == "same_origin" and _origin(following) != (target.scheme, target.host, target.port)):
+            return _final(url, target, conn, response, budget, redirect=True, method=method)
+        conn.close()
+        current, previous = following, target
     raise FetchRefusedError(
         f"Refusing to fetch {url}: it redirects more than {limits.max_redirects} times.",
         url=url,
@@ -148,6 +162,7 @@ class CheckedResponse:
         self.headers = response.headers
         self.length = response.length
         self.record: FetchRecord | None = None
+        self.method = "GET"
         self._conn, self._response = conn, response
         self._max_file_bytes, self._budget = budget.limits.max_file_bytes, budget
         self._size = 0
@@ -203,6 +218,28 @@ class CheckedResponse:
         self.close()
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Headers (a token) that belong to one origin: sent to it alone, never to where it redirects."""
+
+    origin_url: str
+    headers: Mapping[str, str]
+
+    def for_target(self, target: Target) -> bool:
+        return _origin(self.origin_url) == (target.scheme, target.host, target.port)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        host = _policy.normalize_host(parts.hostname or "")
+        port = parts.port or _policy.DEFAULT_PORTS.get(scheme, 0)
+    except ValueError:
+        return (scheme, "", -1)  # matches no target: credentials stay home
+    return (scheme, host, port)
+
+
 # --- one hop ----------------------------------------------------------------------------------
 
 
@@ -221,18 +258,20 @@ def _check_hop(url: str, previous: Target | None, policy: FetchPolicy, limits: L
         raise FetchRefusedError(f"{exc.message[:-1]} (a redirect from {previous.url}).", **exc._facts) from None
 
 
-def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy, limits: Limits,
-             deadline: Deadline) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy, limits: Limits, deadline: Deadline,
+             method: str = "GET", headers: Mapping[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn: http.client.HTTPConnection
     if target.scheme == "https":
         conn = _PinnedHTTPSConnection(target, addresses, deadline, limits.io_timeout, policy.ssl_context or _default_context())
     else:
         conn = _PinnedHTTPConnection(target, addresses, deadline, limits.io_timeout)
     try:
-        conn.putrequest("GET", target.request_target, skip_accept_encoding=True)
+        conn.putrequest(method, target.request_target, skip_accept_encoding=True)
         conn.putheader("User-Agent", constants.USER_AGENT)
         conn.putheader("Accept", "*/*")
         conn.putheader("Accept-Encoding", "identity")  # the bytes hashed are the bytes stored
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
         conn.endheaders()
         return conn, conn.getresponse()
     except FetchRefusedError:
@@ -249,10 +288,10 @@ def _request(target: Target, addresses: Sequence[IPAddress], policy: FetchPolicy
 
 
 def _final(url: str, target: Target, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-           budget: CallBudget) -> CheckedResponse:
+           budget: CallBudget, *, redirect: bool = False, method: str = "GET") -> CheckedResponse:
     limits = budget.limits
     try:
-        if response.status >= 300:
+        if response.status >= 300 and not redirect:
             try:
                 body = response.read(limits.max_error_body_bytes)
             except (OSError, http.client.HTTPException, FetchRefusedError):
@@ -273,7 +312,9 @@ def _final(url: str, target: Target, conn: http.client.HTTPConnection, response:
     except BaseException:
         conn.close()
         raise
-    return CheckedResponse(url, target, conn, response, budget)
+    checked = CheckedResponse(url, target, conn, response, budget)
+    checked.method = method
+    return checked
 
 
 def _too_big(url: str, cap: int, length: int | None = None) -> FetchRefusedError:

@@ -23,16 +23,18 @@ class FetchRecord:
 
     Attributes:
         kind: ``"get"`` (a body, as a connection reads it), ``"file"`` (a body kept in a
-            checkpoints folder) or ``"repo"`` (a nested repository).
+            checkpoints folder), ``"hf"`` (a file kept in the Hugging Face cache) or ``"repo"``
+            (a nested repository).
         url: as asked; for a repository, ``owner/repo[:ref]``.
         final_url: after redirects (a repository's: as asked).
         size: bytes of the body (0 for a repository).
         sha256: of the body; for a repository, of its archive.
         cached: the cache had it, and nothing was fetched.
         path: where the parent keeps it ("" for a GET).
-        commit_sha: a repository's commit ("" otherwise).
+        commit_sha: a repository's commit, or the commit a Hub file was fetched at ("" otherwise).
         name, place: a file's name and checkpoints folder (``"hub/checkpoints"`` or
             ``"checkpoints"``), so ``safehub cache fill`` puts it back there ("" otherwise).
+        hub_file: a Hugging Face Hub file (``kind="hf"``): repo_type, repo_id, revision, filename.
     """
 
     kind: str
@@ -45,6 +47,7 @@ class FetchRecord:
     commit_sha: str = ""
     name: str = ""
     place: str = ""
+    hub_file: tuple[str, str, str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 The worker never sees the hub dir (other repositories, the trusted_list, safehub's records). For
 each call the parent makes ``<runtime_dir>/views/<pid>-<random>/`` (the per-user runtime folder,
 :func:`safehub._cache.runtime_dir`: never inside the hub dir, which may be read-only or another
-user's), laid out as a ``TORCH_HOME`` (``hub/checkpoints/``, ``checkpoints/``, ``repos/``), grants
+user's), laid out as a ``TORCH_HOME`` (``hub/checkpoints/``, ``checkpoints/``, ``repos/``) with a
+Hugging Face cache beside them (``huggingface/hub/``, the worker's ``HF_HUB_CACHE``), grants
 the worker read on it alone (bubblewrap binds it, Landlock allows it), and shows in it each
 checkpoint or nested repository the broker serves:
 
@@ -24,14 +25,15 @@ import os
 import shutil
 import stat
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .. import _cache, _log, _stale
 from .._stale import remove_tree, sweepable_owners
 
 VIEWS = "views"
 _LOUD_COPY_BYTES = 64 * 1024**2
-PLACES = ("hub/checkpoints", "checkpoints", "repos")
+PLACES = ("hub/checkpoints", "checkpoints", "repos", HF_PLACE := "huggingface/hub")
 
 
 class CallView:
@@ -45,7 +47,7 @@ class CallView:
         self.root.mkdir(mode=0o755)
         for place in PLACES:
             (self.root / place).mkdir(mode=0o755, parents=True, exist_ok=True)
-        for folder in [self.root, *(self.root / p for p in PLACES), self.root / "hub"]:
+        for folder in [self.root, *(self.root / p for p in PLACES), self.root / "hub", self.root / "huggingface"]:
             folder.chmod(0o755)  # a worker dropped to another uid must traverse it (umask aside)
 
     def add_file(self, source: Path, place: str, name: str) -> Path:
@@ -56,6 +58,41 @@ class CallView:
             target.unlink()
         _link_or_copy(source, target, self.granted)
         return target
+
+    def add_hub_file(self, served: Any, relative: PurePosixPath) -> Path:
+        """Show a Hugging Face cache file at ``huggingface/hub/<relative>`` (the worker's
+        HF_HUB_CACHE, laid out as the real one: ``models--org--name/snapshots/<commit>/<path>``)."""
+        target = self._hub_path(relative)
+        if not target.exists():
+            self._folders_to(target.parent)
+            _link_or_copy(served.snapshot_path.resolve(), target, self.granted)
+        return target
+
+    def hub_snapshot(self, folder_name: str, commit_sha: str, revision: str) -> Path:
+        """The snapshot folder of a repository in the view, with ``refs/<revision>`` as the real cache has it."""
+        folder = self._hub_path(PurePosixPath(folder_name, "snapshots", commit_sha))
+        self._folders_to(folder)
+        if revision != commit_sha:
+            ref = self._hub_path(PurePosixPath(folder_name, "refs", revision))
+            self._folders_to(ref.parent)
+            ref.write_text(commit_sha)
+            ref.chmod(0o644)
+        return folder
+
+    def _hub_path(self, relative: PurePosixPath) -> Path:
+        root = self.root / HF_PLACE
+        target = root.joinpath(*relative.parts)
+        if relative.is_absolute() or ".." in relative.parts or not os.path.normpath(target).startswith(str(root) + os.sep):
+            raise ValueError(f"{relative} leaves the view's Hugging Face cache")
+        return target
+
+    def _folders_to(self, folder: Path) -> None:
+        root = self.root / HF_PLACE
+        for part in [folder, *folder.parents]:
+            if part == root:
+                break
+            part.mkdir(mode=0o755, parents=True, exist_ok=True)
+            part.chmod(0o755)  # a worker dropped to another uid must traverse it (umask aside)
 
     def add_tree(self, source_dir: Path, folder: str) -> Path:
         """Show a repository tree as ``repos/<folder>``: every file linked, folders made; return it."""

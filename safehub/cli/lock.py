@@ -3,7 +3,7 @@
 No code of a repository runs (it is fetched, never imported), so no trust is needed. With
 ``--load ENTRYPOINT`` the entrypoint runs once in the sandbox (weights only, no trust needed) and
 everything it fetched through the broker is pinned too: each nested repository, each file (URL,
-sha256, size). The file is what ``list``/``help``/``load --locked`` read.
+sha256, size), each Hugging Face Hub file (repository, revision, commit, file, sha256, size). The file is what ``list``/``help``/``load --locked`` read.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         raise CommandError("--load runs one repository's entrypoint: name exactly one REPO with it.", exit_code=EXIT_USAGE)
     pins: dict[str, _pins.Pin] = {}
     files: dict[str, _pins.FilePin] = {}
+    hub_files: list[_pins.HubPin] = []
     with stdout_to_stderr():
         for repo in args.repos:
             key, pin = _api.pin(repo, skip_validation=args.skip_validation, force_reload=args.force_reload)
@@ -66,14 +67,16 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 if fetch.kind == "repo":
                     key, pin = _api.pin(fetch.url, skip_validation=args.skip_validation)
                     pins[key] = pin
+                elif fetch.hub_file is not None:
+                    hub_files.append(_pins.HubPin(*fetch.hub_file[:3], fetch.commit_sha, fetch.hub_file[3], fetch.sha256, fetch.size))
                 else:
                     # Where it was kept, so `safehub cache fill` puts it back there.
                     files[fetch.url] = _pins.FilePin(fetch.sha256, fetch.size, fetch.name, fetch.place)
-    text = _pins.dumps(pins, files)
+    text = _pins.dumps(pins, files, hub_files)
     if output is None:
         sys.stdout.write(text)
     else:
         with atomic_output(output) as tmp:
             tmp.write_text(text)
-        note(f"Wrote {len(pins)} repository pin(s) and {len(files)} file pin(s) to {output}.")
+        note(f"Wrote {len(pins)} repository pin(s) and {len(files) + len(hub_files)} file pin(s) to {output}.")
     return EXIT_OK

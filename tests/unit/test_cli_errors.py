@@ -30,6 +30,7 @@ EXPECTED = {
     "IncompleteDownloadError": cli.EXIT_NETWORK,
     "HashMismatchError": cli.EXIT_INTEGRITY,
     "FetchRefusedError": cli.EXIT_INTEGRITY,
+    "HubFileError": cli.EXIT_NETWORK,
     "ArchiveError": cli.EXIT_INTEGRITY,
     "LockFileError": cli.EXIT_INTEGRITY,
     "TreeChangedError": cli.EXIT_INTEGRITY,
