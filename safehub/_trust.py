@@ -93,7 +93,7 @@ def check(owner: str, repo: str, trust_repo: object, *, needed: bool) -> None:
             f"The repository {slug} is not in your trusted list and there is no terminal to ask. "
             f"Its code would run in this process. Either trust it: pass trust_repo=True, or run "
             f"`safehub trust add {slug}`; or keep its code in the sandbox: "
-            f"safehub.load(..., isolate=True, returns='weights'), which needs no trust.",
+            f"safehub.load(..., isolate=True, returns='weights') or returns='remote', which need no trust.",
             repo=slug,
         )
     answer = input(

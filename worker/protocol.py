@@ -107,10 +107,12 @@ EXIT_OK = 0  # an answer (RESULT or ERROR) was sent
 EXIT_USAGE = 64  # bad command line
 EXIT_SOFTWARE = 70  # the worker failed outside the repository's code
 EXIT_SUPERVISOR = 71  # the supervisor failed, or its parent was gone
+EXIT_MEMORY = 72  # memory ran out under memory_limit outside the repository's code (a new code: no new meaning)
 EXIT_MEANINGS = {
     EXIT_USAGE: "the worker's command line was refused (a safehub bug)",
     EXIT_SOFTWARE: "the worker failed outside the repository's code (see its stderr above)",
     EXIT_SUPERVISOR: "the worker's supervisor failed, or saw its parent gone",
+    EXIT_MEMORY: "the worker ran out of memory under memory_limit before the repository's code ran",
 }
 
 _CHUNK = 1024 * 1024

@@ -49,7 +49,7 @@ from typing import Any, NoReturn
 from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
 from .layout import DTYPE_NAMES, OBJECT_METADATA, WEIGHTS_METADATA
-from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
+from .protocol import EXIT_MEMORY, EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
 from .sandbox import confine
 from .sandbox.libc import prctl
 
@@ -85,10 +85,14 @@ def run_work_process(supervisor: int, channel_fd: int, settings: WorkerSettings)
         if os.getppid() != supervisor:
             os._exit(EXIT_SUPERVISOR)
         code = _work(channel_fd, settings)
-    except BaseException:
+    except BaseException as exc:
         import traceback
 
         traceback.print_exc()
+        # Outside the repository's code there is no channel to say why: the exit code says it,
+        # so the caller hears of the sandbox's memory limit, not of a safehub failure.
+        if failures.limit_behind(exc) == "memory_limit":
+            code = EXIT_MEMORY
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -136,15 +136,16 @@ class Worker:
         except subprocess.TimeoutExpired:
             return ProtocolError(f"the worker closed the channel without answering ({exc})")
         if self.cgroup is not None and self.cgroup.oom_kills():
-            limit = self.cgroup.limit / 1024**2
-            message = (
-                f"the sandbox reached its memory_limit of {limit:g} MiB (every process, memfd and tmpfs file "
-                "of it counted) and the kernel ended it before it answered; raise Sandbox(memory_limit=...)"
-            )
-            return WorkerCrashedError(message, exit_code=code, signal_name="SIGKILL")
+            # The kernel's OOM killer in the worker's own cgroup: the sandbox's limit, not a crash.
+            return limit_error("memory_limit", self.sandbox,
+                               "every process, memfd and tmpfs file of the sandbox counted, the kernel ended "
+                               "it before it answered", exit_code=code, signal_name="SIGKILL")
         if code is None:
             message = "the worker ended before answering; the zygote that forked it did not report its exit status"
             return WorkerCrashedError(message, exit_code=None, signal_name=None)
+        if code == protocol.EXIT_MEMORY:
+            return limit_error("memory_limit", self.sandbox, "the worker ran out of memory while it started, before "
+                               "the repository's code ran", exit_code=code)
         crashed = crashed_error(code)
         setting = SIGNAL_LIMITS.get(crashed.signal_name or "")
         if setting:  # only a limit sends this signal: say which, not "crashed"

@@ -21,7 +21,7 @@ from safehub._run import memory_cgroup
 from safehub._run import process as _process
 from safehub._run import run_isolated
 from safehub._sandbox import Sandbox, default_max_processes
-from safehub.errors import RemoteError
+from safehub.errors import SandboxLimitError
 from tests.local_repos import write_repo
 
 MIB = 1024**2
@@ -61,6 +61,17 @@ HUBCONF = '''
                 raise
             return {"written": written, "errno": exc.errno}
         return {"written": written, "errno": 0}
+
+
+    def hog(mib=2048):
+        """Touch memory 64 MiB at a time, up to mib (bounded, should no limit hold)."""
+        import mmap
+        blocks = []
+        for _ in range(mib // 64):
+            block = mmap.mmap(-1, 64 << 20)
+            block.write(b"x" * (64 << 20))
+            blocks.append(block)
+        return {"held_mib": 64 * len(blocks)}
 
 
     class Stay:
@@ -158,12 +169,23 @@ def test_each_worker_has_a_memory_cgroup_of_memory_limit_removed_after(repo, mon
     assert not group.path.exists()
 
 
+def test_memory_limit_hit_is_the_sandboxs_limit_not_the_repositorys_fault(repo):
+    # Whichever way it is hit here (a warm worker short of address space while it starts, the
+    # entrypoint's MemoryError, the memory cgroup's OOM kill), the caller hears the limit's name
+    # and value, never "the repository failed" or "the worker failed outside the repository".
+    with pytest.raises(SandboxLimitError) as info:
+        run_isolated(repo, "load", model="hog", sandbox=Sandbox(timeout=120, memory_limit=512 * MIB))
+    assert info.value.limit == "memory_limit" and info.value.value == 512 * MIB
+    assert "memory limit of 512 MiB was hit" in str(info.value) and "Sandbox(memory_limit=...)" in str(info.value)
+
+
 def test_writes_past_max_scratch_size_fail_and_the_call_says_why(repo):
     if not _mount_namespace_here():
         pytest.skip("no mount namespace for a worker here")
-    with pytest.raises(RemoteError) as info:
+    with pytest.raises(SandboxLimitError) as info:
         run_isolated(repo, "load", model="fill", sandbox=Sandbox(timeout=60, max_scratch_size=16 * MIB))
     message = str(info.value)
+    assert info.value.limit == "max_scratch_size" and info.value.value == 16 * MIB
     assert "No space left on device" in message and "max_scratch_size" in message
 
 

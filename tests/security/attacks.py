@@ -1211,10 +1211,10 @@ MEMORY_LIMIT_MIB = 1024
 def _memory_bound_check(ctx: Context, run: Run) -> bool:
     """The sandbox never held more than memory_limit, and the attack met a clear end: its calls
     failed (denied), or the call failed naming memory_limit (the kernel ended the sandbox)."""
-    from safehub.errors import WorkerCrashedError
+    from safehub.errors import SandboxLimitError
 
     ended = "denied" in run.outcomes(ctx.name) or (
-        isinstance(run.error, WorkerCrashedError) and "memory_limit" in str(run.error)
+        isinstance(run.error, SandboxLimitError) and run.error.limit == "memory_limit"
     )
     return ended and run.max_progress(ctx.name) <= MEMORY_LIMIT_MIB
 

@@ -28,7 +28,7 @@ import torch
 from safehub._run import memory_cgroup, run_isolated
 from safehub._run.session import FETCH_REFUSED
 from safehub._sandbox import Sandbox
-from safehub.errors import ProtocolError, RemoteClosedError, WorkerCrashedError, WorkerTimeoutError
+from safehub.errors import ProtocolError, RemoteClosedError, SandboxLimitError, WorkerTimeoutError
 from tests.local_repos import write_repo
 from tests.process_trees import all_gone, tree_of
 
@@ -351,8 +351,9 @@ def test_memory_a_model_hoards_is_bounded_by_memory_limit(repo, kind):
     remote = load(repo, Sandbox(timeout=60, memory_limit=1 << 30))
     try:
         answer = remote.hoard(kind)
-    except WorkerCrashedError as exc:  # a memory cgroup: the kernel ended the sandbox at the limit
-        assert "memory_limit of 1024 MiB" in str(exc)
+    except SandboxLimitError as exc:  # a memory cgroup: the kernel ended the sandbox at the limit
+        assert exc.limit == "memory_limit" and exc.value == 1 << 30
+        assert "memory limit of 1 GiB was hit" in str(exc)
         assert remote.closed
         return
     finally:
