@@ -214,8 +214,9 @@ def _link(served: str, dst: str) -> None:
 # -- urllib and requests -----------------------------------------------------------------------
 
 
-def _get(url: str) -> tuple[dict[str, Any], bytes]:
-    value, _, fds = _ask("get", {"url": str(url)})
+def fetch(url: str, method: str = "GET") -> tuple[dict[str, Any], bytes]:
+    """The parent's answer to a GET or HEAD: (status, url and headers; body). Every client's shim uses it."""
+    value, _, fds = _ask("get", {"url": str(url), "method": method})
     try:
         with os.fdopen(os.dup(fds[0]), "rb") as body_file:
             body = body_file.read()
@@ -263,7 +264,7 @@ def _urlopen(url: Any, data: Any = None, timeout: Any = None, *args: Any, **kwar
     full_url = url.full_url if isinstance(url, urllib.request.Request) else str(url)
     if method != "GET":
         raise urllib.error.URLError(f"safehub: only GETs go through the parent, not urllib {method} {full_url}; {NO_NETWORK}")
-    return _Response(*_get(full_url))
+    return _Response(*fetch(full_url))
 
 
 def _urlretrieve(url: str, filename: str | None = None, reporthook: Any = None, data: Any = None) -> tuple[str, Any]:
