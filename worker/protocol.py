@@ -33,9 +33,11 @@ A remote model (CALL with returns "remote") keeps the conversation open after it
 {action: "load", returns: "remote", methods, class}: the model stays in the worker, and each call
 on the parent's handle is one exchange, data only (``values.py`` describes the value trees):
 
-    parent -> worker   INVOKE   {method, call, inference} + tensors' bytes (one buffer, memfds)
+    parent -> worker   INVOKE   {method, call, inference, result_pool?} + tensors' bytes (one buffer,
+                                memfds, the input pool), and the result pool's fd last (pools.py)
     worker -> parent   ASK ...  refused: a remote model's calls may not fetch
-    worker -> parent   RETURNED {value} + tensors' bytes, or {value: null, transport, sizes} (state_dict:
+    worker -> parent   RETURNED {value, pooled?} + tensors' bytes (one buffer, memfds; ``pooled``
+                                bytes of the result pool), or {value: null, transport, sizes} (state_dict:
                                 the weights layout), or FAILED {error, type, message, traceback}
     parent -> worker   CLOSE    {}: the worker exits (the parent kills the tree if it does not)
 
@@ -53,7 +55,8 @@ any other version is refused. Version 2: results as shards (``"sizes"``) in the 
 ``layout.py``. Version 3: the call is a conversation (CALL replaces REQUEST; ASK, ANSWER,
 REFUSE), every message is declared with typed fields, and the worker's settings are a typed
 structure (:class:`WorkerSettings`). The remote mode (INVOKE, RETURNED, FAILED, CLOSE, and
-RESULT's optional "methods" and "class") came within version 3: no frame that existed changed
+RESULT's optional "methods" and "class") and its pools (INVOKE's optional "result_pool",
+RETURNED's optional "pooled") came within version 3: no frame that existed changed
 meaning, and a peer that does not know a kind refuses it by kind (:func:`check_message`).
 
 Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
@@ -489,9 +492,13 @@ MESSAGES: dict[str, Message] = {
                 "sandbox": _opt(dict),
             },
         ),
-        Message(INVOKE, "parent", {"method": Field((str,)), "call": Field((dict,)), "inference": Field((bool,))},
+        # result_pool: the last fd is the result pool (worker/pools.py); pooled: the bytes of it a
+        # RETURNED's value uses, its segment after the frame's memfds.
+        Message(INVOKE, "parent", {"method": Field((str,)), "call": Field((dict,)), "inference": Field((bool,)),
+                                   "result_pool": _opt(bool)},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
-        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list), "self": _opt(bool)},
+        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list), "self": _opt(bool),
+                                     "pooled": _opt(int)},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
         Message(FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str),
                                    "limit": _opt(str)}),

@@ -14,13 +14,11 @@ parent refuses every question during a call, and between calls nobody reads them
 from __future__ import annotations
 
 import contextlib
-import mmap
-import os
 import sys
 import time
 from typing import Any
 
-from . import failures, protocol, values, weights
+from . import failures, pools, protocol, values, weights
 from .layout import WEIGHTS_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, WorkerSettings
 
@@ -120,21 +118,35 @@ def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
             return EXIT_OK
         deadline = time.monotonic() + settings.timeout
         channel.deadline = deadline
-        kind, fields, buffers, fds = invoke(model, frame)
+        inputs, held = pools.Inputs(), []
+        kind, fields, buffers, fds = invoke(model, frame, inputs, held)
+        inputs.settle()  # an input the model kept is made its own before the parent may reuse the pool
         try:
             with channel.lock:
                 protocol.send_and_close(sock, kind, fields, buffers, fds, deadline=deadline)
         except (protocol.FrameError, OSError) as exc:
             print(f"safehub worker: could not send a remote call's answer: {exc}", file=sys.stderr)
             return EXIT_SOFTWARE
+        finally:
+            # Freed and unmapped once the answer is on its way: the caller does not wait for it.
+            del held[:], buffers
+            inputs.release()
 
 
-def invoke(model: Any, frame: protocol.Frame) -> Reply:
-    """Run one INVOKE on ``model``: its RETURNED or FAILED reply."""
+def invoke(model: Any, frame: protocol.Frame, inputs: pools.Inputs | None = None, held: list[Any] | None = None) -> Reply:
+    """Run one INVOKE on ``model``: its RETURNED or FAILED reply. ``inputs`` keeps the mappings
+    of its arguments and ``held`` its result, for the caller to free after the reply."""
     method = frame.fields["method"]
+    inputs = pools.Inputs() if inputs is None else inputs
+    held = [] if held is None else held
+    pool = None
     try:
-        segments = list(frame.buffers) + [_map(fd) for fd in frame.fds]
+        fds = frame.fds
+        if frame.fields.get("result_pool") is True and fds:
+            fds, pool = fds[:-1], pools.result_pool(fds[-1])
+        segments = list(frame.buffers) + [inputs.map(fd) for fd in fds]
         args, kwargs = values.unpack_call(frame.fields["call"], segments)
+        del segments
     except (ValueError, OSError) as exc:
         return _failed("arguments", f"the call's arguments could not be read: {exc}")
     finally:
@@ -142,7 +154,7 @@ def invoke(model: Any, frame: protocol.Frame) -> Reply:
     if method in WEIGHTS_METHODS:
         return _weights(model, method)
     if method == GETATTR_METHOD:
-        return _attribute(model, args)
+        return _attribute(model, args, pool)
     target = _target(model, method)
     if target is None:
         return _failed("no_method", f"the remote {type(model).__name__} has no public method {method[:MAX_METHOD_NAME]!r}")
@@ -151,16 +163,35 @@ def invoke(model: Any, frame: protocol.Frame) -> Reply:
             value = target(*args, **kwargs)
     except BaseException as exc:
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
+    finally:
+        del args, kwargs  # views on the inputs' mappings: Inputs.settle counts what is left
     if value is model:  # eval(), train(), to("cpu"), float(): the parent returns its handle
         return (protocol.RETURNED, {"value": None, "self": True}, [], [])
+    held.append(value)
     try:
-        packed = values.pack(value, root="result")
+        packed = values.pack(value, root="result", pool=_fitting(pool))
     except (ValueError, OSError) as exc:  # NotData, NotWeights, a memfd that could not be written
         return _failed("bad_result", f"the result of a call to {_name(method)} cannot be sent: {exc}", exc)
-    return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)
+    finally:
+        del value
+    return _returned(packed)
 
 
-def _attribute(model: Any, args: Any) -> Reply:
+def _fitting(pool: memoryview | None) -> Any:
+    """``values.pack``'s pool: the parent's result pool when the large blobs fit in it."""
+    if pool is None:
+        return None
+    return lambda nbytes: pool if nbytes <= len(pool) else None
+
+
+def _returned(packed: values.Packed) -> Reply:
+    fields: dict[str, Any] = {"value": packed.tree}
+    if packed.pooled:
+        fields["pooled"] = packed.pooled  # the bytes of the result pool, its segment after the fds
+    return (protocol.RETURNED, fields, packed.buffers, packed.fds)
+
+
+def _attribute(model: Any, args: Any, pool: memoryview | None = None) -> Reply:
     """A plain attribute's value (``m.training``, a config number), as data; never a private name."""
     name = args[0] if isinstance(args, (list, tuple)) and len(args) == 1 else None
     if not isinstance(name, str) or name.startswith("_") or len(name) > MAX_METHOD_NAME:
@@ -172,10 +203,10 @@ def _attribute(model: Any, args: Any) -> Reply:
     except BaseException as exc:  # a property of the model's that raised
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
     try:
-        packed = values.pack(value, root="result")
+        packed = values.pack(value, root="result", pool=_fitting(pool))
     except (ValueError, OSError) as exc:
         return _failed("bad_result", f"the attribute {name!r} of the remote {type(model).__name__} is not data: {exc}", exc)
-    return (protocol.RETURNED, {"value": packed.tree}, packed.buffers, packed.fds)
+    return _returned(packed)
 
 
 def _weights(model: Any, method: str) -> Reply:
@@ -212,14 +243,6 @@ def _mode(inference: bool) -> Any:
     if torch is None or not inference:
         return contextlib.nullcontext()
     return torch.inference_mode()
-
-
-def _map(fd: int) -> Any:
-    """The parent's memfd, mapped privately: the model may write its inputs; nobody else sees it."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return b""
-    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _name(method: str) -> str:

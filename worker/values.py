@@ -9,9 +9,11 @@ dataclass instances as dicts of their fields; anything else is refused (:class:`
 
 On the wire the tree is JSON, in the frame's header; the bytes of its tensors and bytes objects
 are in segments: the frame's buffer (small blobs, at most :data:`INLINE_BLOB_BYTES` each and
-:data:`INLINE_TOTAL_BYTES` in all: a copy of a few KiB costs less than a mapping) and sealed
-memfds (the rest, written in parallel as the weights are). Segments are numbered: the frame's
-buffer first, then its memfds in order. A node is::
+:data:`INLINE_TOTAL_BYTES` in all: a copy of a few KiB costs less than a mapping), then either a
+pool (the rest, copied into shared memory the receiver already has mapped: ``pools.py`` and
+``safehub/_run/pools.py``) or sealed memfds (the rest, written in parallel as the weights are,
+where there is no pool or it is too small). Segments are numbered: the frame's buffer first,
+then its memfds in order, then the pool (``Packed.pooled`` bytes of it). A node is::
 
     null, true, false, 12, 1.5, "text"              itself
     {"float": "nan" | "inf" | "-inf"}                a float JSON cannot carry
@@ -34,7 +36,7 @@ import math
 import numbers
 import operator
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ ALIGN = 64
 INLINE_BLOB_BYTES = 64 * 1024
 INLINE_TOTAL_BYTES = 1024 * 1024
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+Pool = Callable[[int], "memoryview | None"]  # bytes needed -> a writable view of at least that many, or None
 
 
 class NotData(ValueError):
@@ -84,6 +87,7 @@ class Packed:
     tree: Any
     buffers: list[bytearray] = field(default_factory=list)  # none, or the one inline segment
     fds: list[int] = field(default_factory=list)  # sealed memfds, in segment order
+    pooled: int = 0  # bytes written at the start of the pool: its segment comes after the fds
 
     def close(self) -> None:
         import os
@@ -93,11 +97,13 @@ class Packed:
             os.close(fd)
 
 
-def pack(value: Any, *, memfds: bool = True, root: str = "value") -> Packed:
+def pack(value: Any, *, memfds: bool = True, root: str = "value", pool: Pool | None = None) -> Packed:
     """Describe ``value`` as a tree and lay its bytes out in segments; raise :class:`NotData`.
 
-    ``memfds=False`` (or a machine where memfds fail) puts every blob in the inline segment.
-    ``root`` names the value in an error's path (``result['logits']: a set is not data``).
+    ``pool(nbytes)`` gives a writable view of at least ``nbytes`` the receiver has mapped too (or
+    None: then it is not used); it takes the large blobs, back to back. Else they go to memfds;
+    ``memfds=False`` (or a machine where memfds fail) puts them in the inline segment. ``root`` names the value in an error's path
+    (``result['logits']: a set is not data``).
     """
     packer = _Packer(sys.modules.get("torch"))
     try:
@@ -105,6 +111,10 @@ def pack(value: Any, *, memfds: bool = True, root: str = "value") -> Packed:
     except NotData as exc:
         exc.root = root
         raise
+    if pool is not None and packer.blobs:
+        packed = packer.place(tree, inline_limit=INLINE_TOTAL_BYTES, pool=pool)
+        if packed is not None:
+            return packed
     if memfds and packer.blobs:
         try:
             return packer.place(tree, inline_limit=INLINE_TOTAL_BYTES)
@@ -113,10 +123,11 @@ def pack(value: Any, *, memfds: bool = True, root: str = "value") -> Packed:
     return packer.place(tree, inline_limit=None)
 
 
-def pack_call(args: Sequence[Any], kwargs: Mapping[str, Any], *, memfds: bool = True) -> Packed:
+def pack_call(args: Sequence[Any], kwargs: Mapping[str, Any], *, memfds: bool = True,
+              pool: Pool | None = None) -> Packed:
     """The arguments of one call, packed as the tuple ``(args, kwargs)``."""
     try:
-        return pack((tuple(args), dict(kwargs)), memfds=memfds)
+        return pack((tuple(args), dict(kwargs)), memfds=memfds, pool=pool)
     except NotData as exc:
         # [0][i] is the i-th positional argument, [1]['name'] the keyword argument name.
         if len(exc.path) >= 2:
@@ -227,8 +238,26 @@ class _Packer:
         self.blobs.append(_Blob(ref, source, len(source) if nbytes is None else nbytes))
         return ref
 
-    def place(self, tree: Any, inline_limit: int | None) -> Packed:
-        """Give every blob its segment and offset, write the segments, return the packed value."""
+    def shared_bytes(self, inline_limit: int | None) -> int:
+        """The bytes the blobs that do not ride inline take, laid out back to back (aligned)."""
+        end = inline_end = 0
+        for blob in self.blobs:
+            size = _aligned(inline_end) + blob.nbytes
+            if blob.nbytes == 0 or inline_limit is None or (blob.nbytes <= INLINE_BLOB_BYTES and size <= inline_limit):
+                inline_end = size
+            else:
+                end = _aligned(end) + blob.nbytes
+        return end
+
+    def place(self, tree: Any, inline_limit: int | None, pool: Pool | None = None) -> Packed | None:
+        """Give every blob its segment and offset, write the segments, return the packed value.
+        With a ``pool``: None when it has no room for the large blobs."""
+        target = None
+        needed = 0 if pool is None else self.shared_bytes(inline_limit)
+        if needed:
+            target = pool(needed)
+            if target is None or len(target) < needed:
+                return None
         inline: list[_Blob] = []
         shared: list[_Blob] = []
         inline_end = 0
@@ -250,9 +279,22 @@ class _Packer:
                         view[blob.ref[1] : blob.ref[1] + blob.nbytes] = raw
             packed.buffers.append(buffer)
             first_shard = 1
-        if shared:
+        if shared and target is not None:
+            packed.pooled = self.into_pool(shared, first_shard, target)
+        elif shared:
             packed.fds = [fd for fd, _ in weights.write_memfds(self.shards(shared, first_shard), name="safehub-values")]
         return packed
+
+    @staticmethod
+    def into_pool(blobs: list[_Blob], segment: int, pool: memoryview) -> int:
+        """Copy the blobs into the pool, back to back from its start (aligned); the bytes used."""
+        end = 0
+        for blob in blobs:
+            blob.ref[:2] = [segment, _aligned(end)]
+            end = blob.ref[1] + blob.nbytes
+            with weights.raw_view(blob.source) as raw:
+                pool[blob.ref[1] : end] = raw
+        return end
 
     def shards(self, blobs: list[_Blob], first: int) -> list[tuple[bytes, list[tuple[Any, int]], int]]:
         """The large blobs cut into memfd shards, one per core (``weights.split``), each laid out."""

@@ -10,6 +10,7 @@ result, which needs trust (DESIGN 2).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import _terminal
@@ -17,6 +18,7 @@ from .._memfds import map_sealed_memfds
 from .._results import MAX_NAME_CHARS, MAX_NDIM, MAX_TENSORS, MAX_TOTAL_BYTES, decode_object, decode_weights
 from .._sandbox import Sandbox
 from .._worker import protocol, values
+from .pools import ResultPool
 from ..errors import ProtocolError, ResultDecodeError
 
 MAX_PAYLOAD_BYTES = 1024**4  # a memfd is mapped lazily: this only bounds the address space
@@ -89,11 +91,12 @@ def remote_model(frame: protocol.Frame) -> tuple[list[str], str]:
     return methods, class_name[:MAX_NAME] if isinstance(class_name, str) and class_name.isprintable() else "model"
 
 
-def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int) -> Any:
+def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int, pool: ResultPool | None = None) -> Any:
     """A RETURNED's value, read as hostile data: the weights layout for ``state_dict``, else a value tree.
 
-    ``name`` is the call as messages name it; ``max_bytes`` bounds the result (``result_cap``).
-    Its fds are closed here: no mapping needs them.
+    ``name`` is the call as messages name it; ``max_bytes`` bounds the result (``result_cap``);
+    ``pool`` is the result pool the INVOKE passed (its ``pooled`` bytes are copied out of it
+    before a byte is read). Its fds are closed here: no mapping needs them.
     """
     try:
         if method in protocol.REMOTE_WEIGHTS_METHODS:
@@ -108,12 +111,27 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
             raise ProtocolError(f"the worker answered {name} with weights")
         # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
         segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)]
+        if "pooled" in frame.fields:
+            if pool is None:
+                raise ResultDecodeError(f"the result of a call to {name} uses a result pool it was not given")
+            segments.append(pool.copy_out(frame.fields["pooled"]))
         try:
             return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
         except values.BadTree as exc:
             raise ResultDecodeError(f"the result of a call to {name} is not valid data: {exc}") from None
     finally:
         frame.close_fds()
+
+
+def unpooled_bytes(frame: protocol.Frame, method: str) -> int:
+    """The bytes a RETURNED value carries outside the result pool (its memfds and inline buffer):
+    what the pool must hold for the next such result to take it. 0 for weights and a pooled reply."""
+    if frame.kind != protocol.RETURNED or method in protocol.REMOTE_WEIGHTS_METHODS or "pooled" in frame.fields:
+        return 0
+    try:
+        return sum(len(b) for b in frame.buffers) + sum(os.fstat(fd).st_size for fd in frame.fds)
+    except OSError:
+        return 0  # not a memfd: the decoder refuses it
 
 
 def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> list[Any]:

@@ -4,9 +4,10 @@ A :class:`RemoteSession` owns a ``process.Worker`` that answered a load with ``r
 and stays up. Each call is one exchange of the worker's conversation (``conversation.py``: INVOKE,
 then RETURNED or FAILED), under the sandbox's ``timeout`` counted afresh; calls from several
 threads take turns (one lock). Arguments leave as data (``values.py``: tensors copied once into
-sealed memfds, or inline when small, so the worker never holds the caller's own memory); a reply
-is read as hostile (``replies.py``): held to its declaration, capped like the weights decoder,
-memfds checked for their seals and mapped privately (results are views on them, not copies).
+the session's input pool, ``pools.py``, or inline when small, so the worker never holds the
+caller's own memory); a reply is read as hostile (``replies.py``): held to its declaration,
+capped like the weights decoder, the result pool's bytes copied into the caller's own memory
+before they are read, memfds checked for their seals and mapped privately.
 During a call the worker's questions (fetches) are all refused: the inputs could leave through a URL.
 
 A call that times out, a worker that dies or breaks the protocol, an interrupted call: the worker
@@ -37,7 +38,7 @@ from ..errors import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
-from . import conversation, replies
+from . import conversation, pools, replies
 from .process import EXIT_GRACE_S, Worker
 
 CALL_METHOD = "__call__"  # the wire name of ``remote(*args)``: the model's own __call__
@@ -60,6 +61,7 @@ class RemoteSession:
         self.busy = False
         self.started = self.last_used = time.monotonic()
         self.cleaned = False
+        self.pools = pools.SessionPools(replies.result_cap(self.sandbox))
         _track(self)
         if self.sandbox.idle_timeout is not None or self.sandbox.lifetime is not None:
             threading.Thread(target=self._watch, name="safehub-remote-watchdog", daemon=True).start()
@@ -81,19 +83,24 @@ class RemoteSession:
                 ended the worker; later calls raise RemoteClosedError.
         """
         self._check_owner()
-        try:
-            packed = values.pack_call(args, kwargs)
-        except values.NotData as exc:
-            raise InvalidArgumentError(f"the arguments of a call to {_name(method)} cannot be sent to the remote model: {exc}") from None
-        try:
-            with self.call_lock:
+        with self.call_lock:  # the input pool is written under it
+            try:
+                packed = values.pack_call(args, kwargs, pool=self._input_pool())
+            except values.NotData as exc:
+                raise InvalidArgumentError(
+                    f"the arguments of a call to {_name(method)} cannot be sent to the remote model: {exc}") from None
+            try:
                 self._begin()
                 try:
                     frame = self._exchange(method, packed, inference)
                     # The model's own failure leaves it up; a reply that breaks the protocol does not.
                     failure = conversation.failure_of(frame, _subject(method, self.sandbox))
-                    value = None if failure is not None else replies.returned_value(
-                        frame, method, _name(method), replies.result_cap(self.sandbox))
+                    value = None
+                    if failure is None:
+                        unpooled = replies.unpooled_bytes(frame, method)
+                        value = replies.returned_value(frame, method, _name(method), replies.result_cap(self.sandbox),
+                                                       self.pools.results)
+                        self.pools.results.fit(unpooled)  # the next such result takes the pool
                 except BaseException as exc:
                     error = self._fail(exc, method)
                     if error is exc:
@@ -101,8 +108,8 @@ class RemoteSession:
                     raise error from exc
                 finally:
                     self._end_call()
-        finally:
-            packed.close()
+            finally:
+                packed.close()
         if failure is not None:
             raise failure
         return value
@@ -153,9 +160,19 @@ class RemoteSession:
     def _exchange(self, method: str, packed: values.Packed, inference: bool) -> protocol.Frame:
         """Send the INVOKE, refusing every question the worker asks meanwhile; return its reply."""
         self.worker.restart_clock()
-        fields = {"method": method, "call": packed.tree, "inference": inference}
-        return conversation.converse(self.worker, conversation.INVOKE, fields, packed.buffers, packed.fds,
+        fields: dict[str, Any] = {"method": method, "call": packed.tree, "inference": inference}
+        fds = list(packed.fds)
+        if packed.pooled:
+            fds.append(self.pools.inputs.fd)  # the segment after the memfds
+        if self.pools.results.fd is not None:
+            fields["result_pool"] = True
+            fds.append(self.pools.results.fd)
+        return conversation.converse(self.worker, conversation.INVOKE, fields, packed.buffers, fds,
                                      asks={}, refuse_all=FETCH_REFUSED)
+
+    def _input_pool(self) -> values.Pool | None:
+        """The input pool while the model is up (a closed session's is gone)."""
+        return None if self.gone is not None else self.pools.inputs.reserve
 
     def _fail(self, exc: BaseException, method: str) -> BaseException:
         """After anything that broke an exchange: end the worker; the error to raise."""
@@ -195,6 +212,7 @@ class RemoteSession:
             self.cleaned = True
             self.state.notify_all()
             self.worker.__exit__(None, None, None)
+            self.pools.close()  # the caller's regions in use stay until their tensors go
         _untrack(self)
 
     def _watch(self) -> None:

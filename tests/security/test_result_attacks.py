@@ -292,14 +292,27 @@ def memfd_mappings() -> int:
         return sum("memfd:safehub-" in line for line in maps)
 
 
+def mapping_of(pointer: int) -> str:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            begin, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if begin <= pointer < end:
+                return line
+    raise AssertionError(f"{pointer:#x} is in no mapping")
+
+
 def test_kept_results_of_a_remote_model_hold_no_descriptor(repo):
     with run_isolated(repo, "load", model="hostile", returns="remote", sandbox=UNBOUNDED) as remote:
-        remote.tensors(8, 64 * 1024)  # the first call's one-time descriptors (threads, caches)
+        # 8 tensors of 256 KiB each: past the inline size, so the first comes in memfds, and
+        # makes the result pool they all fit in (with the one-time descriptors: threads, caches).
+        first = remote.tensors(8, 64 * 1024)
+        assert "memfd:safehub-values" in mapping_of(first["0"].data_ptr())
         before = open_fds()
-        # 8 tensors of 256 KiB each: past the inline size, so they come in memfds.
         kept = [remote.tensors(8, 64 * 1024) for _ in range(48)]
         after = open_fds()
-        assert memfd_mappings() >= 48
+    # Each kept result is in a region of the caller's own (private, anonymous): none holds a descriptor.
+    regions = {mapping_of(result["0"].data_ptr()).split()[1:5] == ["rw-p", "00000000", "00:00", "0"] for result in kept}
+    assert regions == {True}
     assert [float(t[0]) for t in kept[-1].values()] == [float(i) for i in range(8)]
     assert after == before, f"48 kept results hold {len(after - before)} descriptors"
 
