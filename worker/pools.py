@@ -27,6 +27,8 @@ from typing import Any
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable now (and break copy-on-write)
 _REFS_WHEN_FREE = 3  # sys.getrefcount of a mapping only Inputs holds: its list, the loop name, the argument
+# A tensor on a mapping holds a reference to it, not a buffer export (torch.frombuffer), so the
+# mapping's close() would not refuse: the reference count alone says whether one is left.
 
 _result_pool: list[Any] = []  # [(device, inode, size), mmap, memoryview] of the parent's result pool
 
@@ -84,7 +86,8 @@ class Inputs:
 
     def release(self) -> None:
         """After the reply: unmap what nothing holds (a kept mapping goes with its last tensor)."""
-        maps, self.maps = self.maps, []
-        for mapping in maps:
-            with contextlib.suppress(BufferError):
-                mapping.close()
+        for mapping in self.maps:
+            if sys.getrefcount(mapping) <= _REFS_WHEN_FREE:
+                with contextlib.suppress(BufferError):
+                    mapping.close()
+        self.maps = []

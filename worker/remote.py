@@ -118,7 +118,7 @@ def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
             return EXIT_OK
         deadline = time.monotonic() + settings.timeout
         channel.deadline = deadline
-        inputs, held = pools.Inputs(), []
+        inputs, held = pools.Inputs(), list[Any]()
         kind, fields, buffers, fds = invoke(model, frame, inputs, held)
         inputs.settle()  # an input the model kept is made its own before the parent may reuse the pool
         try:

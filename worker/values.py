@@ -111,10 +111,11 @@ def pack(value: Any, *, memfds: bool = True, root: str = "value", pool: Pool | N
     except NotData as exc:
         exc.root = root
         raise
-    if pool is not None and packer.blobs:
-        packed = packer.place(tree, inline_limit=INLINE_TOTAL_BYTES, pool=pool)
-        if packed is not None:
-            return packed
+    needed = packer.shared_bytes(INLINE_TOTAL_BYTES) if pool is not None else 0
+    if needed:
+        target = pool(needed) if pool is not None else None
+        if target is not None and len(target) >= needed:
+            return packer.place(tree, inline_limit=INLINE_TOTAL_BYTES, pool=target)
     if memfds and packer.blobs:
         try:
             return packer.place(tree, inline_limit=INLINE_TOTAL_BYTES)
@@ -249,15 +250,9 @@ class _Packer:
                 end = _aligned(end) + blob.nbytes
         return end
 
-    def place(self, tree: Any, inline_limit: int | None, pool: Pool | None = None) -> Packed | None:
+    def place(self, tree: Any, inline_limit: int | None, pool: memoryview | None = None) -> Packed:
         """Give every blob its segment and offset, write the segments, return the packed value.
-        With a ``pool``: None when it has no room for the large blobs."""
-        target = None
-        needed = 0 if pool is None else self.shared_bytes(inline_limit)
-        if needed:
-            target = pool(needed)
-            if target is None or len(target) < needed:
-                return None
+        The large blobs go to ``pool`` when given (it has room for them: :meth:`shared_bytes`)."""
         inline: list[_Blob] = []
         shared: list[_Blob] = []
         inline_end = 0
@@ -279,8 +274,8 @@ class _Packer:
                         view[blob.ref[1] : blob.ref[1] + blob.nbytes] = raw
             packed.buffers.append(buffer)
             first_shard = 1
-        if shared and target is not None:
-            packed.pooled = self.into_pool(shared, first_shard, target)
+        if shared and pool is not None:
+            packed.pooled = self.into_pool(shared, first_shard, pool)
         elif shared:
             packed.fds = [fd for fd, _ in weights.write_memfds(self.shards(shared, first_shard), name="safehub-values")]
         return packed

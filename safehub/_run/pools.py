@@ -118,8 +118,8 @@ class InputPool:
         return self.memfd.fd
 
     def close(self) -> None:
-        if self.memfd is not None:
-            self.memfd, memfd = None, self.memfd
+        memfd, self.memfd = self.memfd, None
+        if memfd is not None:
             memfd.close()
 
 
@@ -183,9 +183,8 @@ class ResultPool:
         # Unmapped when its last reference (the export being torn down) goes.
 
     def _drop(self) -> None:
-        if self.fd is not None:
-            self.fd, fd = None, self.fd
-            self.size = 0
+        fd, self.fd, self.size = self.fd, None, 0
+        if fd is not None:
             os.close(fd)
 
     def close(self) -> None:

@@ -29,7 +29,6 @@ import torch
 
 import safehub
 from safehub._run.session import close_all
-from safehub._run import memory_cgroup
 from safehub._sandbox import Sandbox
 from safehub.errors import InvalidArgumentError, RemoteClosedError, RemoteError, ResultDecodeError
 from tests.local_repos import write_repo

@@ -363,7 +363,7 @@ def test_memory_a_model_hoards_is_bounded_by_memory_limit(repo, kind):
     assert int(answer.split()[2]) <= 1024, answer
 
 
-@pytest.mark.parametrize("size", [4, 100_000], ids=["inline", "memfd"])
+@pytest.mark.parametrize("size", [4, 100_000], ids=["inline", "pooled"])
 def test_the_model_cannot_change_the_callers_tensor(repo, size):
     x = torch.arange(size, dtype=torch.float32)
     original = x.clone()
