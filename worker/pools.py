@@ -66,6 +66,7 @@ class Inputs:
 
     def __init__(self) -> None:
         self.maps: list[mmap.mmap] = []
+        self.held: Any = None  # the call's result, freed after the reply too
 
     def map(self, fd: int) -> Any:
         """The parent's memfd ``fd``, mapped privately: the model may write its inputs; nobody else sees it."""
@@ -77,15 +78,18 @@ class Inputs:
         return mapping
 
     def settle(self) -> None:
-        """Before the reply: make every page of a mapping the model still holds (an input it kept)
-        its own, so the parent's next call, written into the same pool, cannot change it."""
+        """Before the reply: make every page of a mapping the model still holds (an input it kept,
+        or returned: the result, held until after the reply, may be a view on it) its own, so the
+        parent's next call, written into the same pool, cannot change it."""
         for mapping in self.maps:
             if sys.getrefcount(mapping) > _REFS_WHEN_FREE:
                 with contextlib.suppress(OSError):
                     mapping.madvise(MADV_POPULATE_WRITE)
 
     def release(self) -> None:
-        """After the reply: unmap what nothing holds (a kept mapping goes with its last tensor)."""
+        """After the reply: free the result, unmap what nothing holds (a kept mapping goes with its
+        last tensor)."""
+        self.held = None
         for mapping in self.maps:
             if sys.getrefcount(mapping) <= _REFS_WHEN_FREE:
                 with contextlib.suppress(BufferError):

@@ -109,24 +109,29 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
             return SELF
         if "transport" in frame.fields or "sizes" in frame.fields:
             raise ProtocolError(f"the worker answered {name} with weights")
+        tree = frame.fields["value"]
+        if tree is None:
+            raise ProtocolError(f"the worker answered a call to {name} without a value")
         # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
-        segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)]
-        if "pooled" in frame.fields:
+        segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)] if frame.fds else frame.buffers
+        pooled = frame.fields.get("pooled")
+        if pooled is not None:  # the result pool's bytes, copied into the caller's own memory first
             if pool is None:
                 raise ResultDecodeError(f"the result of a call to {name} uses a result pool it was not given")
-            segments.append(pool.copy_out(frame.fields["pooled"]))
+            segments = [*segments, pool.copy_out(pooled)]
         try:
-            return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
+            return values.unpack(tree, segments, VALUE_CAPS)
         except values.BadTree as exc:
             raise ResultDecodeError(f"the result of a call to {name} is not valid data: {exc}") from None
     finally:
-        frame.close_fds()
+        if frame.fds:
+            frame.close_fds()
 
 
 def unpooled_bytes(frame: protocol.Frame, method: str) -> int:
     """The bytes a RETURNED value carries outside the result pool (its memfds and inline buffer):
     what the pool must hold for the next such result to take it. 0 for weights and a pooled reply."""
-    if frame.kind != protocol.RETURNED or method in protocol.REMOTE_WEIGHTS_METHODS or "pooled" in frame.fields:
+    if frame.kind != protocol.RETURNED or method in protocol.REMOTE_WEIGHTS_METHODS or frame.fields.get("pooled") is not None:
         return 0
     try:
         return sum(len(b) for b in frame.buffers) + sum(os.fstat(fd).st_size for fd in frame.fds)

@@ -161,12 +161,13 @@ class RemoteSession:
         """Send the INVOKE, refusing every question the worker asks meanwhile; return its reply."""
         self.worker.restart_clock()
         fields: dict[str, Any] = {"method": method, "call": packed.tree, "inference": inference}
-        fds = list(packed.fds)
-        if packed.pooled:
-            fds.append(self.pools.inputs.fd)  # the segment after the memfds
-        if self.pools.results.fd is not None:
-            fields["result_pool"] = True
-            fds.append(self.pools.results.fd)
+        fds = packed.fds
+        results = self.pools.results.fd
+        if packed.pooled or results is not None:
+            fds = [*fds, self.pools.inputs.fd] if packed.pooled else [*fds]  # the segment after the memfds
+            if results is not None:
+                fields["result_pool"] = True
+                fds.append(results)  # last: the worker's to write into
         return conversation.converse(self.worker, conversation.INVOKE, fields, packed.buffers, fds,
                                      asks={}, refuse_all=FETCH_REFUSED)
 
