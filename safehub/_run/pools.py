@@ -33,6 +33,8 @@ reply costs the caller one region of its ``pooled`` bytes, at most the pool's si
 ``memory_limit``: what a result coming any other way may cost. The input pool grows to the
 caller's largest arguments. At most :data:`FREE_REGIONS` regions wait for reuse; everything is
 unmapped when the session ends, and a region the caller still holds when its last tensor goes.
+The worker keeps the result pool mapped between calls: its pages, up to the largest result's
+size, stay the worker's memory, counted against ``memory_limit`` (a pre-faulted pool's price).
 """
 
 from __future__ import annotations
