@@ -29,6 +29,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Imported before Ray starts its threads here: run alone, this module otherwise ended (Python 3.11.7)
+# with hypothesis' plugin importing hypothesis at the session's end, rewritten by pytest through
+# ast.parse, which failed with "AST constructor recursion depth mismatch" (in 3.11 the ast module
+# counts recursion for all threads at once).
+import hypothesis  # noqa: F401
 import numpy as np
 import psutil
 import pytest
@@ -149,6 +154,7 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM to each ``ray start --block`` (it drains and stops its node), then SIGKILL to what is left."""
+        began = time.monotonic()
         self.processes()
         with contextlib.suppress(Exception):
             ray.shutdown()
@@ -166,6 +172,7 @@ class Cluster:
             if starter.poll() is None:
                 starter.kill()
                 starter.wait()
+        print(f"\nRay cluster stopped in {time.monotonic() - began:.1f} s")
 
 
 def cluster_env(temp_dir: Path, auth: dict[str, str]) -> dict[str, str]:
@@ -173,7 +180,9 @@ def cluster_env(temp_dir: Path, auth: dict[str, str]) -> dict[str, str]:
     their own, the auth mode, no token or other secret, GitHub nowhere (the tests load local repositories)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GITHUB_", "SAFEHUB_", "HF_"))}
     env.update(auth, PYTHONPATH=str(ROOT), TORCH_HOME=str(temp_dir / "torch_home"), RAY_USAGE_STATS_ENABLED="0",
-               SAFEHUB_GITHUB_URL="http://127.0.0.1:9", SAFEHUB_GITHUB_API_URL="http://127.0.0.1:9")
+               SAFEHUB_GITHUB_URL="http://127.0.0.1:9", SAFEHUB_GITHUB_API_URL="http://127.0.0.1:9",
+               # SIGTERM stops a node at once, as `ray stop` does, instead of draining it for Ray Serve for 30 s.
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     return env
 
 
@@ -320,9 +329,7 @@ def actors(cluster, models_repo):
     handles = {name: actor_class.options(resources={name: 0.01}).remote(str(models_repo), "convnet", {})
                for name in NODES}
     yield handles
-    for handle in handles.values():
-        with contextlib.suppress(Exception):
-            ray.kill(handle)
+    kill_unless_stopped(*handles.values())
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +337,14 @@ def probe_actor(cluster, probe_repo):
     """A ModelActor with the probe model, on the second node."""
     handle = ray.remote(num_cpus=0)(ModelActor).options(resources={NODES[1]: 0.01}).remote(str(probe_repo), "probe", {})
     yield handle
-    with contextlib.suppress(Exception):
-        ray.kill(handle)
+    kill_unless_stopped(handle)
+
+
+def kill_unless_stopped(*handles) -> None:
+    # After the cluster is stopped, ray.kill would start a local Ray instance to kill in.
+    if ray.is_initialized():
+        for handle in handles:
+            ray.kill(handle)
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -409,9 +422,16 @@ def test_map_batches_gives_the_in_process_outputs(cluster, models_repo):
     expected = in_process(models_repo, "convnet", x)
     rows = [{"id": i, "image": x[i].numpy()} for i in range(len(x))]
     dataset = ray.data.from_items(rows, override_num_blocks=4)
-    # One CPU an actor and one CPU a node: the two actors are on different nodes.
-    out = dataset.map_batches(RemoteBatches, fn_constructor_args=(str(models_repo),), batch_size=8,
-                              batch_format="numpy", concurrency=2, num_cpus=1).take_all()
+    # Two actors of one CPU each on two nodes of one CPU each: one actor a node, and both must have
+    # loaded the model (each its own sandboxed worker) before the first batch. Which of them gets
+    # which batch is Ray's choice (it favours the actor beside the blocks).
+    context = ray.data.DataContext.get_current()
+    saved, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
+    try:
+        out = dataset.map_batches(RemoteBatches, fn_constructor_args=(str(models_repo),), batch_size=8,
+                                  batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1).take_all()
+    finally:
+        context.wait_for_min_actors_s = saved
     assert sorted(row["id"] for row in out) == list(range(len(x)))
     for row in out:
         torch.testing.assert_close(torch.tensor(row["logits"]), expected[row["id"]], rtol=0, atol=0)
