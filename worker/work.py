@@ -65,13 +65,15 @@ def preload() -> None:
 
     torch is imported and never used: no op may run before a fork.
     """
-    from . import objects, remote, weights  # noqa: F401 - imported late by _encode
+    from . import hf_hub, http_clients, objects, remote, weights  # noqa: F401 - imported late by _encode and shims
+    from .sandbox import seccomp
     import pickle, select, socket, traceback  # noqa: E401, F401 - what _work imports late
 
     import cloudpickle  # noqa: F401
     import torch  # noqa: F401
 
     _python_roots()
+    seccomp.preload()
     # torch's import left a finder per folder it looked in; each work process drops them
     # (_clean_sys_path), and freeing them there would copy every page they sit on: drop them once.
     sys.path_importer_cache.clear()
