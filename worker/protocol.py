@@ -42,11 +42,18 @@ on the parent's handle is one exchange, data only (``values.py`` describes the v
 The warm path speaks to its zygote in the same frames, on the zygote's own sockets:
 
     zygote -> parent   READY    {pid, namespaces}: once, on the control socket
-    parent -> zygote   SPAWN    {}: SPAWN_FDS in that order; the settings descriptor is a memfd
-                                holding {"settings": WorkerSettings, "environ": {...}} as JSON,
-                                which the zygote hands to the new supervisor unread
+    parent -> zygote   SPAWN    {[spare_cgroup]}: SPAWN_FDS in that order; the settings descriptor is
+                                a memfd holding {"settings": WorkerSettings, "environ": {...}} as
+                                JSON, which the zygote hands to the call's worker unread;
+                                spare_cgroup: the memory cgroup for the next spare worker
     zygote -> parent   SPAWNED  {pid} + a pidfd of the supervisor, or {error} (fork failed)
     zygote -> parent   EXITED   {status}: its raw wait status, once the supervisor ended
+
+and to each worker it forks, on a socket of their own:
+
+    zygote -> worker   TAKE     {}: TAKE_FDS (a spare worker's call)
+    worker -> zygote   TAKEN    {shape, taken}: the call's shape (the next spare's); taken false:
+                                a spare prepared for another shape, which then exits
 
 Versioning: a new optional field keeps the version; a change of meaning bumps it, and a frame of
 any other version is refused. Version 2: results as shards (``"sizes"``) in the layout of
@@ -100,7 +107,10 @@ INVOKE = "invoke"
 RETURNED = "returned"
 FAILED = "failed"
 CLOSE = "close"
+TAKE = "take"
+TAKEN = "taken"
 SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
+TAKE_FDS = SPAWN_FDS[1:]  # a call's own descriptors, as the zygote hands them to a spare worker
 
 # How a worker process ends (the supervisor mirrors the work process; the zygote uses the same).
 EXIT_OK = 0  # an answer (RESULT or ERROR) was sent
@@ -497,7 +507,9 @@ MESSAGES: dict[str, Message] = {
                                    "limit": _opt(str)}),
         Message(CLOSE, "parent", {}),
         Message(READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
-        Message(SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
+        Message(SPAWN, "parent", {"spare_cgroup": _opt(str, _NONE)}, max_fds=len(SPAWN_FDS)),
+        Message(TAKE, "zygote", {}, max_fds=len(TAKE_FDS)),
+        Message(TAKEN, "worker", {"shape": Field((dict,)), "taken": Field((bool,))}),
         Message(SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
         Message(EXITED, "zygote", {"status": Field((int,))}),
     )
