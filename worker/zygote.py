@@ -246,7 +246,9 @@ class _Zygote:
         self._send(reply, protocol.SPAWNED, {"pid": worker.pid}, fds=(worker.pidfd,))
 
     def _keep_spare(self) -> None:
-        if self.spare is None and self.shape is not None and self.spare_deaths < 3 and not self.handoffs:
+        # Forked once no call runs: not at the expense of the call it follows (two cores here), and
+        # no worker ever runs beside an idle spare, which the next call's settings will reach.
+        if self.spare is None and self.shape is not None and self.spare_deaths < 3 and not self.handoffs and not self.calls:
             try:
                 shape = spare.shape_from(self.shape, self.spare_cgroup)
             except ValueError:

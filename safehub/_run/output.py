@@ -35,10 +35,10 @@ class Relay(threading.Thread):
         self.state = threading.Condition()
         self.busy = False  # between reading a chunk and writing it out
         self.ended = False
+        self.line = _terminal.LINE_START  # where the caller's stream stands: at a line's start or within one
 
     def run(self) -> None:
         written = 0  # bytes relayed, as the caller's stream gets them (marked, controls made visible)
-        state = _terminal.LINE_START
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split across chunks stays whole
         fd = self.pipe.fileno()
         poller = select.poll()
@@ -51,21 +51,21 @@ class Relay(threading.Thread):
                 chunk = os.read(fd, 64 * 1024)
                 if not chunk:
                     break
-                if self.target is None or written > self.cap:
-                    self._idle()
-                    continue  # keep draining, so the worker never blocks on a full pipe
-                text, after = _terminal.mark_lines(decoder.decode(chunk), OUTPUT_PREFIX, state)
-                size = len(text.encode())
-                if written + size > self.cap:
-                    written = self.cap + 1
-                    self._write(("\n" if state == _terminal.MID_LINE else "") + OUTPUT_TRUNCATED)
-                    self._idle()
-                    continue
-                written += size
-                self._write(text)
-                state = after
+                # Line by line, so the cap cuts at a line (as the caller reads them), not a chunk.
+                for line in decoder.decode(chunk).splitlines(keepends=True):
+                    if self.target is None or written > self.cap:
+                        break  # keep draining, so the worker never blocks on a full pipe
+                    text, after = _terminal.mark_lines(line, OUTPUT_PREFIX, self.line)
+                    size = len(text.encode())
+                    if written + size > self.cap:
+                        written = self.cap + 1
+                        self._write(("\n" if self.line == _terminal.MID_LINE else "") + OUTPUT_TRUNCATED)
+                        break
+                    written += size
+                    self._write(text)
+                    self.line = after
                 self._idle()
-            if state == _terminal.MID_LINE and written <= self.cap:
+            if self.line == _terminal.MID_LINE and written <= self.cap:
                 self._write("\n")
         finally:
             self.pipe.close()
@@ -75,7 +75,8 @@ class Relay(threading.Thread):
                 self.state.notify_all()
 
     def settle(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) until every byte now in the pipe has been written out."""
+        """Wait (at most ``timeout`` seconds) until every byte now in the pipe has been written out,
+        and end a line left open: the caller goes on, and what may follow shows as lines of its own."""
         deadline = time.monotonic() + timeout
         with self.state:
             while not self.ended and (self.busy or _unread(self.pipe)):
@@ -83,6 +84,9 @@ class Relay(threading.Thread):
                 if left <= 0:
                     return
                 self.state.wait(min(left, 0.01))
+            if not self.ended and not self.busy and self.line == _terminal.MID_LINE:
+                self._write("\n")
+                self.line = _terminal.LINE_START
 
     def _idle(self) -> None:
         with self.state:

@@ -204,6 +204,11 @@ class Worker:
         if self.sock is not None:
             self.sock.close()
         if self.proc is not None:
+            if self.proc.running():
+                # Its descendants first: the supervisor, their subreaper, reaps them and exits.
+                kill_process_tree(self.proc.pid, include_root=False)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=EXIT_GRACE_S)
             self.kill()
             self.proc.wait()
         for relay in self.relays:
@@ -233,7 +238,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def kill_process_tree(pid: int) -> None:
+def kill_process_tree(pid: int, *, include_root: bool = True) -> None:
     """Stop then kill every descendant of ``pid`` until none is left, then ``pid`` itself."""
     try:
         root = psutil.Process(pid)
@@ -251,8 +256,9 @@ def kill_process_tree(pid: int) -> None:
                 with contextlib.suppress(psutil.Error):
                     getattr(proc, action)()
         time.sleep(0.01)
-    with contextlib.suppress(psutil.Error):
-        root.kill()
+    if include_root:
+        with contextlib.suppress(psutil.Error):
+            root.kill()
 
 
 def _is_alive(proc: psutil.Process) -> bool:

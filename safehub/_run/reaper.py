@@ -48,7 +48,6 @@ class Job:
 
 _lock = threading.Lock()
 _jobs: deque[Job] = deque()  # not yet done, oldest first
-_wake = threading.Condition(_lock)
 _thread: threading.Thread | None = None
 _owner = os.getpid()
 
@@ -59,10 +58,9 @@ def later(*, end: Step | None = None, cleanup: Step | None = None) -> Job:
     job = Job(end, cleanup)
     with _lock:
         _jobs.append(job)
-        if _thread is None or not _thread.is_alive():
+        if _thread is None:  # the thread ends once the queue is empty: start one for this job
             _thread = threading.Thread(target=_run, name="safehub-reaper", daemon=True)
             _thread.start()
-        _wake.notify()
     return job
 
 
@@ -73,9 +71,14 @@ def settle() -> None:
 
 
 def drain() -> None:
-    """Wait until every finished call is wholly cleaned up (processes and folders)."""
+    """Wait until every finished call is wholly cleaned up (processes and folders), and the
+    background thread has ended (it ends whenever there is nothing left to do)."""
     for job in _pending():
         job.done.wait()
+    with _lock:
+        thread = _thread if os.getpid() == _owner else None
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
 
 
 def _pending() -> list[Job]:
@@ -86,10 +89,12 @@ def _pending() -> list[Job]:
 
 
 def _run() -> None:
+    global _thread
     while True:
         with _lock:
-            while not _jobs:
-                _wake.wait()
+            if not _jobs:
+                _thread = None
+                return  # nothing left: no thread lingers (later() starts one again)
             job = _jobs[0]
         job.run()
         with _lock:
@@ -98,9 +103,8 @@ def _run() -> None:
 
 def _forget_after_fork() -> None:
     # The thread is not in the child, and the jobs are the parent's workers.
-    global _lock, _wake, _thread, _owner, _jobs
+    global _lock, _thread, _owner, _jobs
     _lock = threading.Lock()
-    _wake = threading.Condition(_lock)
     _thread, _owner, _jobs = None, os.getpid(), deque()
 
 
