@@ -175,12 +175,12 @@ class Worker:
         its processes to be gone."""
         for relay in self.relays:
             relay.settle(timeout=EXIT_GRACE_S)
-        proc, sock, relays, cgroup, scratch_dir = self.proc, self.sock, self.relays, self.cgroup, self.scratch_dir
+        if self.sock is not None:
+            self.sock.close()  # the answer is in: nothing more is read or sent
+        proc, relays, cgroup, scratch_dir = self.proc, self.relays, self.cgroup, self.scratch_dir
         self.proc, self.sock, self.relays, self.cgroup, self.scratch_dir = None, None, [], None, None
 
         def end() -> None:
-            if sock is not None:
-                sock.close()
             if proc is not None:
                 try:
                     proc.wait(timeout=EXIT_GRACE_S)
