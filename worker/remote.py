@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from . import failures, protocol, values, weights
+from . import failures, protocol, replicas, values, weights
 from .layout import WEIGHTS_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, WorkerSettings
 
@@ -97,19 +97,21 @@ def public_methods(model: Any) -> list[str]:
     return names
 
 
-def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
+def serve(sock: Any, settings: WorkerSettings, channel: Any, *, replicas_allowed: bool = True) -> int:
     """Answer the parent's INVOKEs until CLOSE; the work process's exit code.
 
-    ``channel`` is the conversation's ``work.Channel``: each call gets a fresh deadline for the
+    A REPLICATE before the first call (``replicas_allowed``) makes this process the template of
+    a replica set (``replicas.py``) instead. ``channel`` is the conversation's ``work.Channel``: each call gets a fresh deadline for the
     questions the repository's code may ask meanwhile, and its lock keeps their frames apart
     from the calls' own.
     """
     model = _held[0]
+    first = replicas_allowed  # only before any call: a template must hold nothing of a call
     while True:
         try:
             with channel.lock:
                 frame = protocol.recv_frame(sock, deadline=None, limits=_INVOKE_LIMITS)
-            protocol.check_message(frame, (protocol.INVOKE, protocol.CLOSE))
+            protocol.check_message(frame, (protocol.INVOKE, protocol.CLOSE) + ((protocol.REPLICATE,) if first else ()))
         except protocol.FrameEOF:
             return EXIT_OK  # the parent let the handle go
         except protocol.FrameError as exc:
@@ -118,6 +120,9 @@ def serve(sock: Any, settings: WorkerSettings, channel: Any) -> int:
         if frame.kind == protocol.CLOSE:
             frame.close_fds()
             return EXIT_OK
+        if frame.kind == protocol.REPLICATE:  # replicas=N: this process serves no call, it forks them
+            return replicas.template(sock, settings, channel, frame)
+        first = False
         deadline = time.monotonic() + settings.timeout
         channel.deadline = deadline
         kind, fields, buffers, fds = invoke(model, frame)
