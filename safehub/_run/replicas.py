@@ -44,9 +44,11 @@ from .._worker import protocol
 from ..errors import InvalidArgumentError, ProtocolError, RemoteClosedError, SandboxError, WorkerCrashedError, WorkerError
 from . import conversation, memory_cgroup
 from .process import EXIT_GRACE_S, Worker
-from .session import FETCH_REFUSED, RemoteSession
+from .session import FETCH_REFUSED, SELF, RemoteSession
 
 MAX_REPLICAS = 256
+# Calls that change the model's weights without returning the model: made on every replica.
+EVERY_REPLICA = frozenset({"load_state_dict"})
 
 REPLICATE = conversation.Exchange(
     protocol.REPLICATE, protocol.REPLICATED, protocol.FAILED,
@@ -285,12 +287,40 @@ class ReplicaSet:
             self.live[0].warm_up()
 
     def call(self, method: str, args: Sequence[Any], kwargs: Mapping[str, Any], *, inference: bool) -> Any:
-        """``RemoteSession.call`` on an idle replica (waiting for one)."""
+        """``RemoteSession.call`` on an idle replica (waiting for one).
+
+        A call whose result is the model itself (``eval()``, ``train()``, ``to(...)``, ``half()``:
+        torch's way of saying the model changed), or to ``load_state_dict``, is then made on every
+        other replica too, so they stay one model; any other state a call leaves is its replica's own.
+        """
         session = self._take()
         try:
-            return session.call(method, args, kwargs, inference=inference)
+            value = session.call(method, args, kwargs, inference=inference)
         finally:
             self._give_back(session)
+        if value is SELF or method in EVERY_REPLICA:
+            for other in self._others(session):
+                if self._take_this(other):
+                    try:
+                        other.call(method, args, kwargs, inference=inference)
+                    finally:
+                        self._give_back(other)
+        return value
+
+    def _others(self, session: RemoteSession) -> list[RemoteSession]:
+        with self.state:
+            return [s for s in self.live if s is not session]
+
+    def _take_this(self, session: RemoteSession) -> bool:
+        """Wait until this replica is idle and take it; False once it left the set."""
+        with self.state:
+            while session not in self.idle:
+                if session not in self.live or self.gone is not None:
+                    return False
+                self.state.wait()
+            self.idle.remove(session)
+            self.busy += 1
+            return True
 
     def _take(self) -> RemoteSession:
         with self.state:
