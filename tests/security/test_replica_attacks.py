@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import uuid
-from pathlib import Path
 
 import pytest
 
