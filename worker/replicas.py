@@ -27,7 +27,10 @@ threads stay behind in the template):
   process that used it (the first parallel op hangs), and N replicas are for N cores anyway.
 
 Seccomp, rlimits (each replica its own RLIMIT_AS and RLIMIT_CPU count) and the namespaces are
-inherited from the worker unchanged.
+inherited from the worker unchanged. Worker code that keeps shared memory of its own across calls
+(a pool of result segments the parent maps) must not carry it into a replica: the replica would
+write a private copy the parent never sees. Make it per process (``os.register_at_fork``'s
+``after_in_child`` to drop it) or lazily after the fork.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ class Probe(torch.nn.Module):
     def threads(self):
         return torch.get_num_threads()
 
+    def filled(self, n, value):
+        return torch.full((n,), float(value))
+
     def where(self):
         return {"cwd": os.getcwd(), "home": os.environ["HOME"], "tmp": os.environ["TMPDIR"]}
 
@@ -161,6 +164,17 @@ def test_each_replica_is_its_own_sandboxed_process(pair):
         assert where["cwd"] == where["home"] == where["tmp"]
         places.add(where["cwd"])
     assert pair.threads() == 1
+
+
+def test_large_tensors_cross_both_ways_on_every_replica(pair):
+    """Through shared memory (memfds, or pools), not the frame: each replica's own, twice over."""
+    n = 4 * 1024 * 1024  # 16 MiB of float32
+    for session in pair._session.live:  # each replica addressed in turn
+        for value in (3, 7):
+            got = session.call("filled", (n, value), {}, inference=True)
+            assert got.shape == (n,) and bool((got == value).all())
+        echoed = session.call("__call__", (torch.ones(n // 8, 8),), {}, inference=True)
+        assert echoed.shape == (n // 8, 2)
 
 
 def test_a_busy_replica_leaves_calls_to_the_other_and_its_death_fails_its_call_only(probe_repo):
