@@ -11,6 +11,7 @@ tries on another are in ``tests/security/test_replica_attacks.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import safehub
 from safehub._run import memory_cgroup
 from safehub._sandbox import Sandbox
-from safehub.errors import InvalidArgumentError, SandboxError, WorkerCrashedError
+from safehub.errors import InvalidArgumentError, RemoteClosedError, SandboxError, WorkerCrashedError
 from tests.local_repos import write_repo
 from tests.process_trees import all_gone, tree_of
 from tests.remote_models import models_in_process, write_models_repo
@@ -224,6 +225,20 @@ def test_an_idle_replica_that_died_fails_no_call(probe_repo):
         tree = tree_of(handle.pid)
         handle.close()
     assert all_gone(tree)
+
+
+def test_the_sets_idle_and_whole_life_bound_every_replica(probe_repo):
+    idle = load(probe_repo, "probe", dataclasses.replace(SANDBOX, idle_timeout=1.0), replicas=2)
+    tree = tree_of(idle.pid)
+    idle.sleep(1.5)  # a call on one replica counts as the set's activity, however long
+    assert all_gone(tree, timeout=30)
+    with pytest.raises(RemoteClosedError, match=r"sat idle for 1 s \(Sandbox\(idle_timeout=...\)\)"):
+        idle.call("pid")
+    short = load(probe_repo, "probe", dataclasses.replace(SANDBOX, lifetime=3.0), replicas=2)
+    tree = tree_of(short.pid)
+    with pytest.raises(RemoteClosedError, match="lifetime of 3 s ran out"):
+        short.sleep(60)
+    assert all_gone(tree) and short.replicas == 0
 
 
 def test_without_a_fork_replicas_are_refused_with_the_reason(probe_repo, monkeypatch):
