@@ -6,16 +6,22 @@ modules the parent may import). Its errors are its own (:class:`FrameError` and 
 parent maps them to ``safehub.errors`` at one boundary (``safehub/_run/process.py``, the worker's
 channel), and reads every frame of a conversation in one place (``safehub/_run/conversation.py``).
 
-A frame, all integers big-endian::
+A frame, all integers little-endian, every part struct-packed::
 
-    prefix    12 bytes, struct ">4sHHI": magic b"SHUB", PROTOCOL_VERSION, buffer count, header length
-    lengths   8 bytes per buffer, struct ">Q"
-    header    a JSON object, ASCII only: {"v": PROTOCOL_VERSION, "kind": str, ["fds": int,] ...fields}
+    prefix    14 bytes, struct "<4sHBBHI": magic b"SHUB", PROTOCOL_VERSION, the kind's code
+              (``Message.code``), the number of fds, the buffer count, the header's length
+    lengths   8 bytes per buffer, struct "<Q"
+    header    the fields, each: its number (its place in the kind's declaration, one byte), a tag
+              (one byte), its value: none, false, true, an int ("<q"), a finite float ("<d"),
+              a str (UTF-8), bytes, or JSON (lists, dicts; strict, ASCII, its nodes counted before
+              it is parsed), the last three as a "<I" length and that many bytes; numbers strictly
+              increasing, so no field comes twice
     buffers   raw bytes, back to back, as many and as long as the lengths say
 
 File descriptors (``SCM_RIGHTS`` over the ``AF_UNIX`` socketpair) ride on the bytes of the frame's
-head; the header's ``"fds"`` field (absent means 0) says how many must arrive, and any other
-number is an error.
+head; the prefix says how many must arrive, and any other number is an error. No message is JSON
+as a whole any more: only a field whose value is a list or a dict (ASK's args, ERROR's sandbox
+report, RESULT's entrypoints and sizes) is a JSON text inside the header.
 
 Messages. Every kind is declared once, in :data:`MESSAGES`, with who sends it and its typed
 fields; :func:`check_message` holds a received frame to its declaration (required fields
@@ -55,19 +61,21 @@ The warm path speaks to its zygote in the same frames, on the zygote's own socke
     zygote -> parent   SPAWNED  {pid} + a pidfd of the supervisor, or {error} (fork failed)
     zygote -> parent   EXITED   {status}: its raw wait status, once the supervisor ended
 
-Versioning: a new optional field keeps the version; a change of meaning bumps it, and a frame of
-any other version is refused. Version 2: results as shards (``"sizes"``) in the layout of
-``layout.py``. Version 3: the call is a conversation (CALL replaces REQUEST; ASK, ANSWER,
-REFUSE), every message is declared with typed fields, and the worker's settings are a typed
-structure (:class:`WorkerSettings`). The remote mode (INVOKE, RETURNED, FAILED, CLOSE, and
-RESULT's optional "methods" and "class") came within version 3: no frame that existed changed
-meaning, and a peer that does not know a kind refuses it by kind (:func:`check_message`).
+Versioning: a new optional field keeps the version (it goes last in its declaration; a reader
+skips a number it does not know); a change of meaning bumps it, and a frame of any other version
+is refused. Version 2: results as shards (``"sizes"``) in the layout of ``layout.py``. Version 3:
+the call is a conversation (CALL replaces REQUEST; ASK, ANSWER, REFUSE), every message is
+declared with typed fields, and the worker's settings are a typed structure
+(:class:`WorkerSettings`); the remote mode (INVOKE, RETURNED, FAILED, CLOSE) came within it.
+Version 4: the binary header above (it was a JSON object), and the value trees of INVOKE's
+"call" and RETURNED's "value" are bytes in ``values.py``'s binary layout (they were JSON).
 
-Every read has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit) enforced with
-``poll``; every length is checked against :class:`Limits` *before* anything is allocated for it,
-so a hostile peer can neither hang the reader nor make it allocate memory it did not send; a
-header's JSON nodes are counted before it is parsed (``Limits.max_header_nodes``); buffers are
-received straight into their final, writable place (:attr:`Frame.buffers`), so no reader copies them.
+Every read and write has a deadline (``time.monotonic()`` seconds, or ``None`` for no limit): a
+blocking socket with the kernel's ``SO_RCVTIMEO``/``SO_SNDTIMEO`` (:class:`Wire`); every length is
+checked against :class:`Limits` *before* anything is allocated for it, so a hostile peer can
+neither hang the reader nor make it allocate memory it did not send; a header's JSON nodes are
+counted before they are parsed (``Limits.max_header_nodes``); large buffers are received straight
+into their final, writable place (:attr:`Frame.buffers`), so no reader copies them.
 """
 
 from __future__ import annotations
@@ -86,11 +94,16 @@ from typing import Any, Iterable, Sequence
 
 from . import with_article
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"SHUB"
-PREFIX = struct.Struct(">4sHHI")
-LENGTH = struct.Struct(">Q")
-RESERVED_FIELDS = ("v", "kind", "fds")
+PREFIX = struct.Struct("<4sHBBHI")  # magic, version, kind code, fds, buffers, header length
+LENGTH = struct.Struct("<Q")
+FIELD = struct.Struct("<BB")  # a field's number (its place in the declaration), its tag
+COUNT = struct.Struct("<I")
+INT = struct.Struct("<q")
+FLOAT = struct.Struct("<d")
+# Field tags: what follows a field's number.
+T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_BYTES, T_JSON = range(8)
 
 # Message kinds (declared with their fields in MESSAGES below).
 CALL = "call"
@@ -125,10 +138,16 @@ EXIT_MEANINGS = {
 }
 
 _CHUNK = 1024 * 1024
+_SMALL = 64 * 1024  # a Wire's receive buffer: a frame up to this size arrives with one recvmsg
 _INT_SIZE = array.array("i").itemsize
 # Plain ints: the socket module's flags are enums, whose arithmetic costs microseconds per read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SO_RCVTIMEO = int(socket.SO_RCVTIMEO)
+_SO_SNDTIMEO = int(socket.SO_SNDTIMEO)
+_TIMEVAL = struct.Struct("@ll")
 
 
 class FrameError(Exception):
@@ -148,8 +167,8 @@ class Limits:
     """Caps a reader applies to one frame. The defaults suit small control frames."""
 
     max_header_bytes: int = 1024 * 1024
-    # JSON values and containers in the header, counted before it is parsed: parsing costs the
-    # reader ~80 bytes per node, so bytes alone would let 16 MiB of "{}," cost 445 MiB.
+    # JSON values and containers in the header's JSON fields, counted before they are parsed:
+    # parsing costs the reader ~80 bytes per node, so bytes alone would let 16 MiB of "{}," cost 445 MiB.
     max_header_nodes: int = 1_000_000
     max_buffers: int = 4
     max_buffer_bytes: int = 64 * 1024 * 1024
@@ -160,14 +179,20 @@ class Limits:
 Received = bytearray | mmap.mmap  # a received buffer: writable, in its final place
 
 
-@dataclass
 class Frame:
     """One decoded frame. ``fields`` excludes the reserved keys; the receiver owns ``fds``."""
 
-    kind: str
-    fields: dict[str, Any]
-    buffers: list[Received] = field(default_factory=list)  # writable: read once, in place
-    fds: list[int] = field(default_factory=list)
+    __slots__ = ("kind", "fields", "buffers", "fds")
+
+    def __init__(self, kind: str, fields: dict[str, Any], buffers: list[Received] | None = None,
+                 fds: list[int] | None = None) -> None:
+        self.kind = kind
+        self.fields = fields
+        self.buffers: list[Received] = [] if buffers is None else buffers  # writable: read once, in place
+        self.fds: list[int] = [] if fds is None else fds
+
+    def __repr__(self) -> str:
+        return f"Frame({self.kind!r}, {sorted(self.fields)}, {len(self.buffers)} buffers, {len(self.fds)} fds)"
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
@@ -175,123 +200,113 @@ class Frame:
 
 
 def encode_head(kind: str, fields: dict[str, Any] | None = None, buffer_lengths: Sequence[int] = (), nfds: int = 0) -> bytes:
-    """The prefix, lengths and header of a frame: everything but the buffers."""
-    fields = fields or {}
-    clash = [name for name in RESERVED_FIELDS if name in fields]
-    if clash:
-        raise ValueError(f"reserved frame fields: {clash}")
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind}
-    if nfds:
-        header["fds"] = nfds
-    header.update(fields)
-    # ASCII only and no NaN: the same bytes on every platform, and strict JSON a reader can check.
-    body = json.dumps(header, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-    lengths = b"".join(LENGTH.pack(n) for n in buffer_lengths)
-    return PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(buffer_lengths), len(body)) + lengths + body
+    """The prefix, lengths and header of a frame: everything but the buffers. ValueError for a
+    kind or field :data:`MESSAGES` does not declare, or a value no tag carries."""
+    message = MESSAGES.get(kind)
+    if message is None:
+        raise ValueError(f"no message kind {kind!r}")
+    body = encode_fields(message, fields or {})
+    if len(buffer_lengths) == 1:  # the common case, without a join
+        lengths = LENGTH.pack(buffer_lengths[0])
+    else:
+        lengths = b"".join([LENGTH.pack(n) for n in buffer_lengths])
+    return PREFIX.pack(MAGIC, PROTOCOL_VERSION, message.code, nfds, len(buffer_lengths), len(body)) + lengths + body
 
 
-def send_frame(
-    sock: socket.socket,
-    kind: str,
-    fields: dict[str, Any] | None = None,
-    buffers: Sequence[bytes | bytearray | memoryview] = (),
-    fds: Sequence[int] = (),
-    *,
-    deadline: float | None = None,
-) -> None:
-    """Send one frame, passing ``fds`` with SCM_RIGHTS. The caller keeps (and closes) its fds."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    head = encode_head(kind, fields, [len(v) for v in views], len(fds))
-    sock.setblocking(False)
-    # One sendmsg for the head and the buffers, tried before any poll: a small frame costs one
-    # system call. The fds ride on its first bytes, which are the head's.
-    pending = [memoryview(head), *views]
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    while True:
-        _check_deadline(deadline)
-        try:
-            sent = sock.sendmsg(pending, ancillary)
-            break
-        except BlockingIOError:
-            _wait(sock, select.POLLOUT, deadline)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise FrameEOF("the peer closed the channel") from exc
-    for view in pending:
-        if sent >= len(view):
-            sent -= len(view)
+def encode_fields(message: Message, fields: dict[str, Any]) -> bytes:
+    """A header: each field present as its number, a tag and its value, in declaration order."""
+    out = bytearray()
+    found = 0
+    for number, name in enumerate(message.names):
+        if name not in fields:
             continue
-        _send_all(sock, view[sent:], deadline)
-        sent = 0
+        found += 1
+        value = fields[name]
+        kind = type(value)
+        if value is None:
+            out += FIELD.pack(number, T_NONE)
+        elif kind is bool:
+            out += FIELD.pack(number, T_TRUE if value else T_FALSE)
+        elif kind is int and -(2**63) <= value < 2**63:
+            out += FIELD.pack(number, T_INT) + INT.pack(value)
+        elif kind is float:
+            if not math.isfinite(value):
+                raise ValueError(f"the field {name!r} is not a finite float")
+            out += FIELD.pack(number, T_FLOAT) + FLOAT.pack(value)
+        elif kind is str:
+            data = value.encode("utf-8")
+            out += FIELD.pack(number, T_STR) + COUNT.pack(len(data)) + data
+        elif kind in (bytes, bytearray):
+            out += FIELD.pack(number, T_BYTES) + COUNT.pack(len(value)) + value
+        else:  # lists, dicts, huge ints: strict JSON, ASCII, the same bytes on every platform
+            data = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+            out += FIELD.pack(number, T_JSON) + COUNT.pack(len(data)) + data
+    if found != len(fields):
+        unknown = sorted(set(fields) - set(message.names))
+        raise ValueError(f"a {message.kind} frame declares no field {unknown[0]!r}")
+    return bytes(out)
 
 
-def send_and_close(sock: socket.socket, kind: str, fields: dict[str, Any], buffers: Sequence[bytes | bytearray | memoryview],
-                   fds: Sequence[int], *, deadline: float | None) -> None:
-    """Send one frame and close ``fds`` whatever happens: the peer has its copies, or none are needed."""
+def decode_fields(message: Message, raw: bytes | bytearray | memoryview | mmap.mmap, max_nodes: int) -> dict[str, Any]:
+    """The header's fields, read as hostile: numbers strictly increasing (no field twice), every
+    length inside the header, UTF-8 strict, floats finite, JSON strict and its nodes counted first.
+    A number past the declaration (a newer peer's field) is skipped."""
+    names = message.names
+    fields: dict[str, Any] = {}
+    at, end, last, nodes = 0, len(raw), -1, 0
     try:
-        send_frame(sock, kind, fields, buffers, fds, deadline=deadline)
-    finally:
-        _close_all(fds)
+        while at < end:
+            number, tag = FIELD.unpack_from(raw, at)
+            at += 2
+            if number <= last:
+                raise FrameError(f"a {message.kind} frame whose fields are out of order or repeated")
+            last = number
+            if tag == T_NONE:
+                value: Any = None
+            elif tag == T_FALSE:
+                value = False
+            elif tag == T_TRUE:
+                value = True
+            elif tag == T_INT:
+                (value,) = INT.unpack_from(raw, at)
+                at += 8
+            elif tag == T_FLOAT:
+                (value,) = FLOAT.unpack_from(raw, at)
+                at += 8
+                if not math.isfinite(value):
+                    raise FrameError(f"a {message.kind} frame with a float field that is not finite")
+            elif tag in (T_STR, T_BYTES, T_JSON):
+                (n,) = COUNT.unpack_from(raw, at)
+                at += 4
+                if at + n > end:
+                    raise FrameError(f"a {message.kind} frame's field runs past its header")
+                data = raw[at : at + n]
+                at += n
+                if tag == T_BYTES:
+                    value = bytes(data)
+                elif tag == T_STR:
+                    value = str(data, "utf-8")
+                else:
+                    nodes += count_nodes(data)
+                    if nodes > max_nodes:
+                        raise FrameError(f"a header of {nodes} JSON nodes, more than the cap of {max_nodes} nodes")
+                    value = strict_json_loads(str(data, "ascii"))
+            else:
+                raise FrameError(f"a {message.kind} frame with a field of unknown tag {tag}")
+            if number < len(names):
+                fields[names[number]] = value
+    except struct.error:
+        raise FrameError(f"a {message.kind} frame's header ends inside a field") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON
+        raise FrameError(f"malformed frame header: {str(exc)[:200]}") from None
+    return fields
 
 
-def recv_frame(sock: socket.socket, *, deadline: float | None, limits: Limits = Limits()) -> Frame:
-    """Read one whole frame, or raise FrameError (FrameEOF, FrameTimeout). Never blocks past ``deadline``."""
-    reader = _Reader(sock, deadline, limits.max_fds)
-    try:
-        magic, version, nbuffers, header_len = PREFIX.unpack(reader.read(PREFIX.size))
-        if magic != MAGIC:
-            raise FrameError(f"bad magic {magic!r}: not a safehub frame")
-        if version != PROTOCOL_VERSION:
-            raise FrameError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
-        if nbuffers > limits.max_buffers:
-            raise FrameError(f"{nbuffers} buffers, more than the cap of {limits.max_buffers}")
-        if header_len > limits.max_header_bytes:
-            raise FrameError(f"header of {header_len} bytes, more than the cap of {limits.max_header_bytes}")
-        # All the lengths in one read, checked before the header is waited for.
-        raw_lengths = reader.read(LENGTH.size * nbuffers) if nbuffers else b""
-        lengths = [LENGTH.unpack_from(raw_lengths, LENGTH.size * i)[0] for i in range(nbuffers)]
-        for n in lengths:
-            if n > limits.max_buffer_bytes:
-                raise FrameError(f"buffer of {n} bytes, more than the cap of {limits.max_buffer_bytes}")
-        if sum(lengths) > limits.max_total_bytes:
-            raise FrameError(f"buffers total {sum(lengths)} bytes, more than the cap of {limits.max_total_bytes}")
-        raw_header = reader.read(header_len)
-        nodes = count_nodes(raw_header)
-        if nodes > limits.max_header_nodes:
-            raise FrameError(f"a header of {nodes} JSON nodes, more than the cap of {limits.max_header_nodes} nodes")
-        header = parse_header(raw_header)
-        buffers = [reader.read_buffer(n) for n in lengths]
-        nfds = header.pop("fds", 0)
-        if type(nfds) is not int or nfds != len(reader.fds):
-            raise FrameError(f"the header announces {nfds!r} file descriptors, {len(reader.fds)} arrived")
-        kind = header.pop("kind")
-        del header["v"]
-        frame = Frame(kind, header, buffers, reader.fds)
-        reader.fds = []
-        return frame
-    finally:
-        # Whatever arrived with a refused frame is closed, never left open in this process.
-        _close_all(reader.fds)
-
-
-def count_nodes(raw: bytes | bytearray) -> int:
+def count_nodes(raw: bytes | bytearray | memoryview) -> int:
     """An upper bound of the values and containers in a JSON text, without parsing it: each value
     but a container's first follows a comma (commas inside strings only make the bound higher)."""
+    raw = bytes(raw) if isinstance(raw, memoryview) else raw
     return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
-
-
-def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
-    """Strict JSON: UTF-8, an object, no duplicate keys, no NaN, the right version, a str kind."""
-    try:
-        header = strict_json_loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise FrameError(f"malformed frame header: {exc}") from None
-    if not isinstance(header, dict):
-        raise FrameError("the frame header is not a JSON object")
-    if header.get("v") != PROTOCOL_VERSION or type(header.get("v")) is not int:
-        raise FrameError(f"header version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
-    if not isinstance(header.get("kind"), str):
-        raise FrameError("the frame header has no 'kind'")
-    return header
 
 
 def strict_json_loads(text: str) -> Any:
@@ -311,90 +326,244 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-class _Reader:
-    """Exact reads from a non-blocking socket with a deadline, collecting SCM_RIGHTS fds."""
+class Wire:
+    """One end of a frame channel: a blocking socket whose every read and write has a deadline.
 
-    def __init__(self, sock: socket.socket, deadline: float | None, max_fds: int) -> None:
-        sock.setblocking(False)
+    The socket is put in blocking mode once; a deadline is the kernel's ``SO_RCVTIMEO`` and
+    ``SO_SNDTIMEO``, set only when the time left is shorter than the one set before (so a call
+    costs no extra system call), with ``poll`` only after an early ``EAGAIN`` (a peer that made a
+    shared descriptor non-blocking). A ``buffered`` wire (the parent's and the worker's ends of a
+    call's channel, each owning its socket) reads up to 64 KiB at a time: a small frame arrives
+    with one ``recvmsg``, and bytes past its end (a peer that sent two frames at once) wait for
+    the next read. Otherwise (:func:`recv_frame`) it never reads past the frame, as a socket
+    shared with other readers needs.
+    """
+
+    def __init__(self, sock: socket.socket, *, buffered: bool = True) -> None:
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)
         self.sock = sock
-        self.deadline = deadline
-        self.max_fds = max_fds
-        # Room for one more fd than allowed, so a sender that exceeds the cap is seen (MSG_CTRUNC).
-        self.ancbufsize = socket.CMSG_SPACE((max_fds + 1) * _INT_SIZE)
-        self.fds: list[int] = []
+        self.buffered = buffered
+        self.buf = bytearray(_SMALL if buffered else 0)
+        self.start = self.end = 0  # the unread bytes: buf[start:end]
+        self.fds: list[int] = []  # arrived and not yet given to a frame
+        self.rcv_timeout = -1.0  # seconds set as SO_RCVTIMEO (0: none, -1: unknown)
+        self.snd_timeout = -1.0
 
-    def read(self, n: int) -> bytearray:
-        """``n`` bytes of the frame's head, grown as they arrive (a piece of at most ``_CHUNK`` at
-        a time, never pre-sized): a declared length costs nothing until sent."""
-        data = bytearray()
-        while len(data) < n:
-            piece = bytearray(min(n - len(data), _CHUNK))
-            got = self._recv_into(memoryview(piece), len(data), n)
-            if got == n:
-                return piece  # the whole read at once: no copy
-            data += memoryview(piece)[:got]
-        return data
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
-    def read_buffer(self, n: int) -> Received:
-        """One of the frame's buffers, received straight into its final, writable place: no copy
-        follows, here or in a decoder. A large one is an anonymous mapping, whose pages cost
-        memory only as bytes arrive, so a declared length costs nothing until sent (a small one,
-        at most ``_CHUNK``, is allocated ahead)."""
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, kind: str, fields: dict[str, Any] | None = None, buffers: Sequence[bytes | bytearray | memoryview] = (),
+             fds: Sequence[int] = (), *, deadline: float | None = None) -> None:
+        """Send one frame, passing ``fds`` with SCM_RIGHTS. The caller keeps (and closes) its fds."""
+        views = [memoryview(b).cast("B") for b in buffers] if buffers else []
+        head = encode_head(kind, fields, [len(v) for v in views], len(fds))
+        # One sendmsg for the head and the buffers: a small frame costs one system call. The fds
+        # ride on its first bytes, which are the head's.
+        pending: list[bytes | memoryview] = [head, *views]
+        total = len(head) + sum(len(v) for v in views)
+        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        sent = self._sendmsg(pending, ancillary, deadline)
+        if sent == total:
+            return
+        for piece in pending:
+            view = memoryview(piece)
+            if sent >= len(view):
+                sent -= len(view)
+                continue
+            view = view[sent:]
+            sent = 0
+            while view:
+                view = view[self._sendmsg([view[:_CHUNK]], [], deadline):]
+
+    def send_and_close(self, kind: str, fields: dict[str, Any], buffers: Sequence[bytes | bytearray | memoryview],
+                       fds: Sequence[int], *, deadline: float | None) -> None:
+        """Send one frame and close ``fds`` whatever happens: the peer has its copies, or none are needed."""
+        try:
+            self.send(kind, fields, buffers, fds, deadline=deadline)
+        finally:
+            _close_all(fds)
+
+    def _sendmsg(self, pieces: list[Any], ancillary: list[Any], deadline: float | None) -> int:
+        while True:
+            self.snd_timeout = _arm(self.sock, _SO_SNDTIMEO, self.snd_timeout, deadline)
+            try:
+                return self.sock.sendmsg(pieces, ancillary)
+            except BlockingIOError:
+                _wait(self.sock, select.POLLOUT, deadline)  # the kernel's timeout, or a non-blocking peer
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise FrameEOF("the peer closed the channel") from exc
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def receive(self, *, deadline: float | None, limits: Limits = Limits()) -> Frame:
+        """Read one whole frame, or raise FrameError (FrameEOF, FrameTimeout). Never blocks past ``deadline``.
+
+        Every length is checked against ``limits`` before anything is allocated for it; a large
+        buffer is received straight into its final, writable place (an anonymous mapping whose
+        pages cost memory only as bytes arrive), a small one copied out of the receive buffer.
+        """
+        try:
+            frame = self._receive(deadline, limits)
+        except BaseException:
+            # Whatever arrived with a refused frame is closed, never left open in this process,
+            # and the stream is out of step: nothing more is read from it.
+            fds, self.fds = self.fds, []
+            _close_all(fds)
+            self.start = self.end = 0
+            raise
+        return frame
+
+    def _receive(self, deadline: float | None, limits: Limits) -> Frame:
+        ancbufsize = socket.CMSG_SPACE((limits.max_fds + 1) * _INT_SIZE)
+        self._fill(PREFIX.size, deadline, ancbufsize, limits.max_fds)
+        magic, version, code, nfds, nbuffers, header_len = PREFIX.unpack_from(self.buf, self.start)
+        if magic != MAGIC:
+            raise FrameError(f"bad magic {bytes(magic)!r}: not a safehub frame")
+        if version != PROTOCOL_VERSION:
+            raise FrameError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+        message = _BY_CODE.get(code)
+        if message is None:
+            raise FrameError(f"a frame of unknown kind {code}")
+        if nbuffers > limits.max_buffers:
+            raise FrameError(f"{nbuffers} buffers, more than the cap of {limits.max_buffers}")
+        if header_len > limits.max_header_bytes:
+            raise FrameError(f"header of {header_len} bytes, more than the cap of {limits.max_header_bytes}")
+        if nfds > limits.max_fds:
+            raise FrameError(f"more than {limits.max_fds} file descriptors sent with one frame")
+        self.start += PREFIX.size
+        # All the lengths, checked before the header is waited for.
+        lengths: list[int] = []
+        if nbuffers:
+            self._fill(LENGTH.size * nbuffers, deadline, ancbufsize, limits.max_fds)
+            lengths = [LENGTH.unpack_from(self.buf, self.start + LENGTH.size * i)[0] for i in range(nbuffers)]
+            self.start += LENGTH.size * nbuffers
+            for n in lengths:
+                if n > limits.max_buffer_bytes:
+                    raise FrameError(f"buffer of {n} bytes, more than the cap of {limits.max_buffer_bytes}")
+            if sum(lengths) > limits.max_total_bytes:
+                raise FrameError(f"buffers total {sum(lengths)} bytes, more than the cap of {limits.max_total_bytes}")
+        header = self._take(header_len, deadline, ancbufsize, limits.max_fds)
+        fields = decode_fields(message, header, limits.max_header_nodes)
+        buffers = [self._take(n, deadline, ancbufsize, limits.max_fds) for n in lengths]
+        # The fds ride on the frame's first bytes, so they are here by now; more than announced,
+        # with nothing of a next frame read yet, is a peer out of step.
+        if len(self.fds) < nfds or (len(self.fds) > nfds and self.start == self.end):
+            raise FrameError(f"the frame announces {nfds} file descriptors, {len(self.fds)} arrived")
+        fds, self.fds = self.fds[:nfds], self.fds[nfds:]
+        return Frame(message.kind, fields, buffers, fds)
+
+    def _fill(self, n: int, deadline: float | None, ancbufsize: int, max_fds: int) -> None:
+        """At least ``n`` (at most the buffer's size) unread bytes in ``buf``."""
+        if self.end - self.start >= n:
+            return
+        if len(self.buf) < n or self.start + n > len(self.buf):
+            unread = self.buf[self.start : self.end]
+            if len(self.buf) < n:
+                self.buf = bytearray(max(n, len(self.buf)))
+            self.buf[: len(unread)] = unread
+            self.start, self.end = 0, len(unread)
+        stop = len(self.buf) if self.buffered else self.start + n  # unbuffered: never past what is needed
+        with memoryview(self.buf) as view:
+            while self.end - self.start < n:
+                self.end += self._recv_into(view[self.end : stop], ancbufsize, max_fds, deadline)
+
+    def _take(self, n: int, deadline: float | None, ancbufsize: int, max_fds: int) -> Received:
+        """The next ``n`` bytes, in a writable object of their own: copied out of the receive
+        buffer when they are there, else the rest received straight into place."""
         if n == 0:
             return bytearray()
-        data: Received = bytearray(n) if n <= _CHUNK else mmap.mmap(-1, n)
+        if n <= _SMALL and self.buffered:
+            self._fill(n, deadline, ancbufsize, max_fds)
+        have = min(n, self.end - self.start)
+        if have == n:
+            data: Received = self.buf[self.start : self.start + n]
+            self.start += n
+            return data
+        data = bytearray(n) if n <= _CHUNK else mmap.mmap(-1, n)
         with memoryview(data) as view:
-            filled = 0
+            view[:have] = memoryview(self.buf)[self.start : self.start + have]
+            self.start = self.end = 0
+            filled = have
             while filled < n:
-                filled += self._recv_into(view[filled:], filled, n)
+                filled += self._recv_into(view[filled:], ancbufsize, max_fds, deadline)
         return data
 
-    def _recv_into(self, view: memoryview, done: int, n: int) -> int:
-        """Bytes received into ``view`` (at least one), with any fds that came along. Each read is
-        tried first and polled for only when nothing is there yet."""
+    def _recv_into(self, view: memoryview, ancbufsize: int, max_fds: int, deadline: float | None) -> int:
+        """Bytes received into ``view`` (at least one), with any fds that came along."""
         while True:
-            _check_deadline(self.deadline)
+            self.rcv_timeout = _arm(self.sock, _SO_RCVTIMEO, self.rcv_timeout, deadline)
             try:
-                got, ancdata, flags, _ = self.sock.recvmsg_into([view], self.ancbufsize, _MSG_CMSG_CLOEXEC)
+                got, ancdata, flags, _ = self.sock.recvmsg_into([view], ancbufsize, _MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                _wait(self.sock, select.POLLIN, self.deadline)
+                _wait(self.sock, select.POLLIN, deadline)  # the kernel's timeout, or a non-blocking peer
                 continue
             except ConnectionResetError as exc:
                 raise FrameEOF("the peer reset the channel") from exc
             if ancdata or flags & _MSG_CTRUNC:
-                self._take_fds(ancdata, flags)
+                self._take_fds(ancdata, flags, max_fds)
             if not got:
-                raise FrameEOF(f"the channel closed after {done} of {n} bytes")
+                raise FrameEOF("the channel closed before a whole frame arrived")
             return got
 
-    def _take_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
+    def _take_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int) -> None:
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
                 self.fds.extend(fds)
-        if flags & _MSG_CTRUNC or len(self.fds) > self.max_fds:
-            # The kernel closes the fds it could not deliver; the ones it did are closed by recv_frame.
-            raise FrameError(f"more than {self.max_fds} file descriptors sent with one frame")
+        if flags & _MSG_CTRUNC or len(self.fds) > max_fds:
+            # The kernel closes the fds it could not deliver; the ones it did are closed by receive().
+            raise FrameError(f"more than {max_fds} file descriptors sent with one frame")
 
 
-def _send_all(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
-    while view:
-        _check_deadline(deadline)
-        try:
-            n = sock.send(view[:_CHUNK])
-        except BlockingIOError:
-            _wait(sock, select.POLLOUT, deadline)
-            continue
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise FrameEOF("the peer closed the channel") from exc
-        view = view[n:]
+def send_frame(
+    sock: socket.socket | Wire,
+    kind: str,
+    fields: dict[str, Any] | None = None,
+    buffers: Sequence[bytes | bytearray | memoryview] = (),
+    fds: Sequence[int] = (),
+    *,
+    deadline: float | None = None,
+) -> None:
+    """Send one frame on a :class:`Wire`, or on a socket no Wire owns (the zygote's, a cold path)."""
+    _wire(sock).send(kind, fields, buffers, fds, deadline=deadline)
 
 
-def _check_deadline(deadline: float | None) -> None:
-    """Past the deadline, no more reads or writes: even a peer that keeps a trickle going is cut off."""
-    if deadline is not None and time.monotonic() >= deadline:
+def send_and_close(sock: socket.socket | Wire, kind: str, fields: dict[str, Any], buffers: Sequence[bytes | bytearray | memoryview],
+                   fds: Sequence[int], *, deadline: float | None) -> None:
+    """Send one frame and close ``fds`` whatever happens: the peer has its copies, or none are needed."""
+    _wire(sock).send_and_close(kind, fields, buffers, fds, deadline=deadline)
+
+
+def recv_frame(sock: socket.socket | Wire, *, deadline: float | None, limits: Limits = Limits()) -> Frame:
+    """Read one whole frame from a :class:`Wire`, or from a socket no Wire owns, never a byte past it."""
+    return _wire(sock).receive(deadline=deadline, limits=limits)
+
+
+def _wire(sock: socket.socket | Wire) -> Wire:
+    return sock if isinstance(sock, Wire) else Wire(sock, buffered=False)
+
+
+def _arm(sock: socket.socket, option: int, current: float, deadline: float | None) -> float:
+    """The kernel's timeout for the next read or write (``option``): no later than ``deadline``.
+    Set only when the one set before would wait too long; returns the one now set."""
+    if deadline is None:
+        if current != 0.0:
+            sock.setsockopt(_SOL_SOCKET, option, _TIMEVAL.pack(0, 0))
+        return 0.0
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        # Past the deadline, no more reads or writes: even a peer that keeps a trickle going is cut off.
         raise FrameTimeout("the deadline passed while waiting on the channel")
+    if 0.0 < current <= remaining:
+        return current
+    remaining = max(remaining, 0.001)  # a zero timeval would mean "no timeout"
+    seconds = int(remaining)
+    sock.setsockopt(_SOL_SOCKET, option, _TIMEVAL.pack(seconds, int((remaining - seconds) * 1e6)))
+    return remaining
 
 
 def _wait(sock: socket.socket, events: int, deadline: float | None) -> None:
@@ -437,13 +606,21 @@ class Field:
 
 @dataclass(frozen=True)
 class Message:
-    """One kind of frame: who sends it, its fields, and how many buffers and fds it may carry."""
+    """One kind of frame: its code on the wire, who sends it, its fields (numbered on the wire by
+    their place here: a new field goes last), and how many buffers and fds it may carry."""
 
+    code: int
     kind: str
     sender: str  # "parent", "worker" or "zygote"
     fields: dict[str, Field]
     max_buffers: int = 0
     max_fds: int = 0
+    names: tuple[str, ...] = ()  # derived: the fields' names by number
+    numbers: dict[str, int] = field(default_factory=dict)  # derived: each field's number
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.fields))
+        object.__setattr__(self, "numbers", {name: number for number, name in enumerate(self.fields)})
 
 
 def _opt(*types: type) -> Field:
@@ -460,11 +637,12 @@ REMOTE_WEIGHTS_METHODS = ("state_dict", "named_parameters")
 MESSAGES: dict[str, Message] = {
     m.kind: m
     for m in (
-        Message(CALL, "parent", {"action": Field((str,)), "model": Field((str, _NONE)), "returns": Field((str,))}, max_buffers=1),
-        Message(ASK, "worker", {"id": Field((int,)), "what": Field((str,)), "args": Field((dict,))}),
-        Message(ANSWER, "parent", {"id": Field((int,)), "value": Field(JSON_VALUE)}, max_buffers=4, max_fds=4),
-        Message(REFUSE, "parent", {"id": Field((int,)), "reason": Field((str,))}),
+        Message(1, CALL, "parent", {"action": Field((str,)), "model": Field((str, _NONE)), "returns": Field((str,))}, max_buffers=1),
+        Message(2, ASK, "worker", {"id": Field((int,)), "what": Field((str,)), "args": Field((dict,))}),
+        Message(3, ANSWER, "parent", {"id": Field((int,)), "value": Field(JSON_VALUE)}, max_buffers=4, max_fds=4),
+        Message(4, REFUSE, "parent", {"id": Field((int,)), "reason": Field((str,))}),
         Message(
+            5,
             RESULT,
             "worker",
             {
@@ -482,6 +660,7 @@ MESSAGES: dict[str, Message] = {
             max_fds=8,
         ),
         Message(
+            6,
             ERROR,
             "worker",
             {
@@ -498,21 +677,22 @@ MESSAGES: dict[str, Message] = {
                 "sandbox": _opt(dict),
             },
         ),
-        Message(INVOKE, "parent", {"method": Field((str,)), "call": Field((dict,)), "inference": Field((bool,))},
+        Message(7, INVOKE, "parent", {"method": Field((str,)), "call": Field((bytes,)), "inference": Field((bool,))},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
-        Message(RETURNED, "worker", {"value": Field(JSON_VALUE), "transport": _opt(str), "sizes": _opt(list), "self": _opt(bool)},
+        Message(8, RETURNED, "worker", {"value": Field((bytes, _NONE)), "transport": _opt(str), "sizes": _opt(list), "self": _opt(bool)},
                 max_buffers=1, max_fds=MAX_VALUE_FDS),
-        Message(FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str),
+        Message(9, FAILED, "worker", {"error": Field((str,)), "type": _opt(str), "message": _opt(str), "traceback": _opt(str),
                                    "limit": _opt(str)}),
-        Message(CLOSE, "parent", {}),
-        Message(REPLICATE, "parent", {"index": Field((int,))}, max_fds=2),
-        Message(REPLICATED, "worker", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
-        Message(READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
-        Message(SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
-        Message(SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
-        Message(EXITED, "zygote", {"status": Field((int,))}),
+        Message(10, CLOSE, "parent", {}),
+        Message(11, READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
+        Message(12, SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
+        Message(13, SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
+        Message(14, EXITED, "zygote", {"status": Field((int,))}),
+        Message(15, REPLICATE, "parent", {"index": Field((int,))}, max_fds=2),
+        Message(16, REPLICATED, "worker", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
     )
 }
+_BY_CODE: dict[int, Message] = {m.code: m for m in MESSAGES.values()}
 
 
 def check_message(frame: Frame, expected: Iterable[str]) -> Frame:

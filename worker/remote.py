@@ -6,7 +6,8 @@ here (:func:`hold`), answers the CALL with the model's public methods, then hand
 weights layout for ``state_dict``) or FAILED, until CLOSE, or until the parent hangs up or kills
 the tree. The worker stays in its sandbox for its whole life; nothing here runs in the parent.
 
-A call runs under ``torch.inference_mode()`` unless the INVOKE says ``"inference": false``. The
+A call runs under ``torch.inference_mode()`` (entered once, for the whole serve loop) unless the
+INVOKE says ``"inference": false``: that call, its arguments' decoding included, leaves it. The
 repository's code may still ask the parent for things through ``work.Channel`` (a fetch): the
 parent refuses every question during a call, and between calls nobody reads them.
 """
@@ -97,21 +98,31 @@ def public_methods(model: Any) -> list[str]:
     return names
 
 
-def serve(sock: Any, settings: WorkerSettings, channel: Any, *, replicas_allowed: bool = True) -> int:
+def serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, *, replicas_allowed: bool = True) -> int:
     """Answer the parent's INVOKEs until CLOSE; the work process's exit code.
 
     A REPLICATE before the first call (``replicas_allowed``) makes this process the template of
-    a replica set (``replicas.py``) instead. ``channel`` is the conversation's ``work.Channel``: each call gets a fresh deadline for the
-    questions the repository's code may ask meanwhile, and its lock keeps their frames apart
-    from the calls' own.
+    a replica set instead (``replicas.py``).
+
+    ``channel`` is the conversation's ``work.Channel`` (on the same ``wire``): each call gets a
+    fresh deadline for the questions the repository's code may ask meanwhile, and its lock keeps
+    their frames apart from the calls' own. Inference mode is entered once, for the whole loop
+    (entering it costs microseconds a call); a call with ``"inference": false`` leaves it for
+    the call, its arguments included.
     """
-    model = _held[0]
-    first = replicas_allowed  # only before any call: a template must hold nothing of a call
+    torch = sys.modules.get("torch")
+    with torch.inference_mode() if torch is not None else contextlib.nullcontext():
+        return _serve(wire, settings, channel, _held[0], replicas_allowed)
+
+
+def _serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, model: Any, replicas_allowed: bool) -> int:
+    timeout, lock = settings.timeout, channel.lock
+    served = _SERVED + (protocol.REPLICATE,) if replicas_allowed else _SERVED
     while True:
         try:
-            with channel.lock:
-                frame = protocol.recv_frame(sock, deadline=None, limits=_INVOKE_LIMITS)
-            protocol.check_message(frame, (protocol.INVOKE, protocol.CLOSE) + ((protocol.REPLICATE,) if first else ()))
+            with lock:
+                frame = wire.receive(deadline=None, limits=_INVOKE_LIMITS)
+            protocol.check_message(frame, served)
         except protocol.FrameEOF:
             return EXIT_OK  # the parent let the handle go
         except protocol.FrameError as exc:
@@ -121,39 +132,48 @@ def serve(sock: Any, settings: WorkerSettings, channel: Any, *, replicas_allowed
             frame.close_fds()
             return EXIT_OK
         if frame.kind == protocol.REPLICATE:  # replicas=N: this process serves no call, it forks them
-            return replicas.template(sock, settings, channel, frame)
-        first = False
-        deadline = time.monotonic() + settings.timeout
-        channel.deadline = deadline
-        kind, fields, buffers, fds = invoke(model, frame)
+            return replicas.template(wire, settings, channel, frame)
+        served = _SERVED  # only before the first call: a template holds nothing of a call
+        deadline = channel.deadline = time.monotonic() + timeout
+        if frame.fields["inference"]:
+            kind, fields, buffers, fds = invoke(model, frame)
+        else:
+            with _autograd():
+                kind, fields, buffers, fds = invoke(model, frame)
         try:
-            with channel.lock:
-                protocol.send_and_close(sock, kind, fields, buffers, fds, deadline=deadline)
+            with lock:
+                wire.send_and_close(kind, fields, buffers, fds, deadline=deadline)
         except (protocol.FrameError, OSError) as exc:
             print(f"safehub worker: could not send a remote call's answer: {exc}", file=sys.stderr)
             return EXIT_SOFTWARE
 
 
+_SERVED = (protocol.INVOKE, protocol.CLOSE)
+
+
 def invoke(model: Any, frame: protocol.Frame) -> Reply:
-    """Run one INVOKE on ``model``: its RETURNED or FAILED reply."""
+    """Run one INVOKE on ``model`` (in the mode :func:`serve` set): its RETURNED or FAILED reply."""
     method = frame.fields["method"]
     try:
-        segments = list(frame.buffers) + [_map(fd) for fd in frame.fds]
+        segments = [*frame.buffers, *map(_map, frame.fds)] if frame.fds else frame.buffers
         args, kwargs = values.unpack_call(frame.fields["call"], segments)
     except (ValueError, OSError) as exc:
         return _failed("arguments", f"the call's arguments could not be read: {exc}")
     finally:
-        frame.close_fds()
-    if method in WEIGHTS_METHODS:
+        if frame.fds:
+            frame.close_fds()
+    if method == CALL_METHOD:
+        target = model if callable(model) else None
+    elif method in WEIGHTS_METHODS:
         return _weights(model, method)
-    if method == GETATTR_METHOD:
+    elif method == GETATTR_METHOD:
         return _attribute(model, args)
-    target = _target(model, method)
+    else:
+        target = _target(model, method)
     if target is None:
         return _failed("no_method", f"the remote {type(model).__name__} has no public method {method[:MAX_METHOD_NAME]!r}")
     try:
-        with _mode(frame.fields["inference"]):
-            value = target(*args, **kwargs)
+        value = target(*args, **kwargs)
     except BaseException as exc:
         return (protocol.FAILED, _fields(failures.exception("call", exc)), [], [])
     if value is model:  # eval(), train(), to("cpu"), float(): the parent returns its handle
@@ -212,11 +232,10 @@ def _target(model: Any, method: str) -> Any:
     return target if callable(target) else None
 
 
-def _mode(inference: bool) -> Any:
+def _autograd() -> Any:
+    """Out of inference mode, for a call that asked for autograd (``"inference": false``)."""
     torch = sys.modules.get("torch")
-    if torch is None or not inference:
-        return contextlib.nullcontext()
-    return torch.inference_mode()
+    return torch.inference_mode(False) if torch is not None else contextlib.nullcontext()
 
 
 def _map(fd: int) -> Any:

@@ -52,11 +52,11 @@ REPLICAS_FOLDER = "replicas"  # <scratch>/replicas/<index>: each replica's own w
 _TEMPLATE_LIMITS = protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=2)
 
 
-def template(sock: Any, settings: WorkerSettings, channel: Any, first: protocol.Frame) -> int:
+def template(wire: protocol.Wire, settings: WorkerSettings, channel: Any, first: protocol.Frame) -> int:
     """Be the template from the first REPLICATE on: fork a replica per REPLICATE until CLOSE or EOF.
 
-    ``channel`` is the conversation's ``work.Channel`` (its lock keeps the frames of the
-    repository's questions apart from these); a replica points it at its own socket.
+    ``channel`` is the conversation's ``work.Channel`` on ``wire`` (its lock keeps the frames of
+    the repository's questions apart from these); a replica points it at its own channel.
     """
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # replicas that end are reaped by the kernel
     frame = first
@@ -64,10 +64,10 @@ def template(sock: Any, settings: WorkerSettings, channel: Any, first: protocol.
         if frame.kind == protocol.CLOSE:
             frame.close_fds()
             return EXIT_OK
-        kind, fields, fds = _replicate(frame, sock, settings, channel)
+        kind, fields, fds = _replicate(frame, wire, settings, channel)
         try:
             with channel.lock:
-                protocol.send_frame(sock, kind, fields, fds=fds, deadline=None)
+                wire.send(kind, fields, fds=fds, deadline=None)
         except (protocol.FrameError, OSError) as exc:
             print(f"safehub worker: could not answer a REPLICATE: {exc}", file=sys.stderr)
             return EXIT_SOFTWARE
@@ -76,7 +76,7 @@ def template(sock: Any, settings: WorkerSettings, channel: Any, first: protocol.
                 os.close(fd)
         try:
             with channel.lock:
-                frame = protocol.recv_frame(sock, deadline=None, limits=_TEMPLATE_LIMITS)
+                frame = wire.receive(deadline=None, limits=_TEMPLATE_LIMITS)
             protocol.check_message(frame, (protocol.REPLICATE, protocol.CLOSE))
         except protocol.FrameEOF:
             return EXIT_OK
@@ -85,7 +85,7 @@ def template(sock: Any, settings: WorkerSettings, channel: Any, first: protocol.
             return EXIT_SOFTWARE
 
 
-def _replicate(frame: protocol.Frame, sock: Any, settings: WorkerSettings, channel: Any) -> tuple[str, dict[str, Any], list[int]]:
+def _replicate(frame: protocol.Frame, wire: protocol.Wire, settings: WorkerSettings, channel: Any) -> tuple[str, dict[str, Any], list[int]]:
     """Fork one replica for this REPLICATE; the REPLICATED reply (the template keeps no fd of it)."""
     index = frame.fields["index"]
     if not frame.fds or not 0 <= index < 1 << 16:
@@ -99,12 +99,12 @@ def _replicate(frame: protocol.Frame, sock: Any, settings: WorkerSettings, chann
         frame.close_fds()
         return protocol.REPLICATED, {"error": f"the worker may not fork a replica: {exc}"}, []
     if pid == 0:
-        _become_replica(template_pid, index, replica_fd, procs_fd, sock, settings, channel)
+        _become_replica(template_pid, index, replica_fd, procs_fd, wire, settings, channel)
     frame.close_fds()
     return protocol.REPLICATED, {"pid": pid}, [os.pidfd_open(pid)]
 
 
-def _become_replica(template_pid: int, index: int, replica_fd: int, procs_fd: int | None, sock: Any,
+def _become_replica(template_pid: int, index: int, replica_fd: int, procs_fd: int | None, wire: protocol.Wire,
                     settings: WorkerSettings, channel: Any) -> NoReturn:
     code = EXIT_SOFTWARE
     try:
@@ -114,7 +114,7 @@ def _become_replica(template_pid: int, index: int, replica_fd: int, procs_fd: in
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if procs_fd is not None:
             os.write(procs_fd, b"0")  # "0": this process, into the replica's own memory cgroup
-        sock.detach()  # the template's channel: its fd is closed below, never by this object
+        wire.sock.detach()  # the template's channel: its fd is closed below, never by this object
         close_other_fds((0, 1, 2, replica_fd))
         privatize_shared_memory()
         own_dir = _confine(settings, index)
@@ -127,7 +127,7 @@ def _become_replica(template_pid: int, index: int, replica_fd: int, procs_fd: in
 
         from . import remote
 
-        channel.sock = socket.socket(fileno=replica_fd)  # the repository's questions go here now
+        channel.sock = protocol.Wire(socket.socket(fileno=replica_fd))  # the repository's questions go here now
         code = remote.serve(channel.sock, settings, channel, replicas_allowed=False)
     except BaseException:
         import traceback

@@ -7,24 +7,31 @@ dicts with str keys of them, at most :data:`MAX_DEPTH` containers deep. Other tu
 ``torch.Size``) travel as tuples, other mappings (OrderedDict, a ``ModelOutput``) as dicts,
 dataclass instances as dicts of their fields; anything else is refused (:class:`NotData`).
 
-On the wire the tree is JSON, in the frame's header; the bytes of its tensors and bytes objects
-are in segments: the frame's buffer (small blobs, at most :data:`INLINE_BLOB_BYTES` each and
-:data:`INLINE_TOTAL_BYTES` in all: a copy of a few KiB costs less than a mapping) and sealed
-memfds (the rest, written in parallel as the weights are). Segments are numbered: the frame's
-buffer first, then its memfds in order. A node is::
+On the wire the tree is bytes (INVOKE's "call", RETURNED's "value"), struct-packed, all integers
+little-endian; the bytes of its tensors and bytes objects are in segments: the frame's buffer
+(small blobs, at most :data:`INLINE_BLOB_BYTES` each and :data:`INLINE_TOTAL_BYTES` in all: a copy
+of a few KiB costs less than a mapping) and sealed memfds (the rest, written in parallel as the
+weights are). Segments are numbered: the frame's buffer first, then its memfds in order. A node
+is a one-byte tag and what it says, depth first::
 
-    null, true, false, 12, 1.5, "text"              itself
-    {"float": "nan" | "inf" | "-inf"}                a float JSON cannot carry
-    {"list": [node, ...]}, {"tuple": [node, ...]}    a list, a tuple
-    {"dict": [[key, node], ...]}                     a dict: str keys, unique, in order
-    {"bytes": [segment, offset, length]}             bytes
-    {"tensor": [segment, offset, dtype, shape]}      a tensor: C order, little-endian, D of layout.DTYPES
+    0 None, 1 False, 2 True                          itself
+    3 int  "<q"; 4 a larger int: "<H" n, n bytes      signed, little-endian (n <= MAX_INT_BYTES)
+    5 float "<d"                                     any double: nan and the infinities too
+    6 str  "<I" n, n bytes of UTF-8                  strict UTF-8 (no surrogates)
+    7 bytes "<IQQ" segment, offset, length
+    8 tensor "<BBIQ" dtype, ndim, segment, offset,   dtype: its place in DTYPE_CODES;
+           then ndim dimensions "<Q"                 C order, little-endian
+    9 list, 10 tuple "<I" n, then n nodes
+    11 dict "<I" n, then n pairs: a key as a str     str keys, unique, in order
+           (without its tag), then a node
 
 Byte ranges lie inside their segment and never overlap; the encoder aligns each to 64 bytes.
 :func:`unpack` reads a tree as hostile (the parent reads every reply with it): every node's shape
-and types checked, caps on depth, nodes, tensors, bytes and dimensions (:class:`Caps`), bool bytes
-0 or 1, tensors built as views on the segments (a private mapping of a memfd: no copy). Standard
-library only, and torch where a tensor is met (imported lazily).
+and types checked, every count and length checked against the bytes left before anything is
+made for it (a forged count allocates nothing), no bytes after the root, caps on depth, nodes,
+tensors, bytes and dimensions (:class:`Caps`), bool bytes 0 or 1, tensors built as views on the
+segments (a private mapping of a memfd: no copy). Standard library only, and torch where a tensor
+is met (imported lazily).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import dataclasses
 import math
 import numbers
 import operator
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +53,25 @@ MAX_DEPTH = 32
 ALIGN = 64
 INLINE_BLOB_BYTES = 64 * 1024
 INLINE_TOTAL_BYTES = 1024 * 1024
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+MAX_INT_BYTES = 1024  # an int of more bytes than this is not data (JSON readers cap digits too)
+# A tensor's dtype on the wire: its place here (append only: a code never changes meaning).
+DTYPE_CODES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+_DTYPE_CODE = {name: code for code, name in enumerate(DTYPE_CODES)}
+N_NONE, N_FALSE, N_TRUE, N_INT, N_BIGINT, N_FLOAT, N_STR, N_BYTES, N_TENSOR, N_LIST, N_TUPLE, N_DICT = range(12)
+_TAG_INT = struct.Struct("<Bq")
+_TAG_FLOAT = struct.Struct("<Bd")
+_TAG_COUNT = struct.Struct("<BI")
+_TAG_BIGINT = struct.Struct("<BH")
+_TAG_BYTES = struct.Struct("<BIQQ")
+_TAG_TENSOR = struct.Struct("<BBBIQ")
+_COUNT = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_D64 = struct.Struct("<d")
+_H16 = struct.Struct("<H")
+_PLACE = struct.Struct("<IQ")  # a blob's segment and offset, written once it is placed
+_BYTES_BODY = struct.Struct("<IQQ")
+_TENSOR_BODY = struct.Struct("<BBIQ")
 
 
 class NotData(ValueError):
@@ -79,9 +105,9 @@ class Caps:
 
 @dataclass
 class Packed:
-    """A packed value: its tree, and the segments to send with it (the sender closes the fds)."""
+    """A packed value: its tree (bytes), and the segments to send with it (the sender closes the fds)."""
 
-    tree: Any
+    tree: bytearray
     buffers: list[bytearray] = field(default_factory=list)  # none, or the one inline segment
     fds: list[int] = field(default_factory=list)  # sealed memfds, in segment order
 
@@ -101,16 +127,22 @@ def pack(value: Any, *, memfds: bool = True, root: str = "value") -> Packed:
     """
     packer = _Packer(sys.modules.get("torch"))
     try:
-        tree = packer.node(value, 0)
+        packer.node(value, 0)
     except NotData as exc:
         exc.root = root
         raise
+    tree = packer.out
+    packed = None
     if memfds and packer.blobs:
         try:
-            return packer.place(tree, inline_limit=INLINE_TOTAL_BYTES)
+            packed = packer.place(tree, inline_limit=INLINE_TOTAL_BYTES)
         except OSError:
             pass  # no memfds here (or a sandbox refuses them): everything rides in the frame
-    return packer.place(tree, inline_limit=None)
+    if packed is None:
+        packed = packer.place(tree, inline_limit=None)
+    for blob in packer.blobs:  # each blob's place, now that it has one
+        _PLACE.pack_into(tree, blob.slot, blob.ref[0], blob.ref[1])
+    return packed
 
 
 def pack_call(args: Sequence[Any], kwargs: Mapping[str, Any], *, memfds: bool = True) -> Packed:
@@ -125,17 +157,26 @@ def pack_call(args: Sequence[Any], kwargs: Mapping[str, Any], *, memfds: bool = 
 
 
 def unpack(tree: Any, segments: Sequence[Any], caps: Caps = Caps()) -> Any:
-    """Rebuild a value from its tree and segments (buffers: bytearray, mmap, bytes), read as hostile.
+    """Rebuild a value from its tree (bytes) and segments (buffers: bytearray, mmap, bytes), read as hostile.
 
     Tensors are views on writable segments (a read-only one is copied first). Raises
     :class:`BadTree` for anything that is not a valid tree over these segments.
     """
+    if not isinstance(tree, (bytes, bytearray, memoryview)):
+        raise BadTree(f"a tree is bytes, not {with_article(type(tree).__name__)}")
     writable = []
     for segment in segments:
         with memoryview(segment) as view:
             writable.append(bytearray(view) if view.readonly else segment)
-    unpacker = _Unpacker(writable, caps)
-    value = unpacker.node(tree, 0)
+    unpacker = _Unpacker(bytes(tree), writable, caps)
+    try:
+        value = unpacker.node(0)
+    except (struct.error, IndexError):
+        raise BadTree("the tree ends inside a node") from None
+    except UnicodeDecodeError:
+        raise BadTree("a str or key that is not UTF-8") from None
+    if unpacker.at != len(unpacker.tree):
+        raise BadTree(f"{len(unpacker.tree) - unpacker.at} bytes after the tree's root")
     unpacker.check_ranges()
     return value
 
@@ -149,10 +190,11 @@ def unpack_call(tree: Any, segments: Sequence[Any], caps: Caps = Caps()) -> tupl
 
 
 class _Blob:
-    __slots__ = ("ref", "source", "nbytes")
+    __slots__ = ("ref", "slot", "source", "nbytes")
 
-    def __init__(self, ref: list[Any], source: Any, nbytes: int) -> None:
-        self.ref = ref  # the node's list; its segment and offset are filled in once placed
+    def __init__(self, slot: int, source: Any, nbytes: int) -> None:
+        self.ref: list[Any] = [None, None]  # its segment and offset, filled in once placed
+        self.slot = slot  # where in the tree they are written (``_PLACE``)
         self.source = source
         self.nbytes = nbytes
 
@@ -161,71 +203,99 @@ class _Packer:
     def __init__(self, torch: Any) -> None:
         self.torch = torch  # None: torch was never imported, so no value can hold a tensor
         self.blobs: list[_Blob] = []
+        self.out = bytearray()
 
-    def node(self, value: Any, depth: int) -> Any:
+    def node(self, value: Any, depth: int) -> None:
+        out = self.out
         kind = type(value)
-        if value is None or kind is bool or kind is str or kind is int:
-            return value
-        if kind is float:
-            return value if math.isfinite(value) else {"float": repr(value)}
-        torch = self.torch
-        if torch is not None and isinstance(value, torch.Tensor):
-            return self.tensor(value)
-        if isinstance(value, (bytes, bytearray, memoryview)):
+        if value is None:
+            out.append(N_NONE)
+        elif kind is bool:
+            out.append(N_TRUE if value else N_FALSE)
+        elif kind is int:
+            self.integer(value)
+        elif kind is float:
+            out += _TAG_FLOAT.pack(N_FLOAT, value)
+        elif kind is str:
+            self.text(value, N_STR)
+        elif self.torch is not None and isinstance(value, self.torch.Tensor):
+            self.tensor(value)
+        elif isinstance(value, (bytes, bytearray, memoryview)):
             view = memoryview(value).cast("B")
-            return {"bytes": self.blob([None, None, view.nbytes], bytes(view))}
-        if isinstance(value, str):
-            return str.__str__(value)  # a str subclass (an enum) as the plain str it holds
-        if isinstance(value, numbers.Integral):  # int subclasses, numpy integers (bool came first)
-            return operator.index(value)
-        if isinstance(value, numbers.Real):  # numpy floats
-            return self.node(float(value), depth)
-        if depth >= MAX_DEPTH:
+            out += _TAG_BYTES.pack(N_BYTES, 0, 0, view.nbytes)
+            self.blobs.append(_Blob(len(out) - _PLACE.size - 8, bytes(view), view.nbytes))
+        elif isinstance(value, str):
+            self.text(str.__str__(value), N_STR)  # a str subclass (an enum) as the plain str it holds
+        elif isinstance(value, numbers.Integral):  # int subclasses, numpy integers (bool came first)
+            self.integer(operator.index(value))
+        elif isinstance(value, numbers.Real):  # numpy floats
+            out += _TAG_FLOAT.pack(N_FLOAT, float(value))
+        elif depth >= MAX_DEPTH:
             raise NotData(f"nested deeper than {MAX_DEPTH} containers")
-        if isinstance(value, tuple):  # namedtuple, torch.Size
-            return {"tuple": self.items(value, depth)}
-        if isinstance(value, list):
-            return {"list": self.items(value, depth)}
-        if isinstance(value, Mapping):
-            return {"dict": self.pairs(value.items(), depth)}
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {"dict": self.pairs(((f.name, getattr(value, f.name)) for f in dataclasses.fields(value)), depth)}
-        raise NotData(f"{with_article(type(value).__name__)} is not data (tensors, numbers, bool, None, str, bytes, "
-                      "and lists, tuples and str-keyed dicts of them)")
+        elif isinstance(value, tuple):  # namedtuple, torch.Size
+            self.items(value, N_TUPLE, depth)
+        elif isinstance(value, list):
+            self.items(value, N_LIST, depth)
+        elif isinstance(value, Mapping):
+            self.pairs(list(value.items()), depth)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            self.pairs([(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)], depth)
+        else:
+            raise NotData(f"{with_article(type(value).__name__)} is not data (tensors, numbers, bool, None, str, bytes, "
+                          "and lists, tuples and str-keyed dicts of them)")
 
-    def items(self, values: Any, depth: int) -> list[Any]:
-        out = []
+    def integer(self, value: int) -> None:
+        if -(2**63) <= value < 2**63:
+            self.out += _TAG_INT.pack(N_INT, value)
+            return
+        data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+        if len(data) > MAX_INT_BYTES:
+            raise NotData(f"an int of more than {MAX_INT_BYTES} bytes")
+        self.out += _TAG_BIGINT.pack(N_BIGINT, len(data)) + data
+
+    def text(self, value: str, tag: int | None) -> None:
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotData("a str that is not valid Unicode (a lone surrogate)") from None
+        if tag is None:
+            self.out += _COUNT.pack(len(data)) + data
+        else:
+            self.out += _TAG_COUNT.pack(tag, len(data)) + data
+
+    def items(self, values: Any, tag: int, depth: int) -> None:
+        self.out += _TAG_COUNT.pack(tag, len(values))
         for index, item in enumerate(values):
             try:
-                out.append(self.node(item, depth + 1))
+                self.node(item, depth + 1)
             except NotData as exc:
                 exc.path.insert(0, f"[{index}]")
                 raise
-        return out
 
-    def pairs(self, items: Any, depth: int) -> list[list[Any]]:
-        out = []
+    def pairs(self, items: list[tuple[Any, Any]], depth: int) -> None:
+        self.out += _TAG_COUNT.pack(N_DICT, len(items))
         for key, item in items:
             if not isinstance(key, str):
                 raise NotData(f"dict keys must be str, not {type(key).__name__}")
             try:
-                out.append([str.__str__(key), self.node(item, depth + 1)])
+                self.text(str.__str__(key), None)
+                self.node(item, depth + 1)
             except NotData as exc:
                 exc.path.insert(0, f"[{key[:60]!r}]")
                 raise
-        return out
 
-    def tensor(self, value: Any) -> dict[str, Any]:
+    def tensor(self, value: Any) -> None:
         try:
             tensor, dtype_name = weights.prepare_tensor(value)
         except weights.Unsendable as exc:
             raise NotData(f"a tensor that {exc}") from None
-        nbytes = tensor.numel() * tensor.element_size()
-        return {"tensor": self.blob([None, None, dtype_name, list(tensor.shape)], tensor, nbytes)}
-
-    def blob(self, ref: list[Any], source: Any, nbytes: int | None = None) -> list[Any]:
-        self.blobs.append(_Blob(ref, source, len(source) if nbytes is None else nbytes))
-        return ref
+        shape = tensor.shape
+        out = self.out
+        slot = len(out) + 3
+        out += _TAG_TENSOR.pack(N_TENSOR, _DTYPE_CODE[dtype_name], len(shape), 0, 0)
+        for dim in shape:
+            out += _U64.pack(dim)
+        self.blobs.append(_Blob(slot, tensor, tensor.numel() * tensor.element_size()))
 
     def place(self, tree: Any, inline_limit: int | None) -> Packed:
         """Give every blob its segment and offset, write the segments, return the packed value."""
@@ -274,7 +344,9 @@ def _aligned(offset: int) -> int:
 
 
 class _Unpacker:
-    def __init__(self, segments: list[Any], caps: Caps) -> None:
+    def __init__(self, tree: bytes, segments: list[Any], caps: Caps) -> None:
+        self.tree = tree
+        self.at = 0  # the next node's first byte
         self.segments = segments
         self.caps = caps
         self.nodes = 0
@@ -282,69 +354,95 @@ class _Unpacker:
         self.total = 0
         self.ranges: list[tuple[int, int, int]] = []
 
-    def node(self, node: Any, depth: int) -> Any:
+    def node(self, depth: int) -> Any:
         self.nodes += 1
         if self.nodes > self.caps.max_nodes:
             raise BadTree(f"more than {self.caps.max_nodes} nodes")
-        kind = type(node)
-        if node is None or kind is bool or kind is int or kind is str:
-            return node
-        if kind is float:
-            if not math.isfinite(node):
-                raise BadTree("a float node that is not finite (those travel as {\"float\": ...})")
-            return node
-        if kind is not dict or len(node) != 1:
-            raise BadTree(f"a node must be a scalar or an object of one key, not a {kind.__name__}")
-        ((tag, body),) = node.items()
-        if tag in ("list", "tuple", "dict"):
+        tree, at = self.tree, self.at
+        tag = tree[at]
+        self.at = at + 1
+        if tag <= N_TRUE:
+            return None if tag == N_NONE else tag == N_TRUE
+        if tag == N_INT:
+            self.at = at + 9
+            return _I64.unpack_from(tree, at + 1)[0]
+        if tag == N_FLOAT:
+            self.at = at + 9
+            return _D64.unpack_from(tree, at + 1)[0]
+        if tag == N_STR:
+            return self.text(None)
+        if tag == N_TENSOR:
+            return self.tensor()
+        if tag in (N_LIST, N_TUPLE, N_DICT):
             if depth >= self.caps.max_depth:
                 raise BadTree(f"nested deeper than {self.caps.max_depth} containers")
-            if type(body) is not list:
-                raise BadTree(f"{with_article(str(tag))} node holds {with_article(type(body).__name__)}, not a list")
-            if tag == "dict":
-                return self.dict(body, depth)
-            items = [self.node(item, depth + 1) for item in body]
-            return items if tag == "list" else tuple(items)
-        if tag == "float":
-            if type(body) is not str or body not in _NONFINITE:
-                raise BadTree(f"a float node must be one of {sorted(_NONFINITE)}")
-            return _NONFINITE[body]
-        if tag == "bytes":
-            if type(body) is not list or len(body) != 3:
-                raise BadTree("a bytes node must be [segment, offset, length]")
-            segment, offset = self.take(body[0], body[1], body[2])
+            (count,) = _COUNT.unpack_from(tree, at + 1)
+            self.at = at + 5
+            # Every node takes a byte at least, a dict's pair five: a forged count allocates nothing.
+            if count * (5 if tag == N_DICT else 1) > len(tree) - self.at:
+                raise BadTree(f"a container of {count} items in {len(tree) - self.at} bytes of tree")
+            if tag == N_DICT:
+                return self.dict(count, depth)
+            items = [self.node(depth + 1) for _ in range(count)]
+            return items if tag == N_LIST else tuple(items)
+        if tag == N_BYTES:
+            segment_index, offset, length = _BYTES_BODY.unpack_from(tree, at + 1)
+            self.at = at + 1 + _BYTES_BODY.size
+            segment, offset = self.take(segment_index, offset, length)
             with memoryview(segment) as view:
-                return bytes(view[offset : offset + body[2]])
-        if tag == "tensor":
-            return self.tensor(body)
-        raise BadTree(f"unknown node {str(tag)[:40]!r}")
+                return bytes(view[offset : offset + length])
+        if tag == N_BIGINT:
+            (n,) = _H16.unpack_from(tree, at + 1)
+            if n > MAX_INT_BYTES or at + 3 + n > len(tree):
+                raise BadTree(f"an int of {n} bytes (at most {MAX_INT_BYTES}, inside the tree)")
+            self.at = at + 3 + n
+            return int.from_bytes(tree[at + 3 : at + 3 + n], "little", signed=True)
+        raise BadTree(f"unknown node tag {tag}")
 
-    def dict(self, body: list[Any], depth: int) -> dict[str, Any]:
+    def text(self, max_chars: int | None) -> str:
+        """A str's length and UTF-8 bytes (a node's body, or a dict key of at most ``max_chars``)."""
+        tree, at = self.tree, self.at
+        (n,) = _COUNT.unpack_from(tree, at)
+        at += 4
+        if at + n > len(tree):
+            raise BadTree(f"a str of {n} bytes runs past the tree")
+        if max_chars is not None and n > 4 * max_chars:
+            raise BadTree(f"a dict key of {n} bytes, more than {max_chars} characters")
+        self.at = at + n
+        return str(tree[at : at + n], "utf-8")
+
+    def dict(self, count: int, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for pair in body:
-            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
-                raise BadTree("a dict node holds [str key, node] pairs")
-            key = pair[0]
-            if len(key) > self.caps.max_key_chars:
-                raise BadTree(f"a dict key of {len(key)} characters, more than {self.caps.max_key_chars}")
+        max_chars = self.caps.max_key_chars
+        for _ in range(count):
+            key = self.text(max_chars)
+            if len(key) > max_chars:
+                raise BadTree(f"a dict key of {len(key)} characters, more than {max_chars}")
             if key in out:
                 raise BadTree(f"the dict key {key[:60]!r} appears twice")
-            out[key] = self.node(pair[1], depth + 1)
+            out[key] = self.node(depth + 1)
         return out
 
-    def tensor(self, body: Any) -> Any:
-        import torch
+    def tensor(self) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            import torch
 
-        if type(body) is not list or len(body) != 4:
-            raise BadTree("a tensor node must be [segment, offset, dtype, shape]")
-        segment_index, offset, dtype_name, shape = body
-        if type(dtype_name) is not str or dtype_name not in DTYPES:
-            raise BadTree(f"a tensor of dtype {str(dtype_name)[:20]!r}, not one of {sorted(DTYPES)}")
-        if type(shape) is not list or len(shape) > self.caps.max_ndim or not all(_is_count(d) for d in shape):
+        tree, at = self.tree, self.at
+        code, ndim, segment_index, offset = _TENSOR_BODY.unpack_from(tree, at)
+        at += _TENSOR_BODY.size
+        if code >= len(DTYPE_CODES):
+            raise BadTree(f"a tensor of dtype code {code}, not one of {len(DTYPE_CODES)}")
+        if ndim > self.caps.max_ndim:
+            raise BadTree(f"a tensor's shape must be a list of at most {self.caps.max_ndim} non-negative ints")
+        shape = list(struct.unpack_from(f"<{ndim}Q", tree, at))
+        self.at = at + 8 * ndim
+        if not all(d < 2**63 for d in shape):
             raise BadTree(f"a tensor's shape must be a list of at most {self.caps.max_ndim} non-negative ints")
         self.tensors += 1
         if self.tensors > self.caps.max_tensors:
             raise BadTree(f"more than {self.caps.max_tensors} tensors")
+        dtype_name = DTYPE_CODES[code]
         torch_name, itemsize = DTYPES[dtype_name]
         numel = math.prod(shape)
         if numel * itemsize >= 2**63:
@@ -366,7 +464,7 @@ class _Unpacker:
         tensor = torch.frombuffer(segment, dtype=dtype, count=numel, offset=offset)
         if tensor.data_ptr() % itemsize:
             tensor = tensor.clone()  # unaligned in its segment: a fresh, aligned copy
-        return tensor.reshape(shape) if len(shape) != 1 else tensor
+        return tensor.view(shape) if len(shape) != 1 else tensor  # contiguous: a view, never a copy
 
     def take(self, segment_index: Any, offset: Any, length: Any) -> tuple[Any, int]:
         """(the segment, the offset) of a byte range, once it is checked to lie inside it."""

@@ -107,10 +107,10 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     import socket
 
     global _channel
-    sock = socket.socket(fileno=channel_fd)
+    sock = protocol.Wire(socket.socket(fileno=channel_fd))  # every frame of the call's channel, both ways
     deadline = time.monotonic() + settings.timeout
     try:
-        call = protocol.check_message(protocol.recv_frame(sock, deadline=deadline, limits=_CALL_LIMITS), (protocol.CALL,))
+        call = protocol.check_message(sock.receive(deadline=deadline, limits=_CALL_LIMITS), (protocol.CALL,))
     except protocol.FrameError as exc:
         print(f"safehub worker: no call: {exc}", file=sys.stderr)
         return EXIT_SOFTWARE
@@ -141,7 +141,7 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     if "scratch_limit" in report.applied:
         fields["sandbox"]["scratch"] = _scratch_use(settings.scratch_dir)
     try:
-        protocol.send_and_close(sock, kind, fields, buffers, fds, deadline=deadline)
+        sock.send_and_close(kind, fields, buffers, fds, deadline=deadline)
     except (protocol.FrameError, OSError) as exc:
         print(f"safehub worker: could not send the answer: {exc}", file=sys.stderr)
         return EXIT_SOFTWARE
@@ -162,10 +162,10 @@ class Channel:
     killed, so a question never outlives its call.
     """
 
-    def __init__(self, sock: Any, deadline: float) -> None:
+    def __init__(self, sock: protocol.Wire, deadline: float) -> None:
         import threading
 
-        self.sock = sock
+        self.sock = sock  # the call's channel (its Wire: the socket is ``sock.sock``)
         self.deadline = deadline
         self.lock = threading.Lock()
         self.next_id = 1
@@ -174,8 +174,8 @@ class Channel:
         """(the answer's value, its buffers, its fds: the caller owns them), or raise Refused."""
         with self.lock:
             ask_id, self.next_id = self.next_id, self.next_id + 1
-            protocol.send_frame(self.sock, protocol.ASK, {"id": ask_id, "what": what, "args": args}, deadline=self.deadline)
-            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=_ANSWER_LIMITS)
+            self.sock.send(protocol.ASK, {"id": ask_id, "what": what, "args": args}, deadline=self.deadline)
+            frame = self.sock.receive(deadline=self.deadline, limits=_ANSWER_LIMITS)
         try:
             protocol.check_message(frame, (protocol.ANSWER, protocol.REFUSE))
             if frame.fields["id"] != ask_id:

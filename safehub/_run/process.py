@@ -20,7 +20,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Worker:
         self.view_dir = view_dir
         self.proc: launch.WorkerProcess | None = None
         self.sock: socket.socket | None = None
+        self.wire: protocol.Wire | None = None
+        self.capped: dict[int, tuple[protocol.Limits, protocol.Limits]] = {}  # limits held to result_cap, per exchange
         self.relays: list[Relay] = []
         self.scratch_dir: Path | None = None
         self.cgroup: memory_cgroup.MemoryCgroup | None = None
@@ -78,6 +80,7 @@ class Worker:
                     settings = settings.replace(memory_cgroup=str(self.cgroup.path))
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
+            self.wire = protocol.Wire(self.sock)  # every frame of the worker's channel, both ways
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc
         self.deadline = time.monotonic() + self.sandbox.timeout
@@ -86,23 +89,32 @@ class Worker:
             relay.start()
 
     def send(self, kind: str, fields: dict[str, Any], buffers: Sequence[bytes] = (), fds: Sequence[int] = ()) -> None:
-        assert self.sock is not None
-        with self._protocol_errors():
-            protocol.send_frame(self.sock, kind, fields, buffers, fds, deadline=self.deadline)
+        assert self.wire is not None
+        try:
+            self.wire.send(kind, fields, buffers, fds, deadline=self.deadline)
+        except protocol.FrameError as exc:
+            raise self._protocol_error(exc) from None
 
     def receive(self, expected: tuple[str, ...], limits: protocol.Limits) -> protocol.Frame:
         """The worker's next frame, held to its declaration (``protocol.MESSAGES``) and to ``limits``."""
-        assert self.sock is not None
-        cap = result_cap(self.sandbox)
-        if cap < limits.max_total_bytes:  # no inline reply larger than the worker could hold
-            limits = dataclasses.replace(limits, max_buffer_bytes=min(limits.max_buffer_bytes, cap), max_total_bytes=cap)
-        with self._protocol_errors():
-            frame = protocol.recv_frame(self.sock, deadline=self.deadline, limits=limits)
+        assert self.wire is not None
+        entry = self.capped.get(id(limits))  # by identity: the exchanges' limits are module constants
+        if entry is None or entry[0] is not limits:
+            cap = result_cap(self.sandbox)
+            held = limits
+            if cap < limits.max_total_bytes:  # no inline reply larger than the worker could hold
+                held = dataclasses.replace(limits, max_buffer_bytes=min(limits.max_buffer_bytes, cap), max_total_bytes=cap)
+            entry = self.capped[id(limits)] = (limits, held)
+        capped = entry[1]
+        try:
+            frame = self.wire.receive(deadline=self.deadline, limits=capped)
             try:
                 return protocol.check_message(frame, expected)
             except protocol.FrameError:
                 frame.close_fds()
                 raise
+        except protocol.FrameError as exc:
+            raise self._protocol_error(exc) from None
 
     def unread_bytes(self) -> int:
         """Bytes sent to the worker that it has not read yet: the kernel's count (``SIOCOUTQ``)."""
@@ -111,21 +123,17 @@ class Worker:
         fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, count, True)  # SIOCOUTQ == TIOCOUTQ on Linux
         return count[0]
 
-    @contextlib.contextmanager
-    def _protocol_errors(self) -> Iterator[None]:
+    def _protocol_error(self, exc: protocol.FrameError) -> Exception:
         """The one place protocol errors become safehub errors."""
-        try:
-            yield
-        except protocol.FrameTimeout:
-            raise WorkerTimeoutError(
+        if isinstance(exc, protocol.FrameTimeout):
+            return WorkerTimeoutError(
                 f"the worker ran past its time limit of {self.sandbox.timeout:g} s and was killed; "
                 "raise it with Sandbox(timeout=...)",
                 timeout=self.sandbox.timeout,
-            ) from None
-        except protocol.FrameEOF as exc:
-            raise self._hung_up(exc) from None
-        except protocol.FrameError as exc:
-            raise ProtocolError(f"the worker's reply breaks the protocol: {exc}") from None
+            )
+        if isinstance(exc, protocol.FrameEOF):
+            return self._hung_up(exc)
+        return ProtocolError(f"the worker's reply breaks the protocol: {exc}")
 
     def _hung_up(self, exc: Exception) -> WorkerError:
         """The channel closed: name how the worker ended, if it ends within the grace period."""

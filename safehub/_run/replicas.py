@@ -208,6 +208,7 @@ class ReplicaChannel(Worker):
                  cgroup: memory_cgroup.MemoryCgroup | None) -> None:
         super().__init__(Path("/"), sandbox)
         self.sock = sock
+        self.wire = protocol.Wire(sock)
         self.proc = process  # type: ignore[assignment]
         self.cgroup = cgroup
         self.deadline = time.monotonic() + sandbox.timeout

@@ -106,14 +106,18 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
             return SELF
         if "transport" in frame.fields or "sizes" in frame.fields:
             raise ProtocolError(f"the worker answered {name} with weights")
+        tree = frame.fields["value"]
+        if tree is None:
+            raise ProtocolError(f"the worker answered a call to {name} without a value")
         # One mapping for all the reply's memfds, and no descriptor kept: a caller may keep thousands of results.
-        segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)]
+        segments = [*frame.buffers, *map_sealed_memfds(frame.fds, max_bytes=max_bytes)] if frame.fds else frame.buffers
         try:
-            return values.unpack(frame.fields["value"], segments, VALUE_CAPS)
+            return values.unpack(tree, segments, VALUE_CAPS)
         except values.BadTree as exc:
             raise ResultDecodeError(f"the result of a call to {name} is not valid data: {exc}") from None
     finally:
-        frame.close_fds()
+        if frame.fds:
+            frame.close_fds()
 
 
 def result_shards(frame: protocol.Frame, max_bytes: int = MAX_PAYLOAD_BYTES) -> list[Any]:

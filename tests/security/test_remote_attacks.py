@@ -55,19 +55,25 @@ HOSTILE = '''
         return sys.modules["_safehub_worker.work"].channel().sock
 
 
-    def _frame(fields, buffers=(), nfds=0, kind="returned", version=3):
-        header = {"v": version, "kind": kind, **fields}
-        if nfds:
-            header["fds"] = nfds
-        body = json.dumps(header).encode()
-        lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-        return struct.pack(">4sHHI", b"SHUB", version, len(buffers), len(body)) + lengths + body + b"".join(buffers)
+    def _frame(fields, buffers=(), nfds=0, kind="returned", version=4):
+        """A frame by the worker's own encoder (its version forged on demand); the trees in it by hand."""
+        head = sys.modules["_safehub_worker.protocol"].encode_head(kind, fields, [len(b) for b in buffers], nfds)
+        return head[:4] + struct.pack("<H", version) + head[6:] + b"".join(buffers)
+
+
+    def _tensor(segment, offset, code, shape):
+        """A tensor node (tag 8) by hand: dtype code 1 is F32, 9 BOOL; any other byte is no dtype."""
+        return struct.pack("<BBBIQ", 8, code, len(shape), segment, offset) + b"".join(struct.pack("<Q", d) for d in shape)
+
+
+    def _list(*nodes, count=None):
+        return struct.pack("<BI", 9, len(nodes) if count is None else count) + b"".join(nodes)
 
 
     def _send_and_linger(data, fds=()):
         """Write raw bytes behind the worker's back, then never answer: the parent must act alone."""
         sock = socket.socket(fileno=os.dup(_sock().fileno()))
-        sock.setblocking(True)  # the worker's channel is non-blocking, and a dup shares that
+        sock.setblocking(True)  # whatever the worker's channel is, a dup shares it
         if fds:
             socket.send_fds(sock, [data], list(fds))
         else:
@@ -104,46 +110,48 @@ HOSTILE = '''
             pickled = pickle.dumps(Canary(canary))
             f32 = struct.pack("<4f", 1, 2, 3, 4)
             if case == "pickle_node":
-                _send_and_linger(_frame({"value": {"pickle": [0, 0, len(pickled)]}}, [pickled]))
+                _send_and_linger(_frame({"value": bytes([13]) + pickled}, [pickled]))
             if case == "pickle_dtype":
-                _send_and_linger(_frame({"value": {"tensor": [0, 0, "PICKLE", [len(pickled)]]}}, [pickled]))
+                _send_and_linger(_frame({"value": _tensor(0, 0, 200, [len(pickled)])}, [pickled]))
             if case == "tensor_outside_segment":
-                _send_and_linger(_frame({"value": {"tensor": [0, 0, "F32", [1 << 20]]}}, [f32]))
+                _send_and_linger(_frame({"value": _tensor(0, 0, 1, [1 << 20])}, [f32]))
             if case == "missing_segment":
-                _send_and_linger(_frame({"value": {"tensor": [3, 0, "F32", [4]]}}, [f32]))
+                _send_and_linger(_frame({"value": _tensor(3, 0, 1, [4])}, [f32]))
             if case == "overlapping_tensors":
-                node = {"tensor": [0, 0, "F32", [4]]}
-                _send_and_linger(_frame({"value": {"list": [node, node]}}, [f32]))
+                node = _tensor(0, 0, 1, [4])
+                _send_and_linger(_frame({"value": _list(node, node)}, [f32]))
             if case == "shape_overflow":
-                _send_and_linger(_frame({"value": {"tensor": [0, 0, "F32", [2**62, 2**62, 4]]}}, [f32]))
+                _send_and_linger(_frame({"value": _tensor(0, 0, 1, [2**62, 2**62, 4])}, [f32]))
             if case == "bool_bytes":
-                _send_and_linger(_frame({"value": {"tensor": [0, 0, "BOOL", [4]]}}, [bytes([0, 1, 2, 1])]))
+                _send_and_linger(_frame({"value": _tensor(0, 0, 9, [4])}, [bytes([0, 1, 2, 1])]))
             if case == "unsealed_memfd":
                 fd = os.memfd_create("unsealed")
                 os.write(fd, f32)  # no seals: it could change after the parent checked it
-                _send_and_linger(_frame({"value": {"tensor": [0, 0, "F32", [4]]}}, nfds=1), fds=[fd])
+                _send_and_linger(_frame({"value": _tensor(0, 0, 1, [4])}, nfds=1), fds=[fd])
             if case == "too_many_fds":
                 fds = [_sealed(f32) for _ in range(12)]
                 _send_and_linger(_frame({"value": None}, nfds=len(fds)), fds=fds)
             if case == "deep_tree":
-                tree = None
+                tree = bytes([0])  # None
                 for _ in range(200):
-                    tree = {"list": [tree]}
+                    tree = _list(tree)
                 _send_and_linger(_frame({"value": tree}))
             if case == "node_flood":
-                _send_and_linger(_frame({"value": {"list": [0] * 2_000_000}}))
+                _send_and_linger(_frame({"value": _list(*[bytes([0])] * 2_000_000)}))  # 2 MB of None nodes
+            if case == "count_flood":  # a list announcing 4 billion items in 5 bytes
+                _send_and_linger(_frame({"value": _list(count=2**32 - 1)}))
             if case == "header_length_absurd":
-                _send_and_linger(struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF) + pickled)
+                _send_and_linger(struct.pack("<4sHBBHI", b"SHUB", 4, 8, 0, 0, 0xFFFFFFFF) + pickled)
             if case == "buffer_length_absurd":
-                body = json.dumps({"v": 3, "kind": "returned", "value": None}).encode()
-                _send_and_linger(struct.pack(">4sHHI", b"SHUB", 3, 1, len(body)) + struct.pack(">Q", 2**60) + body)
+                body = bytes([0, 0])  # value: None
+                _send_and_linger(struct.pack("<4sHBBHI", b"SHUB", 4, 8, 0, 1, len(body)) + struct.pack("<Q", 2**60) + body)
             if case == "wrong_kind":
                 _send_and_linger(_frame({"action": "load", "returns": "object", "transport": "inline",
                                          "sizes": [len(pickled)]}, [pickled], kind="result"))
             if case == "weights_for_a_call":
                 _send_and_linger(_frame({"value": None, "transport": "inline", "sizes": [len(pickled)]}, [pickled]))
             if case == "old_version":
-                _send_and_linger(_frame({"value": 1}, version=2))
+                _send_and_linger(_frame({"value": None}, version=3))
             raise ValueError(case)
 
         def spin(self):
@@ -265,8 +273,8 @@ def assert_dead(remote, processes: list[psutil.Process], why: str) -> None:
 
 
 FORGED = {
-    "pickle_node": "unknown node 'pickle'",
-    "pickle_dtype": "dtype 'PICKLE'",
+    "pickle_node": "unknown node tag 13",
+    "pickle_dtype": "dtype code 200",
     "tensor_outside_segment": "run past segment 0",
     "missing_segment": "segment 3 of 1",
     "overlapping_tensors": "two byte ranges overlap",
@@ -275,12 +283,13 @@ FORGED = {
     "unsealed_memfd": "not sealed against writes",
     "too_many_fds": "more than 8 file descriptors",
     "deep_tree": "nested deeper than 32 containers",
-    "node_flood": "more than the cap of 1000000 nodes",  # counted before the header is parsed
+    "node_flood": "more than 1000000 nodes",  # counted as the tree is read
+    "count_flood": "a container of 4294967295 items in 0 bytes",  # refused before a list is made
     "header_length_absurd": "more than the cap",
     "buffer_length_absurd": "more than the cap",
     "wrong_kind": "'result' frame where ask or returned or failed was expected",
     "weights_for_a_call": r"answered forge\(\) with weights",
-    "old_version": "protocol version 2, expected 3",
+    "old_version": "protocol version 3, expected 4",
 }
 
 

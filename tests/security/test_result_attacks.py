@@ -61,15 +61,29 @@ HOSTILE = '''
 
 
     def _head(kind, fields, lengths=(), nfds=0, header=None):
-        body = header if header is not None else json.dumps({"v": 3, "kind": kind, **fields, **({"fds": nfds} if nfds else {})}).encode()
-        return struct.pack(">4sHHI", b"SHUB", 3, len(lengths), len(body)) + b"".join(struct.pack(">Q", n) for n in lengths) + body
+        """A frame's head: the worker's own encoder, or a header forged byte by byte."""
+        protocol = sys.modules["_safehub_worker.protocol"]
+        if header is None:
+            return protocol.encode_head(kind, fields, lengths, nfds)
+        prefix = struct.pack("<4sHBBHI", b"SHUB", 4, protocol.MESSAGES[kind].code, nfds, len(lengths), len(header))
+        return prefix + b"".join(struct.pack("<Q", n) for n in lengths) + header
+
+
+    def _json_field(number, text):
+        """A header field holding JSON (tag 7): its nodes are counted before it is parsed."""
+        return bytes([number, 7]) + struct.pack("<I", len(text)) + text
+
+
+    def _tensor(segment, offset, code, shape):
+        """A value tree of one tensor node (tag 8), by hand: dtype code 1 is F32, 8 is U8."""
+        return struct.pack("<BBBIQ", 8, code, len(shape), segment, offset) + b"".join(struct.pack("<Q", d) for d in shape)
 
 
     def _send_and_linger(head, stream=(), fds=()):
         """Write a frame behind the worker's back (its buffer as chunks), then never answer."""
         print("ATTACK-RAN forged sending", flush=True)
         sock = socket.socket(fileno=os.dup(_sock().fileno()))
-        sock.setblocking(True)  # the worker's channel is non-blocking, and a dup shares that
+        sock.setblocking(True)  # whatever the worker's channel is, a dup shares it
         if fds:
             socket.send_fds(sock, [head], list(fds))
         else:
@@ -137,7 +151,7 @@ HOSTILE = '''
             blob = struct.pack("<Q", len(body)) + body
             _send_and_linger(_head("result", {**weights, "transport": "inline", "sizes": [len(blob)]}, [len(blob)]), [blob])
         if case == "header_nodes":
-            header = b'{"v":3,"kind":"result","action":"load","x":' + _empty_objects(nbytes) + b"}"
+            header = bytes([0, 5]) + struct.pack("<I", 4) + b"load" + _json_field(1, _empty_objects(nbytes))
             _send_and_linger(_head("result", {}, header=header))
         if case == "header_too_long":
             _send_and_linger(_head("result", {}, header=b" " * nbytes))
@@ -160,18 +174,18 @@ HOSTILE = '''
             """A RETURNED, forged."""
             if case in ("sparse", "hugetlb"):
                 fd = _memfd(case, nbytes, weights=False)
-                _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, nfds=1), fds=[fd])
+                _send_and_linger(_head("returned", {"value": _tensor(0, 0, 8, [nbytes])}, nfds=1), fds=[fd])
             if case == "inline_announced":
-                _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, [nbytes]))
+                _send_and_linger(_head("returned", {"value": _tensor(0, 0, 8, [nbytes])}, [nbytes]))
             if case == "inline":
-                _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "U8", [nbytes]]}}, [nbytes]), _stream(nbytes, False))
+                _send_and_linger(_head("returned", {"value": _tensor(0, 0, 8, [nbytes])}, [nbytes]), _stream(nbytes, False))
             if case == "header_nodes":
-                header = b'{"v":3,"kind":"returned","value":null,"x":' + _empty_objects(nbytes) + b"}"
+                header = bytes([0, 0]) + _json_field(2, _empty_objects(nbytes))  # value None, sizes: JSON
                 _send_and_linger(_head("returned", {}, header=header))
             if case == "header_too_long":
                 _send_and_linger(_head("returned", {}, header=b" " * nbytes))
             if case == "empty_with_overflowing_shape":
-                _send_and_linger(_head("returned", {"value": {"tensor": [0, 0, "F32", [0, 2**62, 2**62]]}}, [0]))
+                _send_and_linger(_head("returned", {"value": _tensor(0, 0, 1, [0, 2**62, 2**62])}, [0]))
             raise ValueError(case)
 
 

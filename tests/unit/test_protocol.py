@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -34,10 +35,19 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", version=3, nbuf=None) -> bytes:
+def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", version=4, code=5, nfds=0, nbuf=None) -> bytes:
+    """A frame built by hand (``code`` 5 is RESULT), whatever its header holds."""
     nbuf = len(buffers) if nbuf is None else nbuf
-    lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-    return struct.pack(">4sHHI", magic, version, nbuf, len(header)) + lengths + header + b"".join(buffers)
+    lengths = b"".join(struct.pack("<Q", len(b)) for b in buffers)
+    return struct.pack("<4sHBBHI", magic, version, code, nfds, nbuf, len(header)) + lengths + header + b"".join(buffers)
+
+
+def field(number: int, tag: int, payload: bytes = b"") -> bytes:
+    return bytes([number, tag]) + payload
+
+
+def sized(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
 
 
 # -- golden bytes ------------------------------------------------------------------------------
@@ -45,35 +55,58 @@ def raw_frame(header: bytes, buffers: list[bytes] = (), *, magic=b"SHUB", versio
 
 GOLDEN_HEAD = (
     b"SHUB"  # magic
-    b"\x00\x03"  # PROTOCOL_VERSION
-    b"\x00\x01"  # one buffer
-    b"\x00\x00\x00\x35"  # header length (53)
-    b"\x00\x00\x00\x00\x00\x00\x00\x03"  # the buffer's length
-    b'{"v":3,"kind":"result","action":"list","names":["a"]}'
+    b"\x04\x00"  # PROTOCOL_VERSION
+    b"\x05"  # the kind's code: RESULT
+    b"\x00"  # no fds
+    b"\x01\x00"  # one buffer
+    b"\x15\x00\x00\x00"  # header length (21)
+    b"\x03\x00\x00\x00\x00\x00\x00\x00"  # the buffer's length
+    b"\x00\x05\x04\x00\x00\x00list"  # field 0 (action), a str of 4 bytes
+    b'\x01\x07\x05\x00\x00\x00["a"]'  # field 1 (entrypoints), JSON of 5 bytes
+)
+GOLDEN_INVOKE = (
+    b"SHUB\x04\x00\x07\x00\x00\x00\x17\x00\x00\x00"  # INVOKE (code 7), no fds, no buffers, 23 bytes
+    b"\x00\x05\x08\x00\x00\x00__call__"  # field 0 (method), a str
+    b"\x01\x06\x01\x00\x00\x00\x00"  # field 1 (call), bytes: one node, None
+    b"\x02\x02"  # field 2 (inference), true
 )
 
 
 def test_golden_head_bytes():
-    assert _protocol.PROTOCOL_VERSION == 3
-    head = _protocol.encode_head("result", {"action": "list", "names": ["a"]}, [3])
+    assert _protocol.PROTOCOL_VERSION == 4
+    # Fields are written in their declared order, whatever the dict's.
+    head = _protocol.encode_head("result", {"entrypoints": ["a"], "action": "list"}, [3])
     assert head == GOLDEN_HEAD
+    assert _protocol.encode_head("invoke", {"inference": True, "call": b"\x00", "method": "__call__"}) == GOLDEN_INVOKE
 
 
 def test_golden_frame_decodes(pair):
     a, b = pair
-    a.sendall(GOLDEN_HEAD + b"xyz")
-    frame = recv_frame(b, deadline=deadline())
-    assert (frame.kind, frame.fields, frame.buffers, frame.fds) == ("result", {"action": "list", "names": ["a"]}, [b"xyz"], [])
+    a.sendall(GOLDEN_HEAD + b"xyz" + GOLDEN_INVOKE)
+    wire = _protocol.Wire(b)
+    frame = wire.receive(deadline=deadline())
+    assert (frame.kind, frame.fields, frame.buffers, frame.fds) == ("result", {"action": "list", "entrypoints": ["a"]}, [b"xyz"], [])
+    frame = wire.receive(deadline=deadline())  # the second frame came with the first read: kept, not lost
+    assert (frame.kind, frame.fields) == ("invoke", {"method": "__call__", "call": b"\x00", "inference": True})
 
 
-def test_fds_field_only_when_fds_are_sent():
+def test_fds_are_counted_in_the_prefix():
     head = _protocol.encode_head("result", {}, [], nfds=2)
-    assert head.endswith(b'{"v":3,"kind":"result","fds":2}')
+    assert head[7] == 2
 
 
-def test_reserved_fields_are_refused():
-    with pytest.raises(ValueError):
+def test_undeclared_kinds_and_fields_are_refused():
+    with pytest.raises(ValueError, match="declares no field"):
         _protocol.encode_head("result", {"kind": "x"})
+    with pytest.raises(ValueError, match="no message kind"):
+        _protocol.encode_head("nonsense", {})
+    with pytest.raises(ValueError, match="finite"):
+        _protocol.encode_head("answer", {"id": 1, "value": math.nan})
+
+
+def test_every_kind_has_its_own_code():
+    codes = [m.code for m in _protocol.MESSAGES.values()]
+    assert len(set(codes)) == len(codes) and all(0 < c < 256 for c in codes)
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -82,12 +115,12 @@ def test_reserved_fields_are_refused():
 def test_round_trip_with_buffers(pair):
     a, b = pair
     buffers = [b"", b"\x00" * 10, os.urandom(3 * 1024 * 1024)]
-    fields = {"text": "h\u00e9llo \u2603", "n": 3, "nested": {"l": [1, None, True]}}
-    thread = threading.Thread(target=send_frame, args=(a, "call", fields, buffers), kwargs={"deadline": deadline()})
+    fields = {"id": 2**70, "value": {"text": "h\u00e9llo \u2603", "n": 3, "nested": {"l": [1, None, True, 1.5]}}}
+    thread = threading.Thread(target=send_frame, args=(a, "answer", fields, buffers), kwargs={"deadline": deadline()})
     thread.start()
     frame = recv_frame(b, deadline=deadline(), limits=Limits(max_buffer_bytes=4 << 20, max_total_bytes=8 << 20))
     thread.join()
-    assert frame.kind == "call" and frame.fields == fields and [bytes(b) for b in frame.buffers] == buffers
+    assert frame.kind == "answer" and frame.fields == fields and [bytes(b) for b in frame.buffers] == buffers
     assert all(not memoryview(b).readonly for b in frame.buffers)  # a decoder needs no copy to write them
 
 
@@ -111,9 +144,10 @@ def test_a_large_buffer_is_received_once_into_its_place(pair):
 
 def test_a_header_is_counted_before_it_is_parsed(pair):
     a, b = pair
-    body = b'{"v":3,"kind":"call","x":[' + b"{}," * 999 + b"{}]}"
-    a.sendall(_protocol.PREFIX.pack(_protocol.MAGIC, _protocol.PROTOCOL_VERSION, 0, len(body)) + body)
-    with pytest.raises(FrameError, match="a header of 2004 JSON nodes, more than the cap of 1000 nodes"):
+    args = b'{"x":[' + b"{}," * 999 + b"{}]}"
+    body = field(0, _protocol.T_INT, struct.pack("<q", 1)) + field(1, _protocol.T_STR, sized(b"get")) + field(2, _protocol.T_JSON, sized(args))
+    a.sendall(raw_frame(body, code=2))
+    with pytest.raises(FrameError, match="a header of 2002 JSON nodes, more than the cap of 1000 nodes"):
         recv_frame(b, deadline=deadline(), limits=Limits(max_header_nodes=1000))
 
 
@@ -127,7 +161,7 @@ def test_round_trip_with_fds(pair):
     a, b = pair
     r, w = os.pipe()
     try:
-        send_frame(a, "result", {"x": 1}, [b"data"], fds=[r], deadline=deadline())
+        send_frame(a, "result", {"action": "x"}, [b"data"], fds=[r], deadline=deadline())
         frame = recv_frame(b, deadline=deadline(), limits=Limits(max_fds=1))
         assert frame.buffers == [b"data"] and len(frame.fds) == 1
         os.write(w, b"through the passed fd")
@@ -142,10 +176,10 @@ def test_round_trip_with_fds(pair):
 def test_consecutive_frames_stay_apart(pair):
     a, b = pair
     for i in range(3):
-        send_frame(a, "result", {"i": i}, [bytes([i]) * i])
+        send_frame(a, "exited", {"status": i}, [bytes([i]) * i])
     for i in range(3):
         frame = recv_frame(b, deadline=deadline())
-        assert frame.fields == {"i": i} and frame.buffers == [bytes([i]) * i]
+        assert frame.fields == {"status": i} and frame.buffers == [bytes([i]) * i]
 
 
 # -- short reads, EOF, timeouts ----------------------------------------------------------------
@@ -153,7 +187,7 @@ def test_consecutive_frames_stay_apart(pair):
 
 def test_short_reads_are_reassembled(pair):
     a, b = pair
-    data = _protocol.encode_head("result", {"k": "v" * 50}, [5]) + b"12345"
+    data = _protocol.encode_head("result", {"action": "v" * 50}, [5]) + b"12345"
 
     def trickle():
         for i in range(len(data)):
@@ -165,13 +199,13 @@ def test_short_reads_are_reassembled(pair):
     thread.start()
     frame = recv_frame(b, deadline=deadline())
     thread.join()
-    assert frame.fields == {"k": "v" * 50} and frame.buffers == [b"12345"]
+    assert frame.fields == {"action": "v" * 50} and frame.buffers == [b"12345"]
 
 
-@pytest.mark.parametrize("cut", [0, 3, 12, 20, 40])
+@pytest.mark.parametrize("cut", [0, 3, 14, 22, 30])
 def test_early_eof_anywhere_is_a_clear_error(pair, cut):
     a, b = pair
-    data = _protocol.encode_head("result", {"k": "v"}, [8]) + b"12345678"
+    data = _protocol.encode_head("result", {"action": "v"}, [8]) + b"12345678"
     a.sendall(data[:cut])
     a.close()
     with pytest.raises(FrameEOF, match="closed"):
@@ -212,10 +246,10 @@ def test_send_to_a_closed_peer_is_eof(pair):
 @pytest.mark.parametrize(
     "prefix, match",
     [
-        (struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF), "header of 4294967295 bytes"),
-        (struct.pack(">4sHHI", b"SHUB", 3, 0xFFFF, 2), "65535 buffers"),
-        (struct.pack(">4sHHI", b"SHUB", 3, 1, 2) + struct.pack(">Q", 2**64 - 1), "buffer of"),
-        (struct.pack(">4sHHI", b"SHUB", 3, 2, 2) + struct.pack(">QQ", 60 << 20, 60 << 20), "total"),
+        (struct.pack("<4sHBBHI", b"SHUB", 4, 5, 0, 0, 0xFFFFFFFF), "header of 4294967295 bytes"),
+        (struct.pack("<4sHBBHI", b"SHUB", 4, 5, 0, 0xFFFF, 2), "65535 buffers"),
+        (struct.pack("<4sHBBHI", b"SHUB", 4, 5, 0, 1, 2) + struct.pack("<Q", 2**64 - 1), "buffer of"),
+        (struct.pack("<4sHBBHI", b"SHUB", 4, 5, 0, 2, 2) + struct.pack("<QQ", 60 << 20, 60 << 20), "total"),
     ],
 )
 def test_huge_announcements_are_refused_without_allocating(pair, prefix, match):
@@ -233,7 +267,7 @@ def test_huge_announcements_are_refused_without_allocating(pair, prefix, match):
 
 def test_announced_buffer_bytes_are_not_preallocated(pair):
     a, b = pair
-    a.sendall(raw_frame(b'{"v":3,"kind":"result"}', nbuf=1)[:12] + struct.pack(">Q", 50 << 20) + b'{"v":3,"kind":"result"}')
+    a.sendall(struct.pack("<4sHBBHI", b"SHUB", 4, 5, 0, 1, 0) + struct.pack("<Q", 50 << 20))
     a.sendall(b"x" * 10)
     tracemalloc.start()
     try:
@@ -248,25 +282,35 @@ def test_announced_buffer_bytes_are_not_preallocated(pair):
 # -- malformed headers -------------------------------------------------------------------------
 
 
+ACTION = field(0, 5, sized(b"list"))  # RESULT's action
+
+
 @pytest.mark.parametrize(
     "frame, match",
     [
-        (raw_frame(b'{"v":3,"kind":"result"}', magic=b"HTTP"), "magic"),
-        (raw_frame(b'{"v":1,"kind":"result"}', version=1), "version 1"),  # version 1 frames: refused
-        (raw_frame(b'{"v":2,"kind":"result"}', version=2), "version 2"),  # so are version 2 frames
-        (raw_frame(b'{"v":1,"kind":"result"}'), "header version 1"),
-        (raw_frame(b'{"v":true,"kind":"result"}'), "header version"),
-        (raw_frame(b'{"kind":"result"}'), "header version"),
-        (raw_frame(b'{"v":3}'), "kind"),
-        (raw_frame(b'{"v":3,"kind":7}'), "kind"),
-        (raw_frame(b'{"v":3,"kind":"result"'), "malformed"),
-        (raw_frame(b"[1, 2]"), "not a JSON object"),
-        (raw_frame(b'{"v":3,"kind":"a","kind":"b"}'), "duplicate"),
-        (raw_frame(b'{"v":3,"kind":"a","x":NaN}'), "malformed"),
-        (raw_frame(b'{"v":3,"kind":"a","x":"\xff"}'), "malformed"),
-        (raw_frame(b"[" * 100_000 + b"]" * 100_000), "malformed"),
-        (raw_frame(b'{"v":3,"kind":"a","fds":"1"}'), "file descriptors"),
-        (raw_frame(b'{"v":3,"kind":"a","fds":1}'), "file descriptors"),
+        (raw_frame(ACTION, magic=b"HTTP"), "magic"),
+        (raw_frame(ACTION, version=1), "version 1"),  # frames of every older version: refused
+        (raw_frame(ACTION, version=2), "version 2"),
+        (raw_frame(ACTION, version=3), "version 3"),
+        (raw_frame(b'{"v":3,"kind":"result","action":"list"}', version=3), "version 3"),  # a version 3 (JSON) header
+        (raw_frame(ACTION, code=0), "unknown kind 0"),
+        (raw_frame(ACTION, code=200), "unknown kind 200"),
+        (raw_frame(ACTION + ACTION), "out of order or repeated"),
+        (raw_frame(field(1, 7, sized(b"[]")) + ACTION), "out of order or repeated"),
+        (raw_frame(field(0, 9)), "unknown tag 9"),
+        (raw_frame(field(0, 5, struct.pack("<I", 1000) + b"list")), "runs past its header"),
+        (raw_frame(field(0, 5, b"\x04\x00")), "ends inside a field"),
+        (raw_frame(field(0, 3, b"\x01\x02")), "ends inside a field"),
+        (raw_frame(b"\x00"), "ends inside a field"),
+        (raw_frame(field(0, 5, sized(b"\xff"))), "malformed"),
+        (raw_frame(field(0, 5, sized(b"\xed\xa0\x80"))), "malformed"),  # a surrogate is not UTF-8
+        (raw_frame(field(0, 4, struct.pack("<d", math.nan))), "not finite"),
+        (raw_frame(field(0, 4, struct.pack("<d", -math.inf))), "not finite"),
+        (raw_frame(field(1, 7, sized(b'{"a":1,"a":2}'))), "duplicate"),
+        (raw_frame(field(1, 7, sized(b"[NaN]"))), "malformed"),
+        (raw_frame(field(1, 7, sized(b'["\xff"]'))), "malformed"),
+        (raw_frame(field(1, 7, sized(b"[" * 100_000 + b"]" * 100_000))), "malformed"),
+        (raw_frame(ACTION, nfds=1), "file descriptors"),
     ],
 )
 def test_malformed_frames_are_refused(pair, frame, match):
@@ -319,8 +363,81 @@ def test_received_fds_are_close_on_exec(pair):
         os.close(w)
 
 
-def test_header_is_plain_json():
-    head = _protocol.encode_head("call", {"action": "load", "model": "m\u00e9"})
-    header = head[_protocol.PREFIX.size :]
-    assert header.isascii()
-    assert json.loads(header) == {"v": 3, "kind": "call", "action": "load", "model": "m\u00e9"}
+def test_a_newer_peers_fields_are_skipped(pair):
+    # Field numbers past the declaration: a newer peer's optional fields, ignored (no version bump).
+    a, b = pair
+    a.sendall(raw_frame(ACTION + field(200, 5, sized(b"new")) + field(201, 7, sized(b"[1]"))))
+    assert recv_frame(b, deadline=deadline()).fields == {"action": "list"}
+
+
+def test_json_fields_are_strict_ascii_json():
+    head = _protocol.encode_head("ask", {"id": 1, "what": "get", "args": {"url": "m\u00e9", "n": [1, 2.5, None]}})
+    body = head[_protocol.PREFIX.size :]
+    number, tag, length = struct.unpack_from("<BBI", body, len(body) - len(body.split(b"\x02\x07", 1)[1]) - 2)
+    text = body[-length:]
+    assert (number, tag) == (2, _protocol.T_JSON) and text.isascii()
+    assert json.loads(text) == {"url": "m\u00e9", "n": [1, 2.5, None]}
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts its reads."""
+
+    reads = 0
+
+    def recvmsg_into(self, *args, **kwargs):
+        self.reads += 1
+        return super().recvmsg_into(*args, **kwargs)
+
+
+def test_a_small_frame_is_one_read_on_a_wire():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    counted = CountingSocket(fileno=b.detach())
+    try:
+        wire = _protocol.Wire(counted)
+        send_frame(a, "returned", {"value": b"\x00" * 100}, [b"x" * 4096])
+        frame = wire.receive(deadline=deadline(), limits=Limits(max_buffers=1))
+        assert frame.fields["value"] == b"\x00" * 100 and frame.buffers == [b"x" * 4096]
+        assert counted.reads == 1
+        # An unbuffered read (a socket others read too) never takes a byte past its frame.
+        send_frame(a, "exited", {"status": 1})
+        send_frame(a, "exited", {"status": 2})
+        assert recv_frame(counted, deadline=deadline()).fields == {"status": 1}
+        assert recv_frame(counted, deadline=deadline()).fields == {"status": 2}
+    finally:
+        a.close()
+        counted.close()
+
+
+def test_a_wire_waits_on_a_blocking_socket_with_a_deadline(pair):
+    a, b = pair
+    b.setblocking(False)  # as a peer's shared descriptor may leave it: the wire still waits, and times out
+    wire = _protocol.Wire(b)
+    assert b.gettimeout() is None  # blocking: the kernel waits, with SO_RCVTIMEO
+    start = time.monotonic()
+    with pytest.raises(FrameTimeout):
+        wire.receive(deadline=deadline(0.2))
+    assert 0.15 < time.monotonic() - start < 2
+    threading.Timer(0.1, send_frame, args=(a, "exited", {"status": 7})).start()
+    assert wire.receive(deadline=deadline()).fields == {"status": 7}
+
+
+def test_a_wire_takes_fds_with_their_frame(pair):
+    # Two frames in one read, each with its fds: each frame gets its own, in order.
+    a, b = pair
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        send_frame(a, "spawned", {"pid": 1}, fds=[r1])
+        send_frame(a, "spawned", {"pid": 2}, fds=[r2])
+        wire = _protocol.Wire(b)
+        first = wire.receive(deadline=deadline(), limits=Limits(max_fds=1))
+        second = wire.receive(deadline=deadline(), limits=Limits(max_fds=1))
+        os.write(w1, b"1")
+        os.write(w2, b"2")
+        assert (first.fields, os.read(first.fds[0], 1), second.fields, os.read(second.fds[0], 1)) == (
+            {"pid": 1}, b"1", {"pid": 2}, b"2")
+        first.close_fds()
+        second.close_fds()
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
