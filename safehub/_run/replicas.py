@@ -181,14 +181,17 @@ class ReplicaProcess:
         self.pid = pidfd_pid(pidfd) or 0
 
     def running(self) -> bool:
-        if self.pidfd < 0:
-            return False
-        return not select.select([self.pidfd], [], [], 0)[0]  # a pidfd is readable once its process ended
+        return self.pidfd >= 0 and not self._ended(0)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until it ended (its status is the template's to read); TimeoutExpired past ``timeout``."""
-        if self.pidfd >= 0 and not select.select([self.pidfd], [], [], timeout)[0]:
+        if self.pidfd >= 0 and not self._ended(None if timeout is None else int(timeout * 1000)):
             raise subprocess.TimeoutExpired(f"replica {self.index}", timeout or 0)
+
+    def _ended(self, timeout_ms: int | None) -> bool:
+        poller = select.poll()  # a pidfd is readable once its process ended
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(timeout_ms))
 
     def kill(self) -> None:
         if self.pidfd >= 0:
