@@ -33,7 +33,9 @@ class RemoteModule:
     down. Several handles (two branches of one repository) each have their own worker; calls
     from several threads on one handle take turns. With ``replicas=N`` the model is served by N
     sandboxed workers that share one copy of its weights, and each call goes to an idle one
-    (:attr:`replicas`, :attr:`replica_pids`).
+    (:attr:`replicas`, :attr:`replica_pids`). A handle cannot be pickled or sent to another
+    process (a Ray task or actor, a ``multiprocessing`` child): load the model in the process
+    that calls it (README "Many nodes: Ray").
 
     Calls:
 
@@ -235,7 +237,14 @@ class RemoteModule:
         return f"<safehub.RemoteModule {self._session.model!r} ({self._class_name}), {state}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError("a RemoteModule cannot be pickled: its worker belongs to this process")
+        # A copy elsewhere would hold a channel to a worker it does not own: refuse, and say what works.
+        raise TypeError(
+            f"a safehub.RemoteModule cannot be pickled, copied or sent to another process (a Ray task or actor, "
+            f"ray.put, a multiprocessing child): its model {self._session.model!r} lives in a sandboxed worker that "
+            f"belongs to process {self._session.owner}. Send the repository and entrypoint instead, and load the model "
+            f"in the process that calls it: safehub.load(..., returns=\"remote\") in the Ray actor's __init__ (or the "
+            f"map_batches class's __init__, or the child process); see the README's Ray recipe."
+        )
 
 
 class _RemoteMethod:

@@ -265,6 +265,7 @@ class ReplicaSet:
     def __init__(self, template: RemoteSession, replicas: list[RemoteSession], sandbox: Sandbox) -> None:
         self.template = template
         self.model = template.model
+        self.owner = template.owner  # the process the replicas belong to
         self.sandbox = sandbox
         self.live = list(replicas)
         self.idle = list(reversed(replicas))  # popped from the end: replica 0 first
