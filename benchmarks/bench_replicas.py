@@ -9,8 +9,9 @@ The model is compute-bound: ``--layers`` linear layers of ``--width`` squared fl
 (the entrypoint sets it), so one call keeps one core busy. Two handles are loaded once each, every
 sandbox layer this machine offers, on the warm path: one plain remote handle (1 worker) and one
 with ``replicas=2``. Then, for ``--rounds`` rounds, each handle in turn (interleaved, so the load of
-the shared machine falls on both alike) gets ``--calls`` calls from two threads; the figure is
-calls per second, the best round of each. Beside it, the cores the worker's tree kept busy (its
+the shared machine falls on both alike) gets ``--calls`` calls from two threads. The figure is
+calls per second; the target is checked on the median of the rounds' ratios (each round's two
+figures taken back to back), the best round of each is printed too. Beside it, the cores the worker's tree kept busy (its
 CPU time over the wall time): on a quiet machine 1 and 2; on a loaded one, whatever share the
 scheduler gave, which shows whether a MISSED figure is the machine's or the replicas'.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -163,7 +165,8 @@ def main() -> None:
                 rates[n].append(rate)
                 cores[n].append(busy)
             print(f"round {round_ + 1}: 1 worker {rates[1][-1]:.2f} calls/s ({cores[1][-1]:.2f} cores busy), "
-                  f"2 replicas {rates[2][-1]:.2f} calls/s ({cores[2][-1]:.2f} cores busy); load average "
+                  f"2 replicas {rates[2][-1]:.2f} calls/s ({cores[2][-1]:.2f} cores busy), "
+                  f"{rates[2][-1] / rates[1][-1]:.2f}x; load average "
                   f"{os.getloadavg()[0]:.1f}")
         memory: dict[int, tuple[int, int]] = {}
         handles[2].close()
@@ -175,13 +178,14 @@ def main() -> None:
         memory[2] = machine_memory(handles[2])
         handles[2].close()
     best = {n: max(r) for n, r in rates.items()}
-    speedup = best[2] / best[1]
+    # Each round's two figures were taken back to back: their ratio is the A/B comparison.
+    speedup = statistics.median(two / one for one, two in zip(rates[1], rates[2]))
     ratio = memory[2][0] / memory[1][0]
     print(f"throughput: 1 worker {best[1]:.2f} calls/s, 2 replicas {best[2]:.2f} calls/s (best of {args.rounds} "
           f"interleaved rounds of {args.calls} calls from 2 threads)")
     print(f"memory (PSS of the worker tree and its zygote): 1 worker {memory[1][0] / 2**20:.0f} MiB in {memory[1][1]} "
           f"processes, 2 replicas {memory[2][0] / 2**20:.0f} MiB in {memory[2][1]} processes")
-    print(f"target: 2 replicas' throughput >= {THROUGHPUT_TARGET}x one worker: {speedup:.2f}x "
+    print(f"target: 2 replicas' throughput >= {THROUGHPUT_TARGET}x one worker (median of the rounds' ratios): {speedup:.2f}x "
           f"{'met' if speedup >= THROUGHPUT_TARGET else 'MISSED'}")
     print(f"target: 2 replicas' memory <= {MEMORY_TARGET}x one worker: {ratio:.2f}x "
           f"{'met' if ratio <= MEMORY_TARGET else 'MISSED'}")

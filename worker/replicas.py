@@ -12,6 +12,8 @@ Each replica, before it serves (the forking thread is the only one a fork keeps;
 threads stay behind in the template):
 
 - dies with the template (a parent-death signal), and reaps its own children (SIGCHLD default);
+- starts a session of its own, so that where the scheduler shares CPU between sessions
+  (``sched_autogroup``) each replica gets a worker's share, not a slice of one;
 - enters its own memory cgroup where the parent made one: it writes ``0`` (itself) into that
   cgroup's ``cgroup.procs``, opened by the parent and handed over with the REPLICATE, since
   Landlock keeps the worker from opening it;
@@ -112,6 +114,9 @@ def _become_replica(template_pid: int, index: int, replica_fd: int, procs_fd: in
         if os.getppid() != template_pid:
             os._exit(EXIT_SOFTWARE)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # A session of its own: where the scheduler groups tasks by session (autogroup), N
+        # replicas in one would share one worker's CPU on a busy machine.
+        os.setsid()
         if procs_fd is not None:
             os.write(procs_fd, b"0")  # "0": this process, into the replica's own memory cgroup
         wire.sock.detach()  # the template's channel: its fd is closed below, never by this object

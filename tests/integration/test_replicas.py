@@ -155,6 +155,7 @@ def test_each_replica_is_its_own_sandboxed_process(pair):
         assert facts["Seccomp"] == "2" and facts["NoNewPrivs"] == "1"
         uid = int(facts["Uid"].split()[0])
         assert uid != 0 and (os.geteuid() != 0 or uid == 65534)
+        assert os.getsid(pid) == pid  # a session (so a scheduler autogroup) of its own
     if CGROUPS:
         groups = {memory_cgroup_of(pid) for pid in pids}
         assert len(groups) == 2 and memory_cgroup_of(supervisor) not in groups
