@@ -175,11 +175,11 @@ class Cluster:
         print(f"\nRay cluster stopped in {time.monotonic() - began:.1f} s")
 
 
-def cluster_env(temp_dir: Path, auth: dict[str, str]) -> dict[str, str]:
+def cluster_env(temp_dir: Path, settings: dict[str, str]) -> dict[str, str]:
     """What Ray's workers inherit: this tree importable (the test's actor classes), a hub dir of
     their own, the auth mode, no token or other secret, GitHub nowhere (the tests load local repositories)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GITHUB_", "SAFEHUB_", "HF_"))}
-    env.update(auth, PYTHONPATH=str(ROOT), TORCH_HOME=str(temp_dir / "torch_home"), RAY_USAGE_STATS_ENABLED="0",
+    env.update(settings, PYTHONPATH=str(ROOT), TORCH_HOME=str(temp_dir / "torch_home"),
                SAFEHUB_GITHUB_URL="http://127.0.0.1:9", SAFEHUB_GITHUB_API_URL="http://127.0.0.1:9",
                # SIGTERM stops a node at once, as `ray stop` does, instead of draining it for Ray Serve for 30 s.
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
@@ -208,12 +208,13 @@ def cluster():
     # No token: the worst case, where whatever reaches the cluster's ports can run code on it (the
     # model must not). Said explicitly, for the nodes and this driver: else a ~/.ray/auth_token that
     # any local ray.init() on the machine writes turns token auth on in some processes only.
-    auth = {"RAY_AUTH_MODE": "disabled"}
-    env = cluster_env(temp_dir, auth)
+    # No usage reports either (Ray Data's would query a Prometheus on localhost:9090 and log each refusal).
+    settings = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
+    env = cluster_env(temp_dir, settings)
     started = time.monotonic()
     found = Cluster(temp_dir)
     patch = pytest.MonkeyPatch()
-    for name, value in auth.items():
+    for name, value in settings.items():
         patch.setenv(name, value)
     patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     try:
