@@ -80,7 +80,7 @@ class Worker:
                     settings = settings.replace(memory_cgroup=str(self.cgroup.path))
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
-            self.wire = protocol.Wire(self.sock)  # every frame of the worker's channel, both ways
+            self.wire = protocol.Wire(self.sock, spin=protocol.SPIN_S)  # every frame of the worker's channel, both ways
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc
         self.deadline = time.monotonic() + self.sandbox.timeout
