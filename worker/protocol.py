@@ -130,9 +130,11 @@ EXIT_MEANINGS = {
 
 _CHUNK = 1024 * 1024
 _SMALL = 64 * 1024  # a Wire's receive buffer: a frame up to this size arrives with one recvmsg
-# How long a call's channel looks for the next frame before it sleeps (``Wire(spin=...)``): longer
-# than a tiny call's turn on the other side, so a call answered within it costs no wake-up.
-SPIN_S = 200e-6
+# How long a call's channel looks for the next frame before it sleeps (``Wire(spin=...)``). Off:
+# 200 µs (longer than a tiny call's turn on the other side) measured no faster on this shared,
+# loaded 2-vCPU machine (a Wire ping-pong: 57-94 µs with it, 49-70 without, load 6.8); whether it
+# saves the two cross-CPU wake-ups on a quiet machine is to be measured there (bench_remote.py).
+SPIN_S = 0.0
 _INT_SIZE = array.array("i").itemsize
 # Plain ints: the socket module's flags are enums, whose arithmetic costs microseconds per read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -333,7 +335,7 @@ class Wire:
     the next read. Otherwise (:func:`recv_frame`) it never reads past the frame, as a socket
     shared with other readers needs.
 
-    ``spin`` (seconds; the call's channel uses :data:`SPIN_S`): before it sleeps for a frame, a
+    ``spin`` (seconds; the call's channel passes :data:`SPIN_S`, off for now): before it sleeps for a frame, a
     buffered wire looks for one without sleeping, yielding the CPU between looks. A reply, or
     the next call of a loop of calls, that comes within that time costs no wake-up of this
     process (a cross-CPU wake-up of a sleeping process costs tens of microseconds on a virtual
