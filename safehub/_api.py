@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _cache, _fetch, _log, _pins, _refs, _tree, _trust, constants
 from ._run import returns as _returns
+from ._run.replicas import check_replicas
 from ._worker import hubconf as _hubconf
 from .errors import (
     DamagedCacheError,
@@ -362,6 +363,7 @@ def load(
     isolate: Any = False,
     returns: str = "object",
     lock: str | os.PathLike[str] | None = None,
+    replicas: int = 1,
     **kwargs: Any,
 ) -> Any:
     r"""Load a model from a github repo or a local directory.
@@ -400,6 +402,10 @@ def load(
             calls run there, data in and data out (no trust needed). Default is ``"object"``.
         lock (path, optional): a lock file (``safehub lock``); the repository must have an entry
             there, and only the pinned commit with the pinned archive sha256 is used.
+        replicas (int, optional): with ``returns="remote"``, serve the model from this many
+            sandboxed workers that share one copy of its weights (forks of the loaded worker,
+            each with its own sandbox and limits); calls from several threads go to an idle one.
+            Default is 1.
         **kwargs (optional): the corresponding kwargs for callable ``model``.
 
     Returns:
@@ -422,6 +428,7 @@ def load(
     source = _check_source(source)
     sandbox = _sandbox_of(isolate)
     mode = _returns.mode_of(returns)
+    replicas = check_replicas(replicas, mode.name, sandbox)
     if sandbox is None and not mode.in_process:
         raise InvalidArgumentError(
             f"returns={returns!r} needs isolate=True: in-process, the repository's code runs here "
@@ -433,7 +440,8 @@ def load(
     )
     if sandbox is not None:
         with _blaming_a_damaged_tree(cache_entry):
-            return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, mode=mode, sandbox=sandbox, lock=lock)
+            return _isolated(repo_dir, "load", model=model, args=args, kwargs=kwargs, mode=mode, sandbox=sandbox, lock=lock,
+                             replicas=replicas)
     with _hubconf.prepended_sys_path(str(repo_dir)):
         with _blaming_a_damaged_tree(cache_entry):
             module = _import_in_process(repo_dir)

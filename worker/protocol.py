@@ -45,6 +45,13 @@ on the parent's handle is one exchange, data only (``values.py`` describes the v
                                 the weights layout), or FAILED {error, type, message, traceback}
     parent -> worker   CLOSE    {}: the worker exits (the parent kills the tree if it does not)
 
+Replicas (``replicas=N``, ``replicas.py``): instead of a first INVOKE the parent may send
+
+    parent -> worker   REPLICATE  {index} + the replica's channel [+ its memory cgroup's cgroup.procs,
+                                  opened for writing]: the work process, now a template that serves
+                                  no call, forks a replica that serves INVOKEs on that channel
+    worker -> parent   REPLICATED {pid} + a pidfd of the replica, or {error} (the fork was refused)
+
 The warm path speaks to its zygote in the same frames, on the zygote's own sockets:
 
     zygote -> parent   READY    {pid, namespaces}: once, on the control socket
@@ -113,6 +120,8 @@ INVOKE = "invoke"
 RETURNED = "returned"
 FAILED = "failed"
 CLOSE = "close"
+REPLICATE = "replicate"
+REPLICATED = "replicated"
 SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
 
 # How a worker process ends (the supervisor mirrors the work process; the zygote uses the same).
@@ -719,6 +728,8 @@ MESSAGES: dict[str, Message] = {
         Message(12, SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
         Message(13, SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
         Message(14, EXITED, "zygote", {"status": Field((int,))}),
+        Message(15, REPLICATE, "parent", {"index": Field((int,))}, max_fds=2),
+        Message(16, REPLICATED, "worker", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
     )
 }
 _BY_CODE: dict[int, Message] = {m.code: m for m in MESSAGES.values()}

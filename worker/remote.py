@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from . import failures, protocol, values, weights
+from . import failures, protocol, replicas, values, weights
 from .layout import WEIGHTS_METADATA
 from .protocol import EXIT_OK, EXIT_SOFTWARE, WorkerSettings
 
@@ -116,8 +116,11 @@ def public_methods(model: Any) -> list[str]:
     return names
 
 
-def serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any) -> int:
+def serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, *, replicas_allowed: bool = True) -> int:
     """Answer the parent's INVOKEs until CLOSE; the work process's exit code.
+
+    A REPLICATE before the first call (``replicas_allowed``) makes this process the template of
+    a replica set instead (``replicas.py``).
 
     ``channel`` is the conversation's ``work.Channel`` (on the same ``wire``): each call gets a
     fresh deadline for the questions the repository's code may ask meanwhile, and its lock keeps
@@ -127,16 +130,17 @@ def serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any) -> int:
     """
     torch = sys.modules.get("torch")
     with torch.inference_mode() if torch is not None else contextlib.nullcontext():
-        return _serve(wire, settings, channel, _held[0])
+        return _serve(wire, settings, channel, _held[0], replicas_allowed)
 
 
-def _serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, model: Any) -> int:
+def _serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, model: Any, replicas_allowed: bool) -> int:
     timeout, lock = settings.timeout, channel.lock
+    served = _SERVED + (protocol.REPLICATE,) if replicas_allowed else _SERVED
     while True:
         try:
             with lock:
                 frame = wire.receive(deadline=None, limits=_INVOKE_LIMITS)
-            protocol.check_message(frame, _SERVED)
+            protocol.check_message(frame, served)
         except protocol.FrameEOF:
             return EXIT_OK  # the parent let the handle go
         except protocol.FrameError as exc:
@@ -145,6 +149,9 @@ def _serve(wire: protocol.Wire, settings: WorkerSettings, channel: Any, model: A
         if frame.kind == protocol.CLOSE:
             frame.close_fds()
             return EXIT_OK
+        if frame.kind == protocol.REPLICATE:  # replicas=N: this process serves no call, it forks them
+            return replicas.template(wire, settings, channel, frame)
+        served = _SERVED  # only before the first call: a template holds nothing of a call
         deadline = channel.deadline = time.monotonic() + timeout
         if frame.fields["inference"]:
             kind, fields, buffers, fds = invoke(model, frame)

@@ -37,6 +37,7 @@ def run_isolated(
     sandbox: Sandbox,
     asks: Mapping[str, AskHandler] | None = None,
     view_dir: Path | None = None,
+    replicas: int = 1,
 ) -> Any:
     """Run ``list``, ``help`` or ``load`` for the hubconf.py in ``repo_dir`` in a worker.
 
@@ -54,6 +55,7 @@ def run_isolated(
         asks: handlers for what the worker may ask mid-call (``what`` -> handler); the rest is refused.
         view_dir: the call's view of the cache (``_egress.broker.Broker``): the worker reads it, and its
             fetch shims are on. None: no view, and the shims stay off.
+        replicas: with returns="remote", how many replicas serve the model (``replicas.py``).
 
     Raises:
         HubconfError, MissingDependenciesError, EntrypointNotFoundError: as torch.hub would.
@@ -83,7 +85,7 @@ def run_isolated(
                 raise failure
             if not handing_on and (full := replies.scratch_full(frame.fields.get("sandbox"))):
                 _log.warning(full)  # the repository went on; an exception it raised says it in its message
-            value = _decode(frame, action, mode, worker, model)
+            value = _decode(frame, action, mode, worker, model, replicas)
             if handing_on:
                 cleanup.pop_all()  # the handle owns the worker now: it ends when the handle closes
             return value
@@ -91,14 +93,14 @@ def run_isolated(
             frame.close_fds()
 
 
-def _decode(frame: protocol.Frame, action: str, mode: Mode, worker: Worker, model: str | None) -> Any:
+def _decode(frame: protocol.Frame, action: str, mode: Mode, worker: Worker, model: str | None, replicas: int) -> Any:
     """A RESULT's value: the entrypoints, the docstring, or the load's result by its mode's decoder."""
     replies.check_result(frame, action, mode.name)
     if action == "list":
         return replies.entrypoints(frame)
     if action == "help":
         return replies.docstring(frame)
-    return mode.decode(frame, worker, model or "")
+    return mode.decode(frame, worker, model or "", replicas)
 
 
 _reported: set[tuple[str, str]] = set()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .process import Worker
+from .replicas import ReplicaSet, open_replicas
 from .replies import MAX_NAME
 from .session import CALL_METHOD, GETATTR_METHOD, SELF, RemoteSession
 
@@ -30,7 +31,11 @@ class RemoteModule:
     :meth:`close`, the end of a ``with`` block, the handle being garbage-collected, or the
     interpreter's exit; if this process dies, its supervisor takes the worker's whole process tree
     down. Several handles (two branches of one repository) each have their own worker; calls
-    from several threads on one handle take turns.
+    from several threads on one handle take turns. With ``replicas=N`` the model is served by N
+    sandboxed workers that share one copy of its weights, and each call goes to an idle one
+    (:attr:`replicas`, :attr:`replica_pids`). A handle cannot be pickled or sent to another
+    process (a Ray task or actor, a ``multiprocessing`` child): load the model in the process
+    that calls it (README "Many nodes: Ray").
 
     Calls:
 
@@ -72,7 +77,7 @@ class RemoteModule:
             weights = unet.state_dict()
     """
 
-    def __init__(self, session: RemoteSession, methods: list[str], class_name: str) -> None:
+    def __init__(self, session: RemoteSession | ReplicaSet, methods: list[str], class_name: str) -> None:
         self._session = session
         self._methods = frozenset(methods)
         self._class_name = class_name
@@ -207,6 +212,20 @@ class RemoteModule:
         """The pid of the worker's supervisor, the top of its process tree; None once it is gone."""
         return self._session.pid
 
+    @property
+    def replicas(self) -> int:
+        """How many workers serve calls: ``replicas=N`` at load, fewer once one ended (they are not
+        replaced), 0 once the model is gone."""
+        return len(self.replica_pids) if isinstance(self._session, ReplicaSet) else int(not self.closed)
+
+    @property
+    def replica_pids(self) -> tuple[int, ...]:
+        """The pid of each replica still serving (``replicas=N``); a single worker's supervisor otherwise."""
+        if isinstance(self._session, ReplicaSet):
+            return () if self.closed else self._session.replica_pids
+        pid = self.pid
+        return () if pid is None or self.closed else (pid,)
+
     def __enter__(self) -> RemoteModule:
         return self
 
@@ -218,7 +237,14 @@ class RemoteModule:
         return f"<safehub.RemoteModule {self._session.model!r} ({self._class_name}), {state}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError("a RemoteModule cannot be pickled: its worker belongs to this process")
+        # A copy elsewhere would hold a channel to a worker it does not own: refuse, and say what works.
+        raise TypeError(
+            f"a safehub.RemoteModule cannot be pickled, copied or sent to another process (a Ray task or actor, "
+            f"ray.put, a multiprocessing child): its model {self._session.model!r} lives in a sandboxed worker that "
+            f"belongs to process {self._session.owner}. Send the repository and entrypoint instead, and load the model "
+            f"in the process that calls it: safehub.load(..., returns=\"remote\") in the Ray actor's __init__ (or the "
+            f"map_batches class's __init__, or the child process); see the README's Ray recipe."
+        )
 
 
 class _RemoteMethod:
@@ -235,9 +261,12 @@ class _RemoteMethod:
         return f"<remote method {self.__name__} of {self.handle!r}>"
 
 
-def open_remote(worker: Worker, model: str, methods: list[str], class_name: str) -> RemoteModule:
+def open_remote(worker: Worker, model: str, methods: list[str], class_name: str, *,
+                replicas: int = 1, applied: object = None) -> RemoteModule:
     """The handle of a worker that answered a ``returns="remote"`` load (``replies.remote_model``
-    checked the answer); it owns the worker from here."""
-    session = RemoteSession(worker, model)
+    checked the answer); it owns the worker from here. ``replicas`` above 1: the worker becomes
+    the template of that many replicas (``replicas.py``; ``applied``: the layers it reported)."""
+    session: RemoteSession | ReplicaSet
+    session = RemoteSession(worker, model) if replicas == 1 else open_replicas(worker, model, replicas, applied)
     session.warm_up()
     return RemoteModule(session, methods, class_name)

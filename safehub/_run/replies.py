@@ -160,3 +160,10 @@ def scratch_full(report: Any) -> str:
         f"the worker filled its scratch folder (HOME, TMPDIR, working folder) of {size / 1024**2:.0f} MiB: "
         "writes past it fail with 'No space left on device' (Sandbox(max_scratch_size=...) sets its size)"
     )
+
+
+def applied_layers(frame: protocol.Frame) -> list[str]:
+    """The sandbox layers a RESULT says are in force (its ``sandbox.applied``), or none."""
+    report = frame.fields.get("sandbox")
+    applied = report.get("applied") if isinstance(report, dict) else None
+    return [name for name in applied if isinstance(name, str)] if isinstance(applied, list) else []

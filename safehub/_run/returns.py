@@ -30,16 +30,18 @@ class Mode:
     keeps_worker: bool  # the worker stays up after the load: the result is a handle on it
     in_process: bool  # a load without isolation gives it too (the entrypoint's own return value)
     # The worker's RESULT (checked against the request) -> the value ``load`` returns. It takes
-    # the worker and the entrypoint's name, which a mode that keeps the worker hands to its handle.
-    decode: Callable[[protocol.Frame, Worker, str], Any]
+    # the worker, the entrypoint's name and the replicas asked for, which a mode that keeps the
+    # worker hands to its handle.
+    decode: Callable[[protocol.Frame, Worker, str, int], Any]
 
 
 OBJECT = Mode("object", needs_trust=True, keeps_worker=False, in_process=True,
-              decode=lambda frame, worker, model: replies.unpickled_object(frame, replies.result_cap(worker.sandbox)))
+              decode=lambda frame, worker, model, replicas: replies.unpickled_object(frame, replies.result_cap(worker.sandbox)))
 WEIGHTS = Mode("weights", needs_trust=False, keeps_worker=False, in_process=False,
-               decode=lambda frame, worker, model: replies.weights(frame, replies.result_cap(worker.sandbox)))
+               decode=lambda frame, worker, model, replicas: replies.weights(frame, replies.result_cap(worker.sandbox)))
 REMOTE = Mode("remote", needs_trust=False, keeps_worker=True, in_process=False,
-              decode=lambda frame, worker, model: open_remote(worker, model, *replies.remote_model(frame)))
+              decode=lambda frame, worker, model, replicas: open_remote(
+                  worker, model, *replies.remote_model(frame), replicas=replicas, applied=replies.applied_layers(frame)))
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (OBJECT, WEIGHTS, REMOTE)}
 
