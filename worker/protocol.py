@@ -55,11 +55,18 @@ Replicas (``replicas=N``, ``replicas.py``): instead of a first INVOKE the parent
 The warm path speaks to its zygote in the same frames, on the zygote's own sockets:
 
     zygote -> parent   READY    {pid, namespaces}: once, on the control socket
-    parent -> zygote   SPAWN    {}: SPAWN_FDS in that order; the settings descriptor is a memfd
-                                holding {"settings": WorkerSettings, "environ": {...}} as JSON,
-                                which the zygote hands to the new supervisor unread
+    parent -> zygote   SPAWN    {[spare_cgroup]}: SPAWN_FDS in that order; the settings descriptor is
+                                a memfd holding {"settings": WorkerSettings, "environ": {...}} as
+                                JSON, which the zygote hands to the call's worker unread;
+                                spare_cgroup: the memory cgroup for the next spare worker
     zygote -> parent   SPAWNED  {pid} + a pidfd of the supervisor, or {error} (fork failed)
     zygote -> parent   EXITED   {status}: its raw wait status, once the supervisor ended
+
+and to each worker it forks, on a socket of their own:
+
+    zygote -> worker   TAKE     {}: TAKE_FDS (a spare worker's call)
+    worker -> zygote   TAKEN    {shape, taken}: the call's shape (the next spare's); taken false:
+                                a spare prepared for another shape, which then exits
 
 Versioning: a new optional field keeps the version (it goes last in its declaration; a reader
 skips a number it does not know); a change of meaning bumps it, and a frame of any other version
@@ -122,7 +129,10 @@ FAILED = "failed"
 CLOSE = "close"
 REPLICATE = "replicate"
 REPLICATED = "replicated"
+TAKE = "take"
+TAKEN = "taken"
 SPAWN_FDS = ("reply", "channel", "stdout", "stderr", "settings")
+TAKE_FDS = SPAWN_FDS[1:]  # a call's own descriptors, as the zygote hands them to a spare worker
 
 # How a worker process ends (the supervisor mirrors the work process; the zygote uses the same).
 EXIT_OK = 0  # an answer (RESULT or ERROR) was sent
@@ -725,11 +735,13 @@ MESSAGES: dict[str, Message] = {
                                    "limit": _opt(str)}),
         Message(10, CLOSE, "parent", {}),
         Message(11, READY, "zygote", {"pid": Field((int,)), "namespaces": Field((bool,))}),
-        Message(12, SPAWN, "parent", {}, max_fds=len(SPAWN_FDS)),
+        Message(12, SPAWN, "parent", {"spare_cgroup": _opt(str, _NONE)}, max_fds=len(SPAWN_FDS)),
         Message(13, SPAWNED, "zygote", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
         Message(14, EXITED, "zygote", {"status": Field((int,))}),
         Message(15, REPLICATE, "parent", {"index": Field((int,))}, max_fds=2),
         Message(16, REPLICATED, "worker", {"pid": _opt(int), "error": _opt(str)}, max_fds=1),
+        Message(17, TAKE, "zygote", {}, max_fds=len(TAKE_FDS)),
+        Message(18, TAKEN, "worker", {"shape": Field((dict,)), "taken": Field((bool,))}),
     )
 }
 _BY_CODE: dict[int, Message] = {m.code: m for m in MESSAGES.values()}

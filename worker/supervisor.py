@@ -1,11 +1,16 @@
-"""P1 of a call: the supervisor. Cheap: no torch, no protocol; it forks the work process.
+"""The supervisor of one call: the first layers, one fork, and the end of the whole tree.
 
-It watches the parent through a pidfd and kills the whole tree if the parent dies (where pidfds
-are missing it has a parent-death signal instead), it is the child subreaper, every descriptor
-but stdio and the channel closed, no core dumps; it forks the work process (P2, ``work.py``),
-which applies the sandbox before any repository code runs. When P2 ends, for any reason, P1
-kills every remaining descendant (they re-parent to it) until none is left, then mirrors P2's
-fate. A cold P1 never imports torch; a warm one is a fork of the zygote, which has.
+A cold worker's supervisor is the interpreter the parent starts (``main``; it never imports
+torch); a warm one is a fork of the zygote, made for its call or ahead of it (a spare,
+``zygote.py``). It watches the parent through a pidfd and kills the whole tree if the parent dies
+(where pidfds are missing it has a parent-death signal instead), it is the child subreaper, every
+descriptor but stdio and what the work needs closed, no core dumps. It enters the call's memory
+cgroup and unshares its namespaces (``confine.prepare``), then forks once: the work process
+(``work.py``, which applies the rest of the sandbox before any repository code runs), or, in a
+new pid namespace, the namespace's init (pid 1, ``confine.become_init``), which forks the work as
+pid 2. When its child ends, for any reason, nothing of the tree is left (a namespace's processes
+die with its init, which the kernel makes wait for them; without one every descendant
+re-parents here and is killed), and it mirrors the work's fate.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import os
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from . import work
 from .protocol import EXIT_SUPERVISOR, EXIT_USAGE, WorkerSettings
+from .sandbox import confine
 from .sandbox.confine import close_other_fds, no_core_dumps
 from .sandbox.libc import prctl
 
@@ -27,7 +33,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def main(argv: list[str]) -> NoReturn:
-    """A cold worker's P1: ``--channel-fd FD --parent-pid PID --settings JSON``."""
+    """A cold worker's supervisor: ``--channel-fd FD --parent-pid PID --settings JSON``."""
     try:
         opts = _parse_args(argv)
         settings = WorkerSettings.from_json(opts["--settings"])
@@ -45,33 +51,55 @@ def main(argv: list[str]) -> NoReturn:
     except OSError as exc:
         print(f"safehub worker: supervisor failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SUPERVISOR)
-    supervise(channel_fd, parent_fd, settings)
+    supervise(parent_fd, confine.shape_of(settings), (channel_fd,), lambda prepared: work.Call(settings, channel_fd))
 
 
-def supervise(channel_fd: int, parent_fd: int | None, settings: WorkerSettings) -> NoReturn:
-    """Be P1 of one call: fork the work process, wait for it, kill what it left, mirror its end.
+def supervise(
+    parent_fd: int | None, shape: confine.Shape, keep: tuple[int, ...], take: Callable[[confine.Prepared], work.Call]
+) -> NoReturn:
+    """Be the supervisor of one call: prepare ``shape``, fork, wait, leave nothing, mirror the end.
 
-    A cold worker calls this from ``main``; on the warm path each supervisor the zygote forks
-    calls it once its session, stdio, working folder and environment are the call's.
-    ``parent_fd`` is a pidfd of the caller (None: bubblewrap or a death signal watches it).
+    ``parent_fd`` is a pidfd of the caller (None: bubblewrap or a death signal watches it);
+    ``keep``: the descriptors the work needs (the channel; on the warm path the zygote's socket),
+    closed here once it is forked; ``take`` runs in the work process and gives it its call.
     """
     try:
         if parent_fd is not None and _readable(parent_fd):
             os._exit(EXIT_SUPERVISOR)  # the caller is already gone: nobody waits for an answer
         # Orphans of the work process re-parent here, where they can be found and killed.
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-        close_other_fds((0, 1, 2, channel_fd) + ((parent_fd,) if parent_fd is not None else ()))
+        close_other_fds((0, 1, 2, *keep) + ((parent_fd,) if parent_fd is not None else ()))
         no_core_dumps()
-        supervisor = os.getpid()
-        worker = os.fork()
+        prepared = confine.prepare(shape)
+        me = os.pidfd_open(os.getpid())
+        status_r, status_w = os.pipe() if prepared.pid_ns else (-1, -1)
+        child = os.fork()
     except OSError as exc:
         print(f"safehub worker: supervisor failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SUPERVISOR)
-    if worker == 0:
-        work.run_work_process(supervisor, channel_fd, settings)
-    os.close(channel_fd)  # only the work process speaks; the parent sees EOF once it is gone
-    status = _wait_for(worker, parent_fd)
-    _kill_descendants()
+    if child == 0:
+        if parent_fd is not None:
+            os.close(parent_fd)
+        if prepared.pid_ns:
+            os.close(status_r)
+            confine.become_init(prepared, status_w, me)  # returns in the work process, pid 2
+        else:
+            confine.watch_parent(me)
+        work.run_work_process(take, prepared)
+    os.close(me)
+    for fd in keep + ((status_w,) if prepared.pid_ns else ()):
+        os.close(fd)  # only the work process speaks; the parent sees EOF once it is gone
+    status = _wait_for(child, parent_fd)
+    if prepared.pid_ns:
+        # /proc here is the namespace's now (its init mounted it): never read pids from it. The
+        # namespace's processes end with its init, which the kernel lets go only once they have.
+        if status is None:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        else:
+            status = confine.read_init_status(child, status_r, status)
+    else:
+        _kill_descendants()
     if status is None:
         os._exit(EXIT_SUPERVISOR)  # the parent died: nobody waits for an answer
     _mirror(status)

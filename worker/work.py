@@ -41,20 +41,17 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import signal
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from . import failures, hubconf, protocol, repo_view, shims
 from .failures import error as _error, exception as _exception, format_traceback as _format_traceback
 from .layout import DTYPE_NAMES, OBJECT_METADATA, WEIGHTS_METADATA
-from .protocol import EXIT_MEMORY, EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, WorkerSettings
+from .protocol import EXIT_MEMORY, EXIT_OK, EXIT_SOFTWARE, WorkerSettings
 from .sandbox import confine
-from .sandbox.libc import prctl
 
 _MAX_DOC = 1024 * 1024
-PR_SET_PDEATHSIG = 1
 # The call's arguments are the parent's (trusted) pickle; an answer is small, or fds.
 _CALL_LIMITS = protocol.Limits(max_buffers=1, max_buffer_bytes=1 << 40, max_total_bytes=1 << 40)
 _ANSWER_LIMITS = protocol.Limits(max_buffers=4, max_buffer_bytes=1 << 30, max_total_bytes=1 << 30, max_fds=4)
@@ -65,26 +62,37 @@ def preload() -> None:
 
     torch is imported and never used: no op may run before a fork.
     """
-    from . import objects, remote, weights  # noqa: F401 - imported late by _encode
+    from . import hf_hub, http_clients, objects, remote, weights  # noqa: F401 - imported late by _encode and shims
+    from .sandbox import seccomp
     import pickle, select, socket, traceback  # noqa: E401, F401 - what _work imports late
 
     import cloudpickle  # noqa: F401
     import torch  # noqa: F401
 
     _python_roots()
+    seccomp.preload()
     # torch's import left a finder per folder it looked in; each work process drops them
     # (_clean_sys_path), and freeing them there would copy every page they sit on: drop them once.
     sys.path_importer_cache.clear()
 
 
-def run_work_process(supervisor: int, channel_fd: int, settings: WorkerSettings) -> NoReturn:
-    """Be P2: confine this process, hold the call's conversation, exit with its code."""
+class Call(NamedTuple):
+    """What the work process needs of its call: the settings, and the channel to the parent."""
+
+    settings: WorkerSettings
+    channel_fd: int
+
+
+def run_work_process(take: Callable[[confine.Prepared], Call], prepared: confine.Prepared) -> NoReturn:
+    """Be the work process: take the call, confine this process, hold the conversation, exit with its code.
+
+    ``take`` gives the call (a spare worker waits for it there); ``prepared``: the layers the
+    supervisor applied before it forked this process.
+    """
     code = EXIT_SOFTWARE
     try:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the supervisor dies -> so does the work
-        if os.getppid() != supervisor:
-            os._exit(EXIT_SUPERVISOR)
-        code = _work(channel_fd, settings)
+        call = take(prepared)
+        code = _work(call.channel_fd, call.settings, prepared)
     except BaseException as exc:
         import traceback
 
@@ -94,16 +102,20 @@ def run_work_process(supervisor: int, channel_fd: int, settings: WorkerSettings)
         if failures.limit_behind(exc) == "memory_limit":
             code = EXIT_MEMORY
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        _flush()
         # _exit: no atexit handlers or lingering threads of the repository can delay the end.
         os._exit(code)
 
 
-def _work(channel_fd: int, settings: WorkerSettings) -> int:
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _work(channel_fd: int, settings: WorkerSettings, prepared: confine.Prepared) -> int:
     import socket
 
     global _channel
@@ -117,7 +129,8 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
 
     from . import weights  # noqa: F401 - before Landlock
 
-    report = confine.apply_sandbox(settings, keep_fds=(0, 1, 2, channel_fd))
+    confine.enter_call_cgroup(prepared, settings)
+    report = confine.apply_sandbox(settings, keep_fds=(0, 1, 2, channel_fd), prepared=prepared)
     missing = [layer for layer in settings.require if layer not in report.applied]
     if missing:
         reasons = "; ".join(f"{name}: {report.missing.get(name, 'not available')}" for name in missing)
@@ -140,6 +153,7 @@ def _work(channel_fd: int, settings: WorkerSettings) -> int:
     fields["sandbox"] = report.as_fields()
     if "scratch_limit" in report.applied:
         fields["sandbox"]["scratch"] = _scratch_use(settings.scratch_dir)
+    _flush()  # before the answer: the parent relays what was written, then may return at once
     try:
         sock.send_and_close(kind, fields, buffers, fds, deadline=deadline)
     except (protocol.FrameError, OSError) as exc:

@@ -19,17 +19,24 @@ What it holds
     torch, cloudpickle and the worker's own modules, imported (``work.preload``). It runs no
     torch op (libgomp hangs a forked child after a parallel op) and no repository code.
 
-Input and output (``protocol.py``: READY, SPAWN, SPAWNED, EXITED)
+Input and output (``protocol.py``: READY, SPAWN, SPAWNED, EXITED; TAKE, TAKEN)
     READY once the imports are done; then, for each SPAWN on the control socket, SPAWNED with a
-    pidfd of the new supervisor on the call's reply socket, and EXITED with its wait status once
+    pidfd of the call's supervisor on the call's reply socket, and EXITED with its wait status once
     the zygote has reaped it.
 
 Processes
-    Each supervisor sets itself up the way a cold one is started (its own session, stdout and
-    stderr on the call's pipes, the call's scratch folder as working folder, the call's
-    environment), then runs ``supervisor.supervise``, like a cold worker's P1: it watches the caller
-    (not the zygote) through the zygote's pidfd of it, forks the work process, which applies the
-    same sandbox (``confine.apply_sandbox``), kills whatever is left, and mirrors its end.
+    Each call's worker is a supervisor forked from the zygote, set up the way a cold one is
+    started (its own session, stdout and stderr on the call's pipes, the call's scratch folder as
+    working folder, the call's environment), which runs ``supervisor.supervise`` like a cold
+    worker's: it watches the caller (not the zygote) through the zygote's pidfd of it, enters the
+    call's cgroup and namespaces, forks the work process (under a small init in a pid namespace),
+    which applies the rest of the sandbox, and leaves nothing behind when it ends.
+
+    One such worker is kept ready (a spare, ``spare.py``): forked after a call for that call's
+    shape, cgroup entered and namespaces made, its work process waiting for the next call, which
+    the zygote hands it with TAKE. A spare that died is replaced (not after three in a row); one
+    that cannot take a call (another shape) exits, and the call gets a worker forked for it. When
+    the control socket closes the spare is let go, and waited for, before the zygote exits.
 
 Exit status
     0 when the control socket closes (after every supervisor ended and was reported) or the
@@ -40,22 +47,21 @@ Exit status
 from __future__ import annotations
 
 import gc
-import json
 import os
 import select
+import signal
 import socket
 import sys
 import time
 from typing import Any, NoReturn
 
-from . import protocol, supervisor, work
-from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, EXIT_USAGE, WorkerSettings
-from .sandbox import probe
+from . import protocol, spare, work
+from .protocol import EXIT_OK, EXIT_SOFTWARE, EXIT_SUPERVISOR, EXIT_USAGE
+from .sandbox import confine, probe
 from .sandbox.libc import libc
 
 _ARGS = ("--control-fd", "--parent-pid")
 _SEND_TIMEOUT_S = 5.0  # the parent reads every frame at once; a stuck one is given up, not waited on
-_MAX_CALL_BYTES = 64 * 1024 * 1024
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -85,16 +91,42 @@ def main(argv: list[str]) -> NoReturn:
     os._exit(EXIT_OK)
 
 
+class _Worker:
+    """A supervisor the zygote forked, with the socket its work process reports on (TAKEN)."""
+
+    def __init__(self, pid: int, post: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)  # opened while the child is unreaped: the pid is still its own
+        self.post = post
+
+
+class _Handoff:
+    """A call handed to a worker whose TAKEN is awaited (a spare's, or a fresh worker's shape)."""
+
+    def __init__(self, worker: _Worker, reply: socket.socket | None, call_fds: list[int]) -> None:
+        self.worker = worker
+        self.reply = reply  # None: the call is announced already (a fresh worker)
+        self.call_fds = call_fds  # the zygote's copies, kept for a fresh worker if the spare fails
+
+
 class _Zygote:
-    """The control loop: fork a supervisor per SPAWN, reap it, report its end."""
+    """The control loop: hand each SPAWN to the spare (or fork a worker for it), keep a spare
+    ready, reap every worker, report each call's end."""
 
     def __init__(self, control_fd: int, parent_fd: int) -> None:
         work.preload()
         self.control = socket.socket(fileno=control_fd)
         self.parent_fd = parent_fd
         self.calls: dict[int, tuple[int, socket.socket]] = {}  # supervisor pidfd -> (pid, reply socket)
+        self.handoffs: dict[int, _Handoff] = {}  # by its worker's post socket
+        self.spare: _Worker | None = None
+        self.retired: dict[int, int] = {}  # pidfd -> pid of workers let go, reaped when they end
+        self.shape: dict[str, Any] | None = None  # the last call's (TAKEN): the next spare's
+        self.spare_cgroup: str | None = None  # the parent's memory cgroup for the next spare
+        self.spare_deaths = 0  # spares in a row that died before taking a call
         spawn_fds = len(protocol.SPAWN_FDS)
         self.limits = protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=spawn_fds)
+        self.taken_limits = protocol.Limits(max_header_bytes=64 * 1024, max_buffers=0, max_fds=0)
 
     def serve(self) -> None:
         namespaces = self._namespaces_work()
@@ -111,20 +143,34 @@ class _Zygote:
         os.dup2(devnull, 2)
         os.close(devnull)
         accepting = True
-        while accepting or self.calls:
+        while accepting or self.calls or self.handoffs or self.retired:
             poller = select.poll()
             poller.register(self.parent_fd, select.POLLIN)
             if accepting:
                 poller.register(self.control, select.POLLIN)
-            for pidfd in self.calls:
-                poller.register(pidfd, select.POLLIN)
+            for fd in [*self.calls, *self.handoffs, *self.retired] + ([self.spare.pidfd] if self.spare else []):
+                poller.register(fd, select.POLLIN)
             ready = {fd for fd, _ in poller.poll()}
             if self.parent_fd in ready:
                 return  # each supervisor saw it too, and takes its own tree down
             for pidfd in ready & set(self.calls):
                 self._reap(pidfd)
+            for pidfd in ready & set(self.retired):
+                os.waitpid(self.retired.pop(pidfd), 0)
+                os.close(pidfd)
+            for fd in ready & set(self.handoffs):
+                self._taken(self.handoffs.pop(fd))
+            if self.spare is not None and self.spare.pidfd in ready:
+                self.spare_deaths += 1
+                self._retire(self.spare)
+                self.spare = None
             if accepting and self.control.fileno() in ready:
                 accepting = self._accept()
+                if not accepting:
+                    self._let_spare_go()
+            if accepting:
+                self._keep_spare()
+        self._let_spare_go()
 
     def _namespaces_work(self) -> bool:
         """Whether a forked child can unshare its namespaces here (tried in a throwaway child)."""
@@ -136,27 +182,132 @@ class _Zygote:
             frame = protocol.recv_frame(self.control, deadline=time.monotonic() + _SEND_TIMEOUT_S, limits=self.limits)
         except protocol.FrameError:
             return False
-        if frame.kind != protocol.SPAWN or len(frame.fds) != len(protocol.SPAWN_FDS):
+        try:
+            protocol.check_message(frame, (protocol.SPAWN,))
+        except protocol.FrameError:
+            frame.close_fds()
+            return False
+        if len(frame.fds) != len(protocol.SPAWN_FDS):
             frame.close_fds()
             return False
         reply_fd, *call_fds = frame.fds
         reply = socket.socket(fileno=reply_fd)
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self._send(reply, protocol.SPAWNED, {"error": f"fork failed: {exc}"})
-            reply.close()
-            pid = -1
-        if pid == 0:
-            self._become_supervisor(reply, *call_fds)
+        self.spare_cgroup = frame.fields.get("spare_cgroup")
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                protocol.send_frame(spare.post, protocol.TAKE, {}, fds=call_fds, deadline=time.monotonic() + _SEND_TIMEOUT_S)
+            except (protocol.FrameError, OSError):
+                self._retire(spare)
+                spare = None
+        if spare is not None:
+            self.handoffs[spare.post.fileno()] = _Handoff(spare, reply, call_fds)
+        else:
+            self._start_fresh(reply, call_fds)
+        return True
+
+    def _start_fresh(self, reply: socket.socket, call_fds: list[int]) -> None:
+        """Fork a worker for this call, with the call's descriptors, and announce it."""
+        worker = self._fork(call_fds=call_fds)
         for fd in call_fds:
             os.close(fd)  # the supervisor has them; a copy here would keep the call's pipes open
-        if pid > 0:
-            # Opened while the child is unreaped, so the pid cannot have been reused yet.
-            pidfd = os.pidfd_open(pid)
-            self.calls[pidfd] = (pid, reply)
-            self._send(reply, protocol.SPAWNED, {"pid": pid}, fds=(pidfd,))
-        return True
+        if worker is None:
+            self._send(reply, protocol.SPAWNED, {"error": "the zygote could not fork a worker"})
+            reply.close()
+            return
+        self._announce(worker, reply)
+        self.handoffs[worker.post.fileno()] = _Handoff(worker, None, [])  # for its shape
+
+    def _taken(self, handoff: _Handoff) -> None:
+        """A worker's TAKEN (or its end before it said anything)."""
+        worker = handoff.worker
+        try:
+            frame = protocol.check_message(
+                protocol.recv_frame(worker.post, deadline=time.monotonic() + _SEND_TIMEOUT_S, limits=self.taken_limits),
+                (protocol.TAKEN,))
+            self.shape, taken = frame.fields["shape"], frame.fields["taken"]
+        except protocol.FrameError:
+            taken = False  # it died first
+        worker.post.close()
+        if handoff.reply is None:
+            return  # a fresh worker's shape
+        if taken and _ended(worker.pidfd):
+            taken = False  # its supervisor died meanwhile (killed): its work process goes with it
+        if taken:
+            self.spare_deaths = 0
+            for fd in handoff.call_fds:
+                os.close(fd)
+            self._announce(worker, handoff.reply)
+            return
+        # The spare died, or was prepared for another shape and exits: a worker of the call's own.
+        self._retire(worker)
+        self._start_fresh(handoff.reply, handoff.call_fds)
+
+    def _announce(self, worker: _Worker, reply: socket.socket) -> None:
+        self.calls[worker.pidfd] = (worker.pid, reply)
+        self._send(reply, protocol.SPAWNED, {"pid": worker.pid}, fds=(worker.pidfd,))
+
+    def _keep_spare(self) -> None:
+        # Forked once no call runs: not at the expense of the call it follows (two cores here), and
+        # no worker ever runs beside an idle spare, which the next call's settings will reach.
+        if self.spare is None and self.shape is not None and self.spare_deaths < 3 and not self.handoffs and not self.calls:
+            try:
+                shape = spare.shape_from(self.shape, self.spare_cgroup)
+            except ValueError:
+                self.shape = None
+                return
+            self.spare = self._fork(shape=shape)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Let a worker go: its post socket closed (a waiting spare exits), reaped once it ends."""
+        worker.post.close()
+        self.retired[worker.pidfd] = worker.pid
+
+    def _let_spare_go(self) -> None:
+        """No more calls: the spare ends, and is waited for (its processes are gone after)."""
+        if self.spare is None:
+            return
+        worker, self.spare = self.spare, None
+        worker.post.close()
+        poller = select.poll()
+        poller.register(worker.pidfd, select.POLLIN)
+        if not poller.poll(int(_SEND_TIMEOUT_S * 1000)):
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+        os.waitpid(worker.pid, 0)
+        os.close(worker.pidfd)
+
+    def _fork(self, *, shape: confine.Shape | None = None, call_fds: list[int] | None = None) -> _Worker | None:
+        """Fork a supervisor: for a call (``call_fds``) or a spare of ``shape``; None if fork fails."""
+        post, child_post = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError:
+            post.close()
+            child_post.close()
+            return None
+        if pid == 0:
+            self._become_worker(child_post, shape, call_fds, post)
+        child_post.close()
+        return _Worker(pid, post)
+
+    def _become_worker(
+        self, child_post: socket.socket, shape: confine.Shape | None, call_fds: list[int] | None, post: socket.socket
+    ) -> NoReturn:
+        """In the forked child: the zygote's sockets are not the worker's. Detached, so that no
+        socket object closes a descriptor number the work process reuses (supervise() closes them)."""
+        try:
+            others = [self.control, post] + [r for _, r in self.calls.values()]
+            others += [h.worker.post for h in self.handoffs.values()] + [h.reply for h in self.handoffs.values() if h.reply]
+            others += [self.spare.post] if self.spare is not None else []
+            for sock in others:
+                sock.detach()
+            post_fd = child_post.detach()
+        except BaseException:
+            os._exit(EXIT_SUPERVISOR)
+        if call_fds is not None:
+            spare.fresh(post_fd, self.parent_fd, *call_fds)
+        assert shape is not None
+        spare.spare(post_fd, self.parent_fd, shape)
 
     def _reap(self, pidfd: int) -> None:
         pid, reply = self.calls.pop(pidfd)
@@ -171,40 +322,11 @@ class _Zygote:
         except (protocol.FrameError, OSError):
             pass  # the caller gave up on this call; its supervisor still watches the caller
 
-    def _become_supervisor(
-        self, reply: socket.socket, channel_fd: int, stdout_fd: int, stderr_fd: int, call_fd: int
-    ) -> NoReturn:
-        """In the forked child: take the call's session, stdio, folder and environment, then supervise."""
-        try:
-            # The zygote's sockets are not the supervisor's: detached, so that no socket object
-            # closes a descriptor number the work process reuses; supervise() closes them all.
-            for sock in [self.control, reply] + [r for _, r in self.calls.values()]:
-                sock.detach()
-            os.setsid()  # no controlling terminal, no signals from the caller's process group
-            os.dup2(stdout_fd, 1)
-            os.dup2(stderr_fd, 2)
-            call = json.loads(_read_all(call_fd))
-            settings, environ = WorkerSettings.from_dict(call["settings"]), call["environ"]
-            os.chdir(settings.scratch_dir)
-            os.environ.clear()
-            os.environ.update(environ)
-            _fresh_process_state()
-        except BaseException as exc:
-            try:
-                os.write(2, f"safehub worker: the supervisor could not take the call: {exc}\n".encode())
-            finally:
-                os._exit(EXIT_SUPERVISOR)
-        supervisor.supervise(channel_fd, self.parent_fd, settings)
 
-
-def _read_all(fd: int) -> bytes:
-    data = bytearray()
-    while len(data) <= _MAX_CALL_BYTES:
-        chunk = os.pread(fd, 1024 * 1024, len(data))  # pread: the parent's writes moved the offset
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise ValueError("the call's settings are too large")
+def _ended(pidfd: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _huge_pages() -> None:
@@ -236,10 +358,3 @@ def _huge_pages() -> None:
 
 _HUGE = 2 * 1024 * 1024
 _MADV_COLLAPSE = 25
-
-
-def _fresh_process_state() -> None:
-    """Give what a fresh interpreter seeds at start a seed of its own (random reseeds at fork)."""
-    random = sys.modules.get("numpy.random")  # seeded once, here, if anything imported it
-    if random is not None:
-        random.seed()

@@ -86,7 +86,12 @@ class Broker:
         self.records: list[FetchRecord] = []
 
     def close(self) -> None:
-        self.view.remove()
+        if self.records:
+            self.view.remove()  # before the restamp: removing a view's links changes their files' ctime
+        else:
+            from .._run import reaper
+
+            reaper.later(cleanup=self.view.remove)  # nothing was served: after the worker, in the background
         self._restamp(self.records)
         _record.publish(self.records)
 

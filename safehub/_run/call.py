@@ -79,7 +79,7 @@ def run_isolated(
             _report_missing_layers(frame.fields.get("sandbox"))
             handing_on = action == "load" and mode.keeps_worker and frame.kind == protocol.RESULT
             if not handing_on:
-                worker.finish()  # the whole answer is in: let the worker flush its output and exit
+                worker.release()  # the whole answer is in: the worker exits in the background
             failure = conversation.failure_of(frame, subject)
             if failure is not None:
                 raise failure

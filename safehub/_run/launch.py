@@ -60,8 +60,11 @@ class ColdProcess:
 WorkerProcess = Union[ColdProcess, "warm.WarmProcess"]
 
 
-def start_worker(settings: WorkerSettings, environ: dict[str, str], cwd: Path) -> tuple[WorkerProcess, socket.socket]:
-    """Start a worker for one call: (its process, the parent's end of its channel).
+def start_worker(
+    settings: WorkerSettings, environ: dict[str, str], cwd: Path, memory_limit: int | None
+) -> tuple[WorkerProcess, socket.socket, memory_cgroup.MemoryCgroup | None]:
+    """Start a worker for one call: (its process, the parent's end of its channel, its memory
+    cgroup of ``memory_limit`` bytes where one can be had: the caller removes it).
 
     Raises OSError where even a cold worker cannot start.
     """
@@ -69,15 +72,28 @@ def start_worker(settings: WorkerSettings, environ: dict[str, str], cwd: Path) -
     if zygote is not None and _warm_gives_enough(zygote, settings):
         sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            return zygote.spawn(settings, environ, child.fileno()), sock
+            warm_proc, cgroup = zygote.spawn(settings, environ, child.fileno(), memory_limit)
+            return warm_proc, sock, cgroup
         except warm.Unavailable as exc:
             # Whatever it may have forked sees this channel close and ends; this call goes cold.
             sock.close()
             warm.discard(zygote)
             _log.warning(f"{exc}; this call starts cold")
+        except BaseException:
+            sock.close()
+            raise
         finally:
             child.close()
-    return _start_cold(settings, environ, cwd)
+    cgroup = memory_cgroup.MemoryCgroup.create(memory_limit) if memory_limit else None
+    if cgroup is not None:
+        settings = settings.replace(memory_cgroup=str(cgroup.path))
+    try:
+        cold_proc, sock = _start_cold(settings, environ, cwd)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
+    return cold_proc, sock, cgroup
 
 
 def _warm_gives_enough(zygote: warm.Zygote, settings: WorkerSettings) -> bool:

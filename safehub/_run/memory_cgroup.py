@@ -14,7 +14,9 @@ children. Elsewhere the worker falls back to the address-space bound
 
 The worker joins its cgroup before any repository code runs: a cold one through
 :func:`join_argv` (the launch command writes its own pid into ``cgroup.procs`` and then execs,
-so bubblewrap and everything under it start inside), a warm one in ``confine.apply_sandbox``.
+so bubblewrap and everything under it start inside), a warm one through its supervisor
+(``confine.prepare``), which a spare worker does before its call: the warm path makes the next
+spare's cgroup with each call (``warm.py``) and sets its limit when a call takes it.
 """
 
 from __future__ import annotations
@@ -106,15 +108,16 @@ def probe() -> dict[str, str | bool]:
 class MemoryCgroup:
     """A worker's own memory cgroup, limited to ``limit`` bytes; :meth:`remove` when it is over."""
 
-    def __init__(self, version: str, path: Path, limit: int) -> None:
+    def __init__(self, version: str, path: Path, limit: int | None) -> None:
         self.version = version
         self.path = path
         self.limit = limit
 
     @classmethod
-    def create(cls, limit: int) -> MemoryCgroup | None:
+    def create(cls, limit: int | None) -> MemoryCgroup | None:
         """A new cgroup limited to ``limit`` bytes, or None where none can be had (see :func:`probe`).
 
+        ``limit`` None: no limit yet (a spare worker's, set by :meth:`set_limit` when a call takes it).
         Raises OSError when the cgroup was made but its limit could not be set (it is removed).
         """
         version, parent = _parent_folder()
@@ -127,21 +130,28 @@ class MemoryCgroup:
         except OSError:
             return None  # a race with a permission change, or too many cgroups: the fallback holds
         group = cls(version, path, limit)
-        try:
-            if version == "v1":
-                (path / "memory.limit_in_bytes").write_text(str(limit))
-                memsw = path / "memory.memsw.limit_in_bytes"
-                if memsw.exists():  # swap accounted: swap must not add to the limit
-                    memsw.write_text(str(limit))
-            else:
-                (path / "memory.max").write_text(str(limit))
-                swap = path / "memory.swap.max"
-                if swap.exists():
-                    swap.write_text("0")
-        except OSError:
-            group.remove()
-            raise
+        if limit is not None:
+            try:
+                group.set_limit(limit)
+            except OSError:
+                group.remove()
+                raise
         return group
+
+    def set_limit(self, limit: int) -> None:
+        """Hold everything in the cgroup to ``limit`` bytes (swap not counted on top). Raises OSError."""
+        path = self.path
+        if self.version == "v1":
+            (path / "memory.limit_in_bytes").write_text(str(limit))
+            memsw = path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():  # swap accounted: swap must not add to the limit
+                memsw.write_text(str(limit))
+        else:
+            (path / "memory.max").write_text(str(limit))
+            swap = path / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+        self.limit = limit
 
     @property
     def procs(self) -> str:

@@ -30,7 +30,7 @@ from .._sandbox import Sandbox, worker_environ
 from .._worker import protocol
 from .._limit_errors import SIGNAL_LIMITS, limit_error
 from ..errors import ProtocolError, WorkerCrashedError, WorkerError, WorkerTimeoutError
-from . import launch, memory_cgroup
+from . import launch, memory_cgroup, reaper
 from .output import Relay
 from .._stale import remove_tree
 from .replies import result_cap
@@ -67,19 +67,17 @@ class Worker:
         self._cleanup()
 
     def _start(self) -> None:
+        reaper.settle()  # no process of a call that returned is left when this one starts
         drop = os.geteuid() == 0 and "uid_drop" in self.sandbox.wanted_layers()
         try:
             self.scratch_dir = make_scratch(for_dropped_uid=drop)
             view = None if self.view_dir is None else str(self.view_dir)
             settings = self.sandbox.worker_settings(str(self.repo_dir), str(self.scratch_dir)).replace(view_dir=view)
             limit = self.sandbox.memory_limit
-            if limit is not None and "rlimits" in self.sandbox.wanted_layers():
-                # One bound for the whole sandbox where a cgroup can be had; else memory_shares.
-                self.cgroup = memory_cgroup.MemoryCgroup.create(limit)
-                if self.cgroup is not None:
-                    settings = settings.replace(memory_cgroup=str(self.cgroup.path))
+            # One bound for the whole sandbox where a cgroup can be had (launch.py); else memory_shares.
+            limit = limit if limit is not None and "rlimits" in self.sandbox.wanted_layers() else None
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
-            self.proc, self.sock = launch.start_worker(settings, environ, self.scratch_dir)
+            self.proc, self.sock, self.cgroup = launch.start_worker(settings, environ, self.scratch_dir, limit)
             self.wire = protocol.Wire(self.sock, spin=protocol.SPIN_S)  # every frame of the worker's channel, both ways
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc
@@ -171,6 +169,38 @@ class Worker:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=EXIT_GRACE_S)
 
+    def release(self) -> None:
+        """After the final answer of a call: show what the worker wrote before it, and leave its
+        end (exit, reaping, folders) to the background (``reaper.py``); the next call waits for
+        its processes to be gone."""
+        for relay in self.relays:
+            relay.settle(timeout=EXIT_GRACE_S)
+        if self.sock is not None:
+            self.sock.close()  # the answer is in: nothing more is read or sent
+        proc, relays, cgroup, scratch_dir = self.proc, self.relays, self.cgroup, self.scratch_dir
+        self.proc, self.sock, self.relays, self.cgroup, self.scratch_dir = None, None, [], None, None
+
+        def end() -> None:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=EXIT_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    if proc.running():
+                        kill_process_tree(proc.pid)
+                        with contextlib.suppress(OSError):
+                            proc.kill()
+                    proc.wait()
+
+        def cleanup() -> None:
+            for relay in relays:
+                relay.join(timeout=EXIT_GRACE_S)
+            if cgroup is not None:
+                cgroup.remove()
+            if scratch_dir is not None:
+                remove_tree(scratch_dir)
+
+        reaper.later(end=end, cleanup=cleanup)
+
     def kill(self) -> None:
         """Kill the worker's whole tree now; a thread blocked on its channel then sees it close."""
         if self.proc is not None and self.proc.running():  # only a live (unreaped) pid is ours to kill
@@ -182,6 +212,11 @@ class Worker:
         if self.sock is not None:
             self.sock.close()
         if self.proc is not None:
+            if self.proc.running():
+                # Its descendants first: the supervisor, their subreaper, reaps them and exits.
+                kill_process_tree(self.proc.pid, include_root=False)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=EXIT_GRACE_S)
             self.kill()
             self.proc.wait()
         for relay in self.relays:
@@ -211,7 +246,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def kill_process_tree(pid: int) -> None:
+def kill_process_tree(pid: int, *, include_root: bool = True) -> None:
     """Stop then kill every descendant of ``pid`` until none is left, then ``pid`` itself."""
     try:
         root = psutil.Process(pid)
@@ -229,8 +264,9 @@ def kill_process_tree(pid: int) -> None:
                 with contextlib.suppress(psutil.Error):
                     getattr(proc, action)()
         time.sleep(0.01)
-    with contextlib.suppress(psutil.Error):
-        root.kill()
+    if include_root:
+        with contextlib.suppress(psutil.Error):
+            root.kill()
 
 
 def _is_alive(proc: psutil.Process) -> bool:

@@ -35,6 +35,8 @@ from .._sandbox import Sandbox, worker_environ
 from .._worker import ENTRY_SCRIPT
 from .._worker import protocol
 from .._worker.protocol import WorkerSettings
+from . import reaper
+from .memory_cgroup import MemoryCgroup
 
 START_TIMEOUT_S = 120.0  # python -I plus import torch: about 1.5 s here, far more on a cold disk
 SPAWN_TIMEOUT_S = 10.0
@@ -106,6 +108,13 @@ class Zygote:
         self.namespaces = namespaces  # its children can unshare namespaces
         self.owner = os.getpid()
         self.send_lock = threading.Lock()
+        self.spare_cgroup: MemoryCgroup | None = None  # the cgroup the zygote's spare worker enters
+
+    def gone(self) -> None:
+        """Once the zygote has exited (its spare with it): remove the spare's cgroup."""
+        if self.spare_cgroup is not None and self.owner == os.getpid():
+            self.spare_cgroup.remove()
+            self.spare_cgroup = None
 
     @classmethod
     def start(cls, key: dict[str, str]) -> Zygote:
@@ -150,8 +159,31 @@ class Zygote:
     def alive(self) -> bool:
         return self.owner == os.getpid() and self.proc.poll() is None
 
-    def spawn(self, settings: WorkerSettings, environ: dict[str, str], channel_fd: int) -> WarmProcess:
-        """Have the zygote fork a worker for one call on ``channel_fd``; raise Unavailable if it will not."""
+    def spawn(
+        self, settings: WorkerSettings, environ: dict[str, str], channel_fd: int, memory_limit: int | None
+    ) -> tuple[WarmProcess, MemoryCgroup | None]:
+        """Have the zygote start a worker for one call on ``channel_fd`` (its spare, or one forked
+        for it), in a memory cgroup of ``memory_limit`` bytes where one can be had; return it and
+        that cgroup (the caller removes it). Raises Unavailable if the zygote will not, OSError if
+        the cgroup's limit cannot be set."""
+        with self.send_lock:  # the spare's cgroup goes to one call, in the order of the SPAWNs
+            cgroup, self.spare_cgroup = self.spare_cgroup, None
+            try:
+                if cgroup is None:
+                    cgroup = MemoryCgroup.create(memory_limit) if memory_limit else None
+                elif memory_limit:
+                    cgroup.set_limit(memory_limit)
+                if cgroup is not None and memory_limit:
+                    settings = settings.replace(memory_cgroup=str(cgroup.path))
+                # The next spare's, made now: the zygote forks it as soon as this call is handed over.
+                self.spare_cgroup = MemoryCgroup.create(None)
+                return self._spawn(settings, environ, channel_fd), cgroup
+            except BaseException:
+                if cgroup is not None:
+                    reaper.later(cleanup=cgroup.remove)  # the spare may still be in it
+                raise
+
+    def _spawn(self, settings: WorkerSettings, environ: dict[str, str], channel_fd: int) -> WarmProcess:
         ours: list[Any] = []  # closed if this fails
         theirs: list[Any] = []  # closed once the zygote has its copies
         try:
@@ -166,11 +198,11 @@ class Zygote:
             theirs.append(call_fd)
             by_name = {"reply": reply_child.fileno(), "channel": channel_fd, "stdout": out_w, "stderr": err_w,
                        "settings": call_fd}
-            with self.send_lock:
-                protocol.send_frame(
-                    self.control, protocol.SPAWN, {}, fds=[by_name[name] for name in protocol.SPAWN_FDS],
-                    deadline=time.monotonic() + SPAWN_TIMEOUT_S,
-                )
+            spare_cgroup = None if self.spare_cgroup is None else str(self.spare_cgroup.path)
+            protocol.send_frame(
+                self.control, protocol.SPAWN, {"spare_cgroup": spare_cgroup}, fds=[by_name[name] for name in protocol.SPAWN_FDS],
+                deadline=time.monotonic() + SPAWN_TIMEOUT_S,
+            )
             # Ours closed before waiting, so the pipes reach EOF when the worker's side is done.
             _close(theirs)
             frame = protocol.recv_frame(reply, deadline=time.monotonic() + SPAWN_TIMEOUT_S, limits=_LIMITS)
@@ -308,7 +340,10 @@ def current_pid() -> int | None:
 
 
 def _reap_retired() -> None:
-    _retired[:] = [z for z in _retired if z.proc.poll() is None]
+    for zygote in _retired:
+        if zygote.proc.poll() is not None:
+            zygote.gone()
+    _retired[:] = [z for z in _retired if z.proc.returncode is None]
 
 
 @atexit.register
@@ -319,6 +354,7 @@ def stop() -> None:
     ``EXIT_REPORT_S`` is lost with it.
     """
     global _current
+    reaper.drain()  # the calls that returned: their processes gone, their folders removed
     with _lock:
         if _current is not None:
             _current.close()
@@ -328,6 +364,7 @@ def stop() -> None:
                 zygote.proc.wait(timeout=EXIT_REPORT_S)  # idle, it exits as soon as its socket closes
             except subprocess.TimeoutExpired:
                 _stop(zygote.proc)
+            zygote.gone()
         _retired.clear()
 
 

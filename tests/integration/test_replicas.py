@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import safehub
-from safehub._run import memory_cgroup
+from safehub._run import memory_cgroup, warm
 from safehub._sandbox import Sandbox
 from safehub.errors import InvalidArgumentError, RemoteClosedError, SandboxError, WorkerCrashedError
 from tests.local_repos import write_repo
@@ -247,6 +247,7 @@ def test_without_a_fork_replicas_are_refused_with_the_reason(probe_repo, monkeyp
     if CGROUPS:
         # As root: no cgroup for this worker, so seccomp refuses fork in it; the worker says so.
         monkeypatch.setattr(memory_cgroup.MemoryCgroup, "create", staticmethod(lambda limit: None))
+        warm.stop()  # nor the cgroup the warm path made for its spare worker before
         with pytest.raises(SandboxError, match="could not fork a replica.*Operation not permitted"):
             load(probe_repo, "probe", limited, replicas=2)
         # ... and where the parent knows beforehand, nothing is loaded.

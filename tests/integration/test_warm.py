@@ -23,7 +23,8 @@ import pytest
 import safehub
 from safehub import _bwrap
 from safehub._run import call as _isolation
-from safehub._run import run_isolated
+from safehub._run import memory_cgroup
+from safehub._run import reaper, run_isolated
 from safehub._run import warm as _zygote
 from safehub._sandbox import ALLOWED_ENV, Sandbox
 from safehub.errors import ResultDecodeError, WorkerTimeoutError
@@ -67,6 +68,25 @@ def daemon():
         time.sleep(0.01)
     with open(pid_file) as f:
         return int(f.read())
+
+
+def family():
+    """This work process and a daemon it leaves behind (host pids with no pid namespace)."""
+    return {"pid": os.getpid(), "daemon": daemon()}
+
+
+def alive(pids):
+    """Which of ``pids`` this worker sees alive in /proc (zombies aside)."""
+    seen = []
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            seen.append(pid)
+    return seen
 
 
 def reach(pid):
@@ -150,6 +170,15 @@ def descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True) if not gone(p.pid)}
 
 
+def nothing_left(before: set[int]) -> bool:
+    """Once the last call's processes are reaped: of the processes alive ``before`` it (the zygote
+    and the spare worker that took the call), only the zygote is; what is new is the next spare
+    alone (its supervisor, its init in a pid namespace, its work process)."""
+    reaper.settle()
+    after = descendants()
+    return before & after == {_zygote.current_pid()} and len(after - before) <= 3
+
+
 def test_the_zygote_starts_on_first_use_and_is_reused(repo):
     _zygote.stop()
     safehub.Sandbox()
@@ -159,9 +188,12 @@ def test_the_zygote_starts_on_first_use_and_is_reused(repo):
     assert zygote is not None and psutil.Process(zygote).ppid() == os.getpid()
     second = run_isolated(repo, "load", model="ids", sandbox=BARE)
     assert _zygote.current_pid() == zygote
-    # A fresh worker per call, each forked (through its supervisor) by the same zygote.
+    # A fresh worker per call, each forked (through its supervisor) by the same zygote; the first
+    # is gone before the second starts, the second once the background reaping settled.
     assert first["grandparent"] == second["grandparent"] == zygote
-    assert first["pid"] != second["pid"] and gone(first["pid"]) and gone(second["pid"])
+    assert first["pid"] != second["pid"] and gone(first["pid"])
+    reaper.settle()
+    assert gone(second["pid"])
 
 
 def test_threads_share_one_zygote(repo, monkeypatch):
@@ -190,7 +222,7 @@ def test_the_zygote_is_started_again_after_being_killed(repo):
     zygote = _zygote.current_pid()
     os.kill(zygote, signal.SIGKILL)
     # At once, before it is even reaped: the call still gets an answer (warm again, or cold).
-    assert run_isolated(repo, "list", sandbox=BARE) == ["daemon", "ids", "reach", "spin", "threads"]
+    assert run_isolated(repo, "list", sandbox=BARE) == ["alive", "daemon", "family", "ids", "reach", "spin", "threads"]
     assert wait_until(lambda: gone(zygote))
     assert run_isolated(repo, "load", model="ids", sandbox=BARE)["grandparent"] == _zygote.current_pid()
     assert _zygote.current_pid() not in (None, zygote)
@@ -258,18 +290,19 @@ def test_nothing_is_left_behind_a_warm_call(repo, sandbox):
     before = descendants()
     daemon = run_isolated(repo, "load", model="daemon", sandbox=sandbox)
     assert isinstance(daemon, int)
+    assert nothing_left(before)
     if sandbox is BARE:  # a host pid; in a pid namespace it names nothing out here
         assert gone(daemon)
-    assert descendants() == before == {_zygote.current_pid()}  # the zygote alone, and nothing under it
 
 
 def test_timeout_on_the_warm_path(repo):
     zygote = _zygote.current_pid()
+    before = descendants()
     start = time.monotonic()
     with pytest.raises(WorkerTimeoutError):
         run_isolated(repo, "load", model="spin", sandbox=Sandbox(timeout=1.5, memory_limit=None))
     assert time.monotonic() - start < 6
-    assert descendants() == {zygote}
+    assert nothing_left(before)
     assert run_isolated(repo, "load", model="ids", sandbox=BARE)["grandparent"] == zygote
 
 
@@ -330,3 +363,50 @@ def test_the_parent_imports_nothing_of_the_repository(repo, action):
     new = set(sys.modules) - before
     assert not {"hubconf", "warm_helpers", "warm_helpers.things"} & set(sys.modules)
     assert not [n for n in new if str(getattr(sys.modules[n], "__file__", "")).startswith(str(repo))]
+
+
+def spare_tree() -> set[int]:
+    """Every process under the zygote: between calls, its spare worker's."""
+    return {p.pid for p in psutil.Process(_zygote.current_pid()).children(recursive=True) if not gone(p.pid)}
+
+
+def test_no_process_of_a_call_outlives_the_next_ones_start(repo):
+    # Returned at once, its end left to the background: the next call's worker looks in /proc
+    # (the host's, without a pid namespace) for the last one's work process and its daemon.
+    first = run_isolated(repo, "load", model="family", sandbox=BARE)
+    assert run_isolated(repo, "load", model="alive", args=([first["pid"], first["daemon"]],), sandbox=BARE) == []
+    # The canary can fail: the same look at processes that are alive.
+    assert run_isolated(repo, "load", model="alive", args=([os.getpid(), _zygote.current_pid()],), sandbox=BARE) != []
+
+
+@pytest.mark.parametrize("which", ["supervisor", "work process"])
+@pytest.mark.parametrize("sandbox", [BARE, Sandbox(timeout=60)], ids=["bare", "every-layer"])
+def test_a_spare_that_died_is_replaced_and_the_call_still_works(repo, which, sandbox):
+    run_isolated(repo, "list", sandbox=sandbox)  # the next spare is prepared for this call's shape
+    reaper.settle()  # that call's processes gone: what is left under the zygote is its spare
+    # Its supervisor and work process, and the pid namespace's init between them where there is one.
+    size = 3 if sandbox is not BARE and safehub.sandbox_report()["namespaces"]["active"] else 2
+    assert wait_until(lambda: len(spare_tree()) == size)
+    (supervisor,) = psutil.Process(_zygote.current_pid()).children()
+    tree = [supervisor, *supervisor.children(recursive=True)]
+    victim = supervisor if which == "supervisor" else next(p for p in tree if not p.children())
+    victim.kill()
+    # At once: the zygote may not have seen it die yet; the call gets a worker either way.
+    assert run_isolated(repo, "load", model="ids", sandbox=sandbox)["pid"] > 0
+    assert wait_until(lambda: all(gone(p.pid) for p in tree))
+    assert wait_until(lambda: len(spare_tree()) == size)  # a new spare, ready for the next call
+    assert not set(spare_tree()) & {p.pid for p in tree}
+
+
+def test_no_spare_is_left_after_stop(repo):
+    run_isolated(repo, "list", sandbox=Sandbox(timeout=60))
+    reaper.settle()
+    assert wait_until(lambda: len(spare_tree()) >= 2)
+    spare = spare_tree()
+    _zygote.stop()
+    assert descendants() == set()  # the zygote waited for its spare before it exited
+    assert all(gone(pid) for pid in spare)
+    bound = memory_cgroup.probe()
+    if bound["available"]:
+        version, parent = memory_cgroup._parent_folder()
+        assert not list(parent.glob(f"safehub-{os.getpid()}-*"))  # the spare's cgroup too

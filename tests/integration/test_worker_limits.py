@@ -19,7 +19,7 @@ import safehub
 from safehub._run import call as _call
 from safehub._run import memory_cgroup
 from safehub._run import process as _process
-from safehub._run import run_isolated
+from safehub._run import reaper, run_isolated
 from safehub._sandbox import Sandbox, default_max_processes
 from safehub.errors import SandboxLimitError
 from tests.local_repos import write_repo
@@ -112,6 +112,7 @@ def _mount_namespace_here() -> bool:
 @pytest.fixture
 def host_scratch(monkeypatch):
     """What each call's scratch folder held on the host when the call ended."""
+    reaper.drain()  # earlier calls' folders, removed in the background, are not this call's
     seen: list[list[str]] = []
     real = _process.remove_tree
 
@@ -130,6 +131,7 @@ def test_the_scratch_is_a_tmpfs_of_max_scratch_size(repo, host_scratch):
     assert got["size"] == 64 * MIB
     assert got["cwd"] == got["home"] == got["tmpdir"]
     assert got["files"] == ["probe.txt", "repo"]  # what it wrote, and the repository's private view (repo_view.py)
+    reaper.drain()  # the call returned with its answer; its end ran in the background
     assert host_scratch == [[]]  # what the worker wrote never reached the disk
 
 
@@ -148,13 +150,14 @@ def test_each_worker_has_a_memory_cgroup_of_memory_limit_removed_after(repo, mon
     if not bound["available"]:
         pytest.skip(f"no memory cgroup here ({bound['detail']}); the address-space bound is attacked in tests/security")
     made: list[memory_cgroup.MemoryCgroup] = []
-    real = memory_cgroup.MemoryCgroup.create
+    real = _process.launch.start_worker
 
-    def create(limit: int) -> memory_cgroup.MemoryCgroup | None:
-        made.append(real(limit))
-        return made[-1]
+    def start_worker(*args, **kwargs):  # the worker's cgroup: made for it, or its spare's
+        proc, sock, cgroup = real(*args, **kwargs)
+        made.append(cgroup)
+        return proc, sock, cgroup
 
-    monkeypatch.setattr(memory_cgroup.MemoryCgroup, "create", staticmethod(create))
+    monkeypatch.setattr(_process.launch, "start_worker", start_worker)
     remote = run_isolated(repo, "load", model="stay", returns="remote", sandbox=Sandbox(timeout=60, memory_limit=3 * GIB))
     try:
         assert remote.ping() == "pong"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from safehub._run import run_isolated
+from safehub._run import reaper, run_isolated
 from safehub._sandbox import Sandbox
 from safehub.errors import ProtocolError, ResultDecodeError
 from tests.local_repos import write_repo
@@ -198,7 +198,7 @@ HOSTILE = '''
 CHILD = r'''
 import json, resource, sys
 import torch
-from safehub._run import run_isolated
+from safehub._run import reaper, run_isolated
 from safehub._sandbox import Sandbox
 from safehub.errors import SafeHubError
 
@@ -320,10 +320,12 @@ def test_kept_results_of_a_remote_model_hold_no_descriptor(repo):
 
 def test_kept_weights_results_hold_no_descriptor(repo):
     run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=UNBOUNDED)
+    reaper.drain()  # the workers' ends (their pipes and sockets) run in the background
     before = open_fds()
     kept = [run_isolated(repo, "load", model="tensors", args=(8, 64 * 1024), returns="weights", sandbox=UNBOUNDED)
             for _ in range(4)]
     gc.collect()  # nothing but the kept results may hold anything
+    reaper.drain()
     after = open_fds()
     assert memfd_mappings() >= 4
     assert [float(t[0]) for t in kept[-1].values()] == [float(i) for i in range(8)]

@@ -1,18 +1,24 @@
 """Confine the worker before any repository code runs. Standard library only.
 
-``apply_sandbox`` is the one hook for the sandbox layers (DESIGN 5). The worker calls it once, in
-the forked, single-threaded work process, after the request arrived and before ``hubconf.py`` is
-imported. Layers go on in this order, each where the machine allows and ``settings.layers``
-asks for it:
+The layers go on in two steps, in this order, each where the machine allows and
+``settings.layers`` asks for it. The first two do not depend on the call but on its
+:class:`Shape` (which namespaces, which memory cgroup): :func:`prepare` applies them in the
+supervisor, which then forks the work process (through a small init where there is a pid
+namespace), ahead of the call on the warm path (a spare worker, ``zygote.py``).
+``apply_sandbox`` applies the rest in the forked, single-threaded work process, after the request
+arrived and before ``hubconf.py`` is imported:
 
 0. memory_cgroup: where the parent made one for the call (``settings.memory_cgroup``) and the
-   launch command did not enter it already, the process enters it before anything else, so all
+   launch command did not enter it already, the supervisor enters it before anything else, so all
    it will fork and allocate counts against ``memory_limit`` (``WorkerSettings.memory_shares``).
-1. session: every descriptor but stdio and the channel closed, umask 077, no core dumps.
-2. namespaces (user, net, ipc, pid, mount), unless bubblewrap already made them. A new pid
-   namespace takes effect for children only, so the process forks here: a small init becomes
-   pid 1 of the namespace (a fresh /proc mounted) and forks the work as pid 2, which goes on;
-   the process left outside waits and mirrors the work's fate.
+1. namespaces (user, net, ipc, pid, mount, uts), unless bubblewrap already made them: the
+   supervisor unshares them. A new pid namespace takes effect for children only: the
+   supervisor's child is a small init, pid 1 of the namespace (a fresh /proc mounted, see
+   :func:`become_init`), which forks the work as pid 2. The work is not pid 1 itself: the kernel
+   drops every signal a namespace's pid 1 sends itself without a handler, so it could not die of
+   ``os.kill(os.getpid(), SIGSEGV)`` or ``abort()`` as it does anywhere else.
+2. session (the work process): every descriptor but stdio and the channel closed, umask 077, no
+   core dumps.
 3. The scratch folder (part of rlimits): a tmpfs of its ``memory_shares`` size mounted over it in
    the private mount namespace (bubblewrap mounts its own), owned by the uid the work runs as,
    and the working folder entered again. As root without a mount namespace, one is made for it;
@@ -43,6 +49,8 @@ import os
 import resource
 import signal
 from typing import Any, Iterable
+
+from dataclasses import dataclass, field
 
 from .. import grants
 from ..protocol import MemoryShares, WorkerSettings
@@ -89,17 +97,155 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Report:
-    """Apply every wanted, available layer; return what is in force.
+@dataclass(frozen=True)
+class Shape:
+    """What a worker's first layers depend on: the same for most calls, so a spare can have them."""
 
-    May fork (pid namespace): then only the child returns; the parent exits with its status.
+    namespaces: bool  # unshare them here (wanted, and not made by bubblewrap)
+    user: bool  # with a user namespace (not root, which keeps its privileges to drop its uid)
+    network: bool  # keep the host's network (no network namespace)
+    cgroup: str | None  # the memory cgroup to enter (None: none, or the launch command entered it)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"namespaces": self.namespaces, "user": self.user, "network": self.network, "cgroup": self.cgroup}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Shape:
+        types = {"namespaces": bool, "user": bool, "network": bool}
+        if not isinstance(data, dict) or any(type(data.get(k)) is not v for k, v in types.items()):
+            raise ValueError(f"not a worker shape: {data!r}")
+        cgroup = data.get("cgroup")
+        if cgroup is not None and type(cgroup) is not str:
+            raise ValueError(f"not a cgroup: {cgroup!r}")
+        return cls(data["namespaces"], data["user"], data["network"], cgroup)
+
+    def serves(self, call: Shape) -> bool:
+        """Whether a worker prepared with this shape can take a call of shape ``call``: the same
+        namespaces; a call with a cgroup of its own enters it (:func:`enter_call_cgroup`)."""
+        return (self.namespaces, self.user, self.network) == (call.namespaces, call.user, call.network)
+
+
+def shape_of(settings: WorkerSettings) -> Shape:
+    """The shape of a call with these settings (in the process that will apply its layers)."""
+    wanted = set(settings.layers)
+    in_bwrap = "bubblewrap" in settings.applied_by_parent
+    drop = os.geteuid() == 0 and "uid_drop" in wanted and not in_bwrap
+    joined = "memory_cgroup" in settings.applied_by_parent
+    return Shape(
+        namespaces="namespaces" in wanted and not in_bwrap,
+        # Root that will drop its uid needs no user namespace (and must keep CAP_SYS_ADMIN for the
+        # mounts of the drop); anyone else gets one, which makes the other namespaces unprivileged.
+        user=not drop,
+        network=settings.network,
+        cgroup=None if joined else settings.memory_cgroup,
+    )
+
+
+@dataclass
+class Prepared:
+    """The first layers, as the supervisor applied them; the work process inherits it (fork)."""
+
+    shape: Shape
+    applied: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+    pid_ns: bool = False  # the next child is pid 1 of a new pid namespace
+    cgroup: str | None = None  # the memory cgroup this process entered
+
+
+def prepare(shape: Shape) -> Prepared:
+    """In the supervisor: enter the shape's memory cgroup and unshare its namespaces.
+
+    Raises OSError when the cgroup cannot be entered: the parent counted on it.
     """
+    prepared = Prepared(shape)
+    if shape.cgroup:
+        join_memory_cgroup(shape.cgroup)  # before anything is forked or allocated
+        prepared.cgroup = shape.cgroup
+        prepared.applied.append("memory_cgroup")
+    if shape.namespaces:
+        report = Report()
+        prepared.pid_ns = _attempt(report, "namespaces", lambda: namespaces.enter(
+            user=shape.user, net=not shape.network, ipc=True, pid=True, mount=True, uts=True))
+        prepared.applied += report.applied
+        prepared.missing.update(report.missing)
+    return prepared
+
+
+def enter_call_cgroup(prepared: Prepared, settings: WorkerSettings) -> None:
+    """In the work process: a call whose memory cgroup is not the one the supervisor entered
+    (a spare prepared before the parent made it) enters its own now."""
+    call = shape_of(settings).cgroup
+    if call and call != prepared.cgroup:
+        join_memory_cgroup(call)
+        prepared.cgroup = call
+        if "memory_cgroup" not in prepared.applied:
+            prepared.applied.append("memory_cgroup")
+
+
+def become_init(prepared: Prepared, status_w: int, supervisor_fd: int) -> None:
+    """In the supervisor's child, pid 1 of the new pid namespace: fork the work and return in it.
+
+    This process mounts the namespace's own /proc, forks the work (pid 2, which returns), then
+    reaps every process that re-parents to it until the work ends, writes the work's wait status
+    to ``status_w`` and exits: the kernel then kills whatever is left in the namespace, and waits
+    for it, before the supervisor sees this process end. ``supervisor_fd``: a pidfd of the
+    supervisor (this one dies with it).
+    """
+    libc().prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _ended(supervisor_fd):
+        os._exit(70)
+    os.close(supervisor_fd)
+    try:
+        # A /proc of this namespace only: other processes' entries disappear.
+        check(
+            libc().mount(b"proc", b"/proc", b"proc", namespaces.MS_NOSUID | namespaces.MS_NODEV | namespaces.MS_NOEXEC, None),
+            "mount(/proc)",
+        )
+    except OSError as exc:
+        prepared.missing["private_proc"] = f"{exc}"
+    try:
+        init_fd = os.pidfd_open(os.getpid())
+        work = os.fork()
+    except OSError:
+        os._exit(70)
+    if work == 0:
+        os.close(status_w)
+        watch_parent(init_fd)
+        return
+    # Only the status pipe: no copy of the channel, the pipes or the zygote's socket here keeps
+    # them open once the work is gone.
+    close_other_fds((status_w,))
+    while True:  # orphans of the work re-parent here and are reaped along the way
+        pid, status = os.waitpid(-1, 0)
+        if pid == work:
+            break
+    os.write(status_w, str(status).encode())
+    os._exit(0)
+
+
+def watch_parent(parent_fd: int) -> None:
+    """In a forked child: die with the parent (``parent_fd``, its pidfd), even if it is already gone."""
+    libc().prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _ended(parent_fd):
+        os._exit(70)
+    os.close(parent_fd)
+
+
+def _ended(pidfd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int], prepared: Prepared) -> Report:
+    """Apply every wanted, available layer after those ``prepared`` applied; return what is in force."""
     report = Report()
     wanted = set(settings.layers)
     report.applied += settings.applied_by_parent
-    if settings.memory_cgroup and "memory_cgroup" not in report.applied:
-        join_memory_cgroup(settings.memory_cgroup)  # before anything is forked or allocated
-        report.applied.append("memory_cgroup")
+    report.applied += [name for name in prepared.applied if name != "memory_cgroup" or settings.memory_cgroup]
+    report.missing.update(prepared.missing)
     close_other_fds(keep_fds)
     os.umask(0o077)  # files the worker creates are its own, even in a shared /tmp
     no_core_dumps()
@@ -109,13 +255,9 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int]) -> Repor
     shares = settings.memory_shares(in_bubblewrap=in_bwrap)
     is_root = os.geteuid() == 0
     drop = is_root and "uid_drop" in wanted and not in_bwrap
-    pid_ns = False
-    if "namespaces" in wanted and not in_bwrap:
-        pid_ns = _attempt(report, "namespaces", lambda: _enter_namespaces(settings, keep_root=drop))
-    elif "namespaces" not in report.applied:
+    pid_ns = prepared.pid_ns
+    if "namespaces" not in wanted and "namespaces" not in report.applied:
         report.missing["namespaces"] = "switched off by Sandbox(layers=...)"
-    if pid_ns:
-        fork_into_pid_namespace(report)
     mount_ns = pid_ns
     if "rlimits" in wanted and shares.scratch and "scratch_limit" not in report.applied:
         owner = UNPRIVILEGED_UID if drop else os.getuid()
@@ -160,64 +302,35 @@ def _attempt(report: Report, name: str, apply: Any) -> bool:
     return True
 
 
-def _enter_namespaces(settings: WorkerSettings, *, keep_root: bool) -> dict[str, Any]:
-    # Root that will drop its uid needs no user namespace (and must keep CAP_SYS_ADMIN for the
-    # mounts of the drop); anyone else gets one, which makes the other namespaces unprivileged.
-    return namespaces.enter(
-        user=not keep_root, net=not settings.network, ipc=True, pid=True, mount=True, uts=True
-    )
-
-
 def fork_into_pid_namespace(report: Report) -> None:
-    """Fork into the new pid namespace: a small init as its pid 1, the work as pid 2.
-
-    Only the work returns; the caller, left outside the namespace, mirrors the work's end. The
-    work is not pid 1 itself: the kernel drops every signal a namespace's pid 1 sends itself
-    without a handler (``os.kill(os.getpid(), SIGSEGV)``, SIGABRT from ``abort()``), so it
-    could not die of them as it does anywhere else.
-    """
+    """After unsharing a pid namespace here: fork its init (:func:`become_init`), and go on in
+    the work it forks (pid 2). This process, left outside, waits and mirrors the work's end."""
     status_r, status_w = os.pipe()
+    me = os.pidfd_open(os.getpid())
     init = os.fork()
     if init == 0:
         os.close(status_r)
-        # When pid 1 exits the kernel kills every process of the namespace: nothing outlives it.
-        libc().prctl(namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        try:
-            # A /proc of this namespace only: other processes' entries disappear.
-            check(
-                libc().mount(b"proc", b"/proc", b"proc", namespaces.MS_NOSUID | namespaces.MS_NODEV | namespaces.MS_NOEXEC, None),
-                "mount(/proc)",
-            )
-        except OSError as exc:
-            report.missing["private_proc"] = f"{exc}"
-        _init(status_w)
-        os.close(status_w)
+        prepared = Prepared(Shape(True, True, False, None), pid_ns=True)
+        become_init(prepared, status_w, me)
+        report.missing.update(prepared.missing)
         return
     os.close(status_w)
-    _, status = os.waitpid(init, 0)
-    told = os.read(status_r, 32)  # the work's own status; nothing if init was killed first
-    if told.isdigit():
-        status = int(told)
+    os.close(me)
+    status = read_init_status(init, status_r)
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 70)
 
 
-def _init(status_w: int) -> None:
-    """As pid 1: fork the work (which returns), reap until it ends, pass its status up, exit."""
-    try:
-        work = os.fork()
-    except OSError:
-        os._exit(70)
-    if work == 0:
-        return
-    while True:  # orphans of the work re-parent here and are reaped along the way
-        pid, status = os.waitpid(-1, 0)
-        if pid == work:
-            break
-    os.write(status_w, str(status).encode())
-    os._exit(0)
+def read_init_status(init: int, status_r: int, status: int | None = None) -> int:
+    """The work's wait status as its init passed it up (reaping the init unless ``status`` is its
+    status already); the init's own if it was killed before it could say."""
+    if status is None:
+        _, status = os.waitpid(init, 0)
+    told = os.read(status_r, 32)  # nothing if init was killed first
+    os.close(status_r)
+    return int(told) if told.isdigit() else status
 
 
 def join_memory_cgroup(folder: str) -> None:

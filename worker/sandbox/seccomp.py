@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import struct
@@ -552,6 +553,25 @@ def current_mode() -> int:
     return res if res >= 0 else -1
 
 
+@functools.lru_cache(maxsize=None)
+def _kill_action() -> int:
+    return SECCOMP_RET_KILL_PROCESS if action_available(SECCOMP_RET_KILL_PROCESS) else SECCOMP_RET_KILL_THREAD
+
+
+@functools.lru_cache(maxsize=None)
+def _program(network: bool, memfds: bool, one_address_space: bool, kill: int) -> tuple[bytes, list[str]]:
+    # Cached: assembling takes milliseconds of Python, and a warm worker inherits the zygote's cache.
+    return build_program(network=network, memfds=memfds, one_address_space=one_address_space, kill_action=kill)
+
+
+def preload() -> None:
+    """For the zygote: assemble the filters a worker most often installs (without network; with
+    and without a memory cgroup), so a forked worker installs one without building it."""
+    if supported():
+        for one_space in (False, True):
+            _program(False, not one_space, one_space, _kill_action())
+
+
 def install(*, network: bool = False, memfds: bool = True, one_address_space: bool = False) -> dict[str, Any]:
     """Install the allow-list filter on every thread of this process.
 
@@ -570,8 +590,8 @@ def install(*, network: bool = False, memfds: bool = True, one_address_space: bo
     Raises:
         OSError: unsupported architecture, or the kernel refused the filter.
     """
-    kill = SECCOMP_RET_KILL_PROCESS if action_available(SECCOMP_RET_KILL_PROCESS) else SECCOMP_RET_KILL_THREAD
-    program, denied = build_program(network=network, memfds=memfds, one_address_space=one_address_space, kill_action=kill)
+    kill = _kill_action()
+    program, denied = _program(network, memfds, one_address_space, kill)
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     lib = libc()
@@ -598,7 +618,7 @@ def install(*, network: bool = False, memfds: bool = True, one_address_space: bo
         "applied": True,
         "arch": platform.machine(),
         "network": network,
-        "denied": denied,
+        "denied": list(denied),
         "unsupported": sorted(UNSUPPORTED),
         "newest_known": "%s (%d)" % newest_known(),
         "arg_checks": {
