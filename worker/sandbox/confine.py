@@ -35,7 +35,10 @@ arrived and before ``hubconf.py`` is imported:
    scratch folder; no TCP (unless ``network``); no signals or abstract sockets out.
 7. rlimits: memory, CPU, processes, open files, file size, no core dumps; torch's thread
    counts lowered where its default pools would not fit in ``max_processes``.
-8. seccomp last, since it denies calls the layers before it make (unshare, mount). Without a
+8. no_capabilities: a process in a user namespace of its own holds every capability of it
+   (the worker never execs, which would clear them): all are dropped once the mounts and id maps
+   are made (``capabilities.py``).
+9. seccomp last, since it denies calls the layers before it make (unshare, mount). Without a
    memory cgroup it also holds the worker to one address space (no new processes, no memfds),
    the half of the memory bound rlimits cannot hold (reported as ``one_address_space``).
 
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 
 from .. import grants
 from ..protocol import MemoryShares, WorkerSettings
-from . import landlock, limits, namespaces, seccomp
+from . import capabilities, landlock, limits, namespaces, seccomp
 from .libc import check, libc
 
 UNPRIVILEGED_UID = 65534  # "nobody"
@@ -273,6 +276,9 @@ def apply_sandbox(settings: WorkerSettings, *, keep_fds: Iterable[int], prepared
         _attempt(report, "landlock", lambda: _landlock(settings))
     if "rlimits" in wanted:
         _attempt(report, "rlimits", lambda: _rlimits(settings, shares, report, nproc_base))
+    if not _in_initial_user_namespace():
+        # Every capability of the namespaces entered above (mounts and id maps are done): none left.
+        _attempt(report, "no_capabilities", capabilities.drop_all)
     # Without a memory cgroup, the address-space bound holds only with seccomp's half of it.
     one_space = "rlimits" in wanted and shares.one_address_space
     if "seccomp" in wanted:
