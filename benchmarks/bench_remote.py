@@ -165,6 +165,8 @@ def ray_call(calls: int) -> float | None:
         import ray
     except ImportError:
         return None
+    if not hasattr(ray, "remote"):  # a folder named ray on the path, not the package
+        return None
 
     @ray.remote
     class Linear:

@@ -15,6 +15,7 @@ parent refuses every question during a call, and between calls nobody reads them
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import Any
@@ -59,20 +60,38 @@ def hold(model: Any) -> dict[str, Any]:
 
 
 def warm_up() -> None:
-    """Run a call's own path once at load (the codec both ways, inference mode, a small module), so
-    the first call costs what later ones do: a forked worker pays for first use of each code path
-    (lazy initialisation, and the zygote's pages it copies on first write)."""
+    """Run a call's whole path once at load (the INVOKE's header, the codec both ways, inference
+    mode, :func:`invoke` on a small stand-in module, the RETURNED's header), so the first call
+    costs what later ones do: a forked worker pays for first use of each code path (lazy
+    initialisation, and the zygote's pages it copies on first write). The model itself is not
+    called: a call may have effects."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
     try:
         with torch.inference_mode():
-            x = torch.ones(1, 8)
-            packed = values.pack_call((x,), {"k": [1.0, "s"]})
-            (y,), _ = values.unpack_call(packed.tree, [bytes(b) for b in packed.buffers])
-            values.pack({"out": torch.nn.Linear(8, 2)(y)}, root="result")  # nn.Module's own call path too
+            packed = values.pack_call((torch.ones(1, 8),), {"k": [1.0, "s"]})
+            fields = {"method": CALL_METHOD, "call": packed.tree, "inference": True}
+            invoke_message = protocol.MESSAGES[protocol.INVOKE]
+            fields = protocol.decode_fields(invoke_message, protocol.encode_fields(invoke_message, fields), 0)
+            frame = protocol.Frame(protocol.INVOKE, fields, [bytearray(b) for b in packed.buffers])
+            protocol.check_message(frame, (protocol.INVOKE, protocol.CLOSE))
+            kind, fields, buffers, fds = invoke(_StandIn(torch), frame)
+            protocol.encode_head(kind, fields, [len(b) for b in buffers], len(fds))
+            for fd in fds:
+                os.close(fd)
     except Exception:
         pass  # only a head start: a call that cannot warm up here still runs
+
+
+class _StandIn:
+    """What :func:`warm_up` calls instead of the model: an ``nn.Linear(8, 2)`` and a dict result."""
+
+    def __init__(self, torch: Any) -> None:
+        self.linear = torch.nn.Linear(8, 2)
+
+    def __call__(self, x: Any, k: Any = None) -> Any:
+        return {"out": self.linear(x), "k": k}
 
 
 def holding() -> bool:

@@ -119,7 +119,7 @@ def _work(channel_fd: int, settings: WorkerSettings, prepared: confine.Prepared)
     import socket
 
     global _channel
-    sock = protocol.Wire(socket.socket(fileno=channel_fd))  # every frame of the call's channel, both ways
+    sock = protocol.Wire(socket.socket(fileno=channel_fd), spin=protocol.SPIN_S)  # every frame of the call's channel, both ways
     deadline = time.monotonic() + settings.timeout
     try:
         call = protocol.check_message(sock.receive(deadline=deadline, limits=_CALL_LIMITS), (protocol.CALL,))

@@ -78,7 +78,7 @@ class Worker:
             limit = limit if limit is not None and "rlimits" in self.sandbox.wanted_layers() else None
             environ = worker_environ(self.sandbox, str(self.scratch_dir), torch_home=view)
             self.proc, self.sock, self.cgroup = launch.start_worker(settings, environ, self.scratch_dir, limit)
-            self.wire = protocol.Wire(self.sock)  # every frame of the worker's channel, both ways
+            self.wire = protocol.Wire(self.sock, spin=protocol.SPIN_S)  # every frame of the worker's channel, both ways
         except OSError as exc:
             raise WorkerError(f"could not start the worker: {exc}") from exc
         self.deadline = time.monotonic() + self.sandbox.timeout

@@ -115,11 +115,20 @@ class RemoteSession:
         return value
 
     def warm_up(self) -> None:
-        """Run this side of a call's path once (the codec both ways), so the first call costs what later ones do."""
+        """Run this side of a call's path once (the INVOKE's header, the codec both ways, a
+        RETURNED read as a reply is), so the first call costs what later ones do."""
         if "torch" in sys.modules:
             torch = sys.modules["torch"]
             packed = values.pack_call((torch.ones(1, 8),), {"k": [1.0, "s"]})
-            values.unpack(packed.tree, [bytes(b) for b in packed.buffers], replies.VALUE_CAPS)
+            protocol.encode_head(protocol.INVOKE, {"method": CALL_METHOD, "call": packed.tree, "inference": True},
+                                 [len(b) for b in packed.buffers])
+            result = values.pack({"out": torch.ones(1, 2)}, root="result")
+            message = protocol.MESSAGES[protocol.RETURNED]
+            fields = protocol.decode_fields(message, protocol.encode_fields(message, {"value": result.tree}), 0)
+            frame = protocol.check_message(protocol.Frame(protocol.RETURNED, fields, [bytearray(b) for b in result.buffers]),
+                                           conversation.INVOKE.expected)
+            if conversation.failure_of(frame, _subject(CALL_METHOD, self.sandbox)) is None:
+                replies.returned_value(frame, CALL_METHOD, _name(CALL_METHOD), replies.result_cap(self.sandbox))
 
     def close(self) -> None:
         """End the worker (politely: CLOSE, then the tree is killed if it lingers). Idempotent."""

@@ -441,3 +441,22 @@ def test_a_wire_takes_fds_with_their_frame(pair):
     finally:
         for fd in (r1, w1, r2, w2):
             os.close(fd)
+
+
+def test_a_spinning_wire_reads_frames_and_fds_as_a_sleeping_one(pair):
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        wire = _protocol.Wire(b, spin=0.01)
+        threading.Timer(0.05, send_frame, args=(a, "spawned", {"pid": 3}), kwargs={"fds": [r]}).start()
+        frame = wire.receive(deadline=deadline(), limits=Limits(max_fds=1))  # past the spin: it sleeps, then reads
+        assert frame.fields == {"pid": 3} and len(frame.fds) == 1
+        frame.close_fds()
+        send_frame(a, "exited", {"status": 1})
+        assert wire.receive(deadline=deadline()).fields == {"status": 1}  # within the spin
+        a.close()
+        with pytest.raises(FrameEOF):
+            wire.receive(deadline=deadline())
+    finally:
+        os.close(r)
+        os.close(w)
