@@ -44,7 +44,7 @@ from .._worker import protocol
 from ..errors import InvalidArgumentError, ProtocolError, RemoteClosedError, SandboxError, WorkerCrashedError, WorkerError
 from . import conversation, memory_cgroup
 from .process import EXIT_GRACE_S, Worker
-from .session import FETCH_REFUSED, SELF, RemoteSession
+from .session import FETCH_REFUSED, SELF, RemoteSession, next_limit
 
 MAX_REPLICAS = 256
 # Calls that change the model's weights without returning the model: made on every replica.
@@ -381,15 +381,9 @@ class ReplicaSet:
 
     def _watch(self) -> None:
         """End the set once it sat idle, or lived, longer than the sandbox allows (as one worker would)."""
-        idle, lifetime = self.sandbox.idle_timeout, self.sandbox.lifetime
         with self.state:
             while self.gone is None:
-                limits = []
-                if lifetime is not None:
-                    limits.append((self.started + lifetime, f"its lifetime of {lifetime:g} s ran out (Sandbox(lifetime=...))"))
-                if idle is not None and not self.busy:
-                    limits.append((self.last_used + idle, f"it sat idle for {idle:g} s (Sandbox(idle_timeout=...))"))
-                when, why = min(limits) if limits else (None, "")
+                when, why = next_limit(self.sandbox, self.started, self.last_used, self.busy)
                 now = time.monotonic()
                 if when is not None and when <= now:
                     break

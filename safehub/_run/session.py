@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._sandbox import Sandbox
 from .._worker import protocol, values
 from ..errors import (
     InvalidArgumentError,
@@ -227,19 +228,13 @@ class RemoteSession:
 
     def _watch(self) -> None:
         """The watchdog: end the worker once it sat idle, or lived, longer than the sandbox allows."""
-        idle, lifetime = self.sandbox.idle_timeout, self.sandbox.lifetime
         with self.state:
             while self.gone is None:
-                limits = []
-                if lifetime is not None:
-                    limits.append((self.started + lifetime, f"its lifetime of {lifetime:g} s ran out (Sandbox(lifetime=...))"))
-                if idle is not None and not self.busy:
-                    limits.append((self.last_used + idle, f"it sat idle for {idle:g} s (Sandbox(idle_timeout=...))"))
+                when, why = next_limit(self.sandbox, self.started, self.last_used, self.busy)
                 now = time.monotonic()
-                if not limits:
+                if when is None:
                     self.state.wait()
                     continue
-                when, why = min(limits)
                 if when <= now:
                     break
                 self.state.wait(when - now)
@@ -260,6 +255,22 @@ class RemoteSession:
             if self.worker.sock is not None and not self.cleaned:
                 self.cleaned = True
                 self.worker.sock.close()
+
+
+def next_limit(sandbox: Sandbox, started: float, last_used: float, busy: int) -> tuple[float | None, str]:
+    """When the sandbox's lifetime or idle timeout next ends a remote model (monotonic time), and
+    why; ``(None, "")`` when neither applies now. ``busy``: calls running (no idle timeout while
+    any runs). One worker's rule, and a replica set's."""
+    idle, lifetime = sandbox.idle_timeout, sandbox.lifetime
+    limits = []
+    if lifetime is not None:
+        limits.append((started + lifetime, f"its lifetime of {lifetime:g} s ran out (Sandbox(lifetime=...))"))
+    if idle is not None and not busy:
+        limits.append((last_used + idle, f"it sat idle for {idle:g} s (Sandbox(idle_timeout=...))"))
+    if not limits:
+        return None, ""
+    when, why = min(limits)
+    return when, why
 
 
 def _why(exc: BaseException, method: str) -> str:

@@ -40,6 +40,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
+from . import capabilities
 from .libc import prctl
 
 __all__ = ["apply_rlimits", "drop_privileges", "fit_torch_threads", "tasks_of_uid", "untraversable_ancestor"]
@@ -181,17 +182,6 @@ def fit_torch_threads(max_processes: int | None, cpus: int | None = None) -> int
     return fit
 
 
-def _cap_eff() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return None
-
-
 def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: bool = True) -> dict[str, Any]:
     """Switch a root process to ``uid``/``gid`` for good, and prove there is no way back.
 
@@ -226,7 +216,7 @@ def drop_privileges(uid: int = 65534, gid: int | None = None, *, no_new_privs: b
     # Verify: every id changed, no capability left, and the way back is closed.
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
         raise RuntimeError(f"uid drop incomplete: {os.getresuid()} {os.getresgid()} {os.getgroups()}")
-    cap_eff = _cap_eff()
+    cap_eff = capabilities.effective()
     if cap_eff:
         raise RuntimeError(f"uid drop left capabilities: CapEff={cap_eff:#x}")
     attempts: tuple[Callable[[], None], ...] = (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.setgroups([0]))
