@@ -151,6 +151,7 @@ HOSTILE_HUBCONF = '''
     import pickle
     import socket
     import struct
+    import sys
     import time
 
 
@@ -164,10 +165,14 @@ HOSTILE_HUBCONF = '''
         raise RuntimeError("no channel")
 
 
-    def _frame(fields, buffers=()):
-        header = json.dumps({"v": 3, "kind": "result", **fields}).encode()
-        lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-        return struct.pack(">4sHHI", b"SHUB", 3, len(buffers), len(header)) + lengths + header + b"".join(buffers)
+    def _protocol():
+        """The worker's own frame code: hostile code can import it as the worker did."""
+        return sys.modules["_safehub_worker.protocol"]
+
+
+    def _frame(fields, buffers=(), nfds=0):
+        head = _protocol().encode_head("result", fields, [len(b) for b in buffers], nfds)
+        return head + b"".join(buffers)
 
 
     class Canary:
@@ -190,7 +195,9 @@ HOSTILE_HUBCONF = '''
 
 
     def huge_prefix():
-        _send(struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF), then_sleep=True)
+        protocol = _protocol()
+        code = protocol.MESSAGES["result"].code
+        _send(protocol.PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, code, 0, 0, 0xFFFFFFFF), then_sleep=True)
 
 
     def forged_object(canary):
@@ -217,9 +224,9 @@ HOSTILE_HUBCONF = '''
         payload = struct.pack("<Q", len(header)) + header + b"\\1"
         fd = os.memfd_create("not-sealed")
         os.write(fd, payload)
-        fields = {"action": "load", "returns": "weights", "transport": "memfd", "sizes": [len(payload)], "fds": 1}
+        fields = {"action": "load", "returns": "weights", "transport": "memfd", "sizes": [len(payload)]}
         sock = socket.socket(fileno=_channel())
-        sock.sendmsg([_frame(fields)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        sock.sendmsg([_frame(fields, nfds=1)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         os._exit(0)
 '''
 
