@@ -19,7 +19,7 @@ import torch
 
 import safehub
 from tests.local_repos import imported_in_process, write_repo
-from safehub._run import run_isolated
+from safehub._run import reaper, run_isolated
 from safehub._sandbox import Sandbox
 from safehub._worker import hubconf as in_process
 from safehub._worker.sandbox import probe as layers
@@ -95,6 +95,7 @@ FORGER = '''
     import pickle
     import socket
     import struct
+    import sys
 
     import torch
 
@@ -154,10 +155,10 @@ FORGER = '''
 
     def _reply(payloads, sizes=None, seal=True):
         fds = [_memfd(p, seal) for p in payloads]
-        fields = {"v": 3, "kind": "result", "action": "load", "returns": "object", "transport": "memfd",
-                  "sizes": [len(p) for p in payloads] if sizes is None else sizes, "fds": len(fds)}
-        header = json.dumps(fields).encode()
-        frame = struct.pack(">4sHHI", b"SHUB", 3, 0, len(header)) + header
+        fields = {"action": "load", "returns": "object", "transport": "memfd",
+                  "sizes": [len(p) for p in payloads] if sizes is None else sizes}
+        # the worker's own encoder: a frame of this protocol version, whatever it claims
+        frame = sys.modules["_safehub_worker.protocol"].encode_head("result", fields, [], len(fds))
         sock = socket.socket(fileno=_channel())
         sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         os._exit(0)
@@ -300,8 +301,10 @@ def test_parent_memory_grows_by_the_result_once(repos):
 
 
 def test_results_outlive_the_call_and_go_with_their_tensors(repos):
+    reaper.drain()  # earlier calls' ends run in the background: their descriptors and thread are not this call's
     fds, threads = open_fds(), psutil.Process().num_threads()
     model = run_isolated(repos["models"], "load", model="big", kwargs={"mib": 16, "parts": 2}, sandbox=SANDBOX)
+    reaper.settle()  # the call returned with its answer; its processes end in the background
     # The worker is gone (a warm zygote may stay), and its memory with it; the result is still here.
     children = psutil.Process().children(recursive=True)
     assert all("--zygote" in " ".join(p.cmdline()) for p in children)
@@ -314,6 +317,7 @@ def test_results_outlive_the_call_and_go_with_their_tensors(repos):
     assert [float(p.detach()[0]) for p in again.parameters()] == [0.0, 1.0]  # nothing else saw the change
     del model, again, parameter
     gc.collect()
+    reaper.drain()
     assert not mapped_regions() and open_fds() == fds
     assert psutil.Process().num_threads() == threads
 
@@ -363,10 +367,12 @@ def test_a_forged_valid_reply_decodes(repos):
     ],
 )
 def test_forged_replies_are_refused(repos, case, error, match):
+    reaper.drain()  # earlier calls' ends run in the background: their descriptors are not this call's
     fds = open_fds()
     found = refusal(repos["forger"], case)
     assert found is not None, "the forged reply was accepted"
     assert issubclass(found[0], error), found
     assert re.search(match, found[1]), found
     gc.collect()
+    reaper.drain()
     assert open_fds() == fds and not mapped_regions()

@@ -139,13 +139,15 @@ def channel():
     raise RuntimeError("no channel socket")
 
 
+def protocol():
+    """The worker's own frame code: the repository's code can use it as the worker does."""
+    import sys
+    return sys.modules["_safehub_worker.protocol"]
+
+
 def frame(fields, buffers=(), nfds=0, kind="result"):
-    header = {"v": 3, "kind": kind, **fields}
-    if nfds:
-        header["fds"] = nfds
-    body = json.dumps(header).encode()
-    lengths = b"".join(struct.pack(">Q", len(b)) for b in buffers)
-    return struct.pack(">4sHHI", b"SHUB", 3, len(buffers), len(body)) + lengths + body + b"".join(buffers)
+    """A frame as the worker's encoder writes it (this protocol version), whatever it claims."""
+    return protocol().encode_head(kind, fields, [len(b) for b in buffers], nfds) + b"".join(buffers)
 
 
 def weights(header, data=b""):
@@ -1516,12 +1518,12 @@ channel_case("weights_shape_overflow", """
     send(result(weights(header, b"\\0" * 16)))
 """)
 channel_case("frame_header_length_absurd", """
-    send(struct.pack(">4sHHI", b"SHUB", 3, 0, 0xFFFFFFFF) + PICKLE, linger=30)
+    p = protocol()
+    send(p.PREFIX.pack(p.MAGIC, p.PROTOCOL_VERSION, p.MESSAGES["result"].code, 0, 0, 0xFFFFFFFF) + PICKLE, linger=30)
 """)
 channel_case("frame_buffer_length_absurd", """
-    body = json.dumps({"v": 3, "kind": "result", "action": "load", "returns": "weights",
-                       "transport": "inline", "sizes": [2**60]}).encode()
-    send(struct.pack(">4sHHI", b"SHUB", 3, 1, len(body)) + struct.pack(">Q", 2**60) + body + PICKLE, linger=30)
+    fields = {"action": "load", "returns": "weights", "transport": "inline", "sizes": [2**60]}
+    send(protocol().encode_head("result", fields, [2**60]) + PICKLE, linger=30)  # a buffer of 2**60 bytes claimed
 """)
 channel_case("unsealed_memfd", """
     fd = os.memfd_create("weights")
