@@ -231,8 +231,9 @@ class _Zygote:
         worker.post.close()
         if handoff.reply is None:
             return  # a fresh worker's shape
-        if taken and _ended(worker.pidfd):
-            taken = False  # its supervisor died meanwhile (killed): its work process goes with it
+        # Taken, the spare holds the call's channel even if its supervisor was killed meanwhile: a
+        # second worker on that channel would race it for the CALL (and wait out the timeout when
+        # the dying one read it). So the spare stays the call's worker, and its end the call's.
         if taken:
             self.spare_deaths = 0
             for fd in handoff.call_fds:
@@ -321,12 +322,6 @@ class _Zygote:
             protocol.send_frame(sock, kind, fields, fds=fds, deadline=time.monotonic() + _SEND_TIMEOUT_S)
         except (protocol.FrameError, OSError):
             pass  # the caller gave up on this call; its supervisor still watches the caller
-
-
-def _ended(pidfd: int) -> bool:
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _huge_pages() -> None:

@@ -27,7 +27,7 @@ from safehub._run import memory_cgroup
 from safehub._run import reaper, run_isolated
 from safehub._run import warm as _zygote
 from safehub._sandbox import ALLOWED_ENV, Sandbox
-from safehub.errors import ResultDecodeError, WorkerTimeoutError
+from safehub.errors import ResultDecodeError, WorkerCrashedError, WorkerTimeoutError
 
 ROOT = Path(__file__).parents[2]
 # Host pids are visible only without the pid namespace: the tests that follow processes use it.
@@ -391,9 +391,17 @@ def test_a_spare_that_died_is_replaced_and_the_call_still_works(repo, which, san
     tree = [supervisor, *supervisor.children(recursive=True)]
     victim = supervisor if which == "supervisor" else next(p for p in tree if not p.children())
     victim.kill()
-    # At once: the zygote may not have seen it die yet; the call gets a worker either way.
-    assert run_isolated(repo, "load", model="ids", sandbox=sandbox)["pid"] > 0
+    # At once: the zygote may not have seen it die yet. Either a new worker takes the call, or the
+    # spare took it as the kill landed and the call fails as that worker's crash, at once (never a
+    # second worker on the call's channel, which could wait out the timeout for a CALL it never gets).
+    try:
+        assert run_isolated(repo, "load", model="ids", sandbox=sandbox)["pid"] > 0
+    except WorkerCrashedError as exc:
+        assert "SIGKILL" in str(exc) or "killed" in str(exc), exc
     assert wait_until(lambda: all(gone(p.pid) for p in tree))
+    # Once its death is seen, a spare's is never a call's: the next call gets a working worker.
+    assert run_isolated(repo, "load", model="ids", sandbox=sandbox)["pid"] > 0
+    reaper.settle()
     assert wait_until(lambda: len(spare_tree()) == size)  # a new spare, ready for the next call
     assert not set(spare_tree()) & {p.pid for p in tree}
 
