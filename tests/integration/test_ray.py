@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
@@ -439,6 +440,20 @@ def test_map_batches_gives_the_in_process_outputs(cluster, models_repo):
     assert {row["node"] for row in out} <= set(cluster.node_ids.values())
 
 
+@contextlib.contextmanager
+def resource_tracker_stopped():
+    """A spawn start launches multiprocessing's resource tracker before it pickles anything, and the
+    tracker lives as long as this process: later modules that count this process's children
+    (test_warm, test_transport) would find it. Stop the one this block started."""
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    running_before = tracker._pid is not None
+    try:
+        yield
+    finally:
+        if not running_before:
+            tracker._stop()
+
+
 def test_a_handle_sent_to_another_process_fails_and_says_to_load_it_there(cluster, models_repo):
     advice = "load the model in the process that calls it"
     with load_remote(str(models_repo), "convnet") as handle:
@@ -449,7 +464,7 @@ def test_a_handle_sent_to_another_process_fails_and_says_to_load_it_there(cluste
         with pytest.raises(TypeError, match=advice):
             ray.put(handle)
         child = multiprocessing.get_context("spawn").Process(target=call_in_task, args=(handle,))
-        with pytest.raises(TypeError, match=advice):
+        with pytest.raises(TypeError, match=advice), resource_tracker_stopped():
             child.start()
         # Nothing was sent, nothing broke: the handle still works here.
         assert handle(images(1)).shape == (1, 10)
