@@ -153,11 +153,15 @@ EXIT_MEANINGS = {
 
 _CHUNK = 1024 * 1024
 _SMALL = 64 * 1024  # a Wire's receive buffer: a frame up to this size arrives with one recvmsg
-# How long a call's channel looks for the next frame before it sleeps (``Wire(spin=...)``). Off:
-# 200 µs (longer than a tiny call's turn on the other side) measured no faster on this shared,
-# loaded 2-vCPU machine (a Wire ping-pong: 57-94 µs with it, 49-70 without, load 6.8); whether it
-# saves the two cross-CPU wake-ups on a quiet machine is to be measured there (bench_remote.py).
-SPIN_S = 0.0
+# How long a call's channel looks for the next frame before it sleeps (``Wire(spin=...)``). On
+# this 2-vCPU virtual machine, quiet, a process that sleeps between a remote model's calls pays
+# for it twice: the wake-up, and code that then runs 2-3x slower than in a loop (a ping-pong with
+# the codec's work on both sides measured 220-250 µs against 75-85 µs of that work done in one
+# process). Looking for 1 ms (yielding the CPU between looks, so a peer on the same CPU runs):
+# a tiny call 384-394 µs instead of 483-555 (benchmarks/bench_remote.py --sections a, interleaved).
+# Under load it gains nothing (57-94 µs against 49-70 for a Wire ping-pong at load 6.8), and it
+# costs at most 1 ms of CPU per frame that does not come within it.
+SPIN_S = 0.001
 _INT_SIZE = array.array("i").itemsize
 # Plain ints: the socket module's flags are enums, whose arithmetic costs microseconds per read.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -358,7 +362,7 @@ class Wire:
     the next read. Otherwise (:func:`recv_frame`) it never reads past the frame, as a socket
     shared with other readers needs.
 
-    ``spin`` (seconds; the call's channel passes :data:`SPIN_S`, off for now): before it sleeps for a frame, a
+    ``spin`` (seconds; the call's channel passes :data:`SPIN_S`): before it sleeps for a frame, a
     buffered wire looks for one without sleeping, yielding the CPU between looks. A reply, or
     the next call of a loop of calls, that comes within that time costs no wake-up of this
     process (a cross-CPU wake-up of a sleeping process costs tens of microseconds on a virtual

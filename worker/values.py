@@ -39,6 +39,7 @@ is met (imported lazily).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -214,6 +215,7 @@ class _Blob:
 class _Packer:
     def __init__(self, torch: Any) -> None:
         self.torch = torch  # None: torch was never imported, so no value can hold a tensor
+        self.tensor_type = torch.Tensor if torch is not None else None
         self.blobs: list[_Blob] = []
         self.out = bytearray()
 
@@ -230,6 +232,13 @@ class _Packer:
             out += _TAG_FLOAT.pack(N_FLOAT, value)
         elif kind is str:
             self.text(value, N_STR)
+        elif kind is self.tensor_type:  # the common cases by their exact type first: no ABC checks
+            self.tensor(value)
+        elif (kind is tuple or kind is list or kind is dict) and depth < MAX_DEPTH:
+            if kind is dict:
+                self.pairs(list(value.items()), depth)
+            else:
+                self.items(value, N_TUPLE if kind is tuple else N_LIST, depth)
         elif self.torch is not None and isinstance(value, self.torch.Tensor):
             self.tensor(value)
         elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -472,7 +481,7 @@ class _Unpacker:
             raise BadTree(f"a tensor of dtype code {code}, not one of {len(DTYPE_CODES)}")
         if ndim > self.caps.max_ndim:
             raise BadTree(f"a tensor's shape must be a list of at most {self.caps.max_ndim} non-negative ints")
-        shape = list(struct.unpack_from(f"<{ndim}Q", tree, at))
+        shape = list(_dims(ndim).unpack_from(tree, at))
         self.at = at + 8 * ndim
         if not all(d < 2**63 for d in shape):
             raise BadTree(f"a tensor's shape must be a list of at most {self.caps.max_ndim} non-negative ints")
@@ -525,6 +534,12 @@ class _Unpacker:
         for (seg_a, _, end_a), (seg_b, begin_b, _) in zip(self.ranges, self.ranges[1:], strict=False):
             if seg_a == seg_b and begin_b < end_a:
                 raise BadTree(f"two byte ranges overlap in segment {seg_a} at {begin_b}")
+
+
+@functools.lru_cache(maxsize=None)
+def _dims(ndim: int) -> struct.Struct:
+    """A tensor's ``ndim`` dimensions on the wire ("<Q" each); at most ``Caps.max_ndim`` are read."""
+    return struct.Struct(f"<{ndim}Q")
 
 
 def _is_count(value: Any) -> bool:

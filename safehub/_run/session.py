@@ -95,7 +95,9 @@ class RemoteSession:
                 try:
                     frame = self._exchange(method, packed, inference)
                     # The model's own failure leaves it up; a reply that breaks the protocol does not.
-                    failure = conversation.failure_of(frame, _subject(method, self.sandbox))
+                    # (A success is not a failure: no subject is made for it.)
+                    failure = None if frame.kind == protocol.RETURNED else conversation.failure_of(
+                        frame, _subject(method, self.sandbox))
                     value = None
                     if failure is None:
                         unpooled = replies.unpooled_bytes(frame, method)

@@ -100,6 +100,17 @@ def test_the_pools_and_regions_are_reused_call_after_call(repo):
         assert len(addresses) == 1  # one pre-faulted region, back after each result went
 
 
+def test_small_results_make_no_result_pool(repo):
+    # Blobs of at most 64 KiB ride in the frame whatever the pool: a pool would only cost every
+    # later call a descriptor passed, checked and closed (a tiny call then passes none).
+    with load(repo) as remote:
+        for _ in range(3):
+            assert torch.equal(remote(torch.ones(1, 8)), torch.full((1, 8), 2.0))
+        assert remote._session.pools.results.fd is None
+        remote(torch.ones(MIB))  # 4 MiB: the canary, a result in memfds makes the pool
+        assert remote._session.pools.results.fd is not None
+
+
 def test_kept_results_stay_as_they_were(repo):
     with load(repo) as remote:
         remote(torch.zeros(MIB))
