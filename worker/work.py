@@ -115,11 +115,17 @@ def _flush() -> None:
             pass
 
 
+def channel_spin(settings: WorkerSettings) -> float:
+    """How long the call's channel looks for a frame before it sleeps (``protocol.SPIN_S``): not
+    at all under a CPU time limit, whose budget a remote model's looks between calls would spend."""
+    return protocol.SPIN_S if settings.cpu_time is None else 0.0
+
+
 def _work(channel_fd: int, settings: WorkerSettings, prepared: confine.Prepared) -> int:
     import socket
 
     global _channel
-    sock = protocol.Wire(socket.socket(fileno=channel_fd), spin=protocol.SPIN_S)  # every frame of the call's channel, both ways
+    sock = protocol.Wire(socket.socket(fileno=channel_fd), spin=channel_spin(settings))  # the call's frames, both ways
     deadline = time.monotonic() + settings.timeout
     try:
         call = protocol.check_message(sock.receive(deadline=deadline, limits=_CALL_LIMITS), (protocol.CALL,))

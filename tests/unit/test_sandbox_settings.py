@@ -137,3 +137,13 @@ def test_environment_allow_list():
         "TMPDIR": "/scratch",
     }
     assert worker_environ(Sandbox(env=("HF_HOME",)), "/s", parent)["HF_HOME"] == "/cache/hf"
+
+
+def test_a_worker_under_a_cpu_time_limit_does_not_look_before_it_sleeps():
+    # The looks would spend a remote model's CPU budget between calls (README "Performance").
+    from safehub._worker import protocol
+    from safehub._worker.work import channel_spin
+
+    assert protocol.SPIN_S > 0
+    assert channel_spin(Sandbox().worker_settings("/r", "/s")) == protocol.SPIN_S
+    assert channel_spin(Sandbox(cpu_time=30).worker_settings("/r", "/s")) == 0.0
