@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -149,6 +150,15 @@ def test_each_replica_is_its_own_sandboxed_process(pair):
     pids = pair.replica_pids
     assert pair.replicas == 2 and len(set(pids)) == 2
     supervisor = pair.pid
+
+    def settled(pid: int) -> bool:
+        # A replica's first steps after its fork, which the load does not wait for: its own session,
+        # its own memory cgroup. It serves (runs the repository's code) only after both.
+        return os.getsid(pid) == pid and (not CGROUPS or memory_cgroup_of(pid) != memory_cgroup_of(supervisor))
+
+    deadline = time.monotonic() + 30
+    while not all(settled(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for pid in pids:
         assert pid != supervisor and supervisor in {p.pid for p in psutil.Process(pid).parents()}
         facts = status(pid)
