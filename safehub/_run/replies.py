@@ -129,15 +129,17 @@ def returned_value(frame: protocol.Frame, method: str, name: str, max_bytes: int
 
 
 def unpooled_bytes(frame: protocol.Frame, method: str) -> int:
-    """The bytes of a RETURNED value's memfds: what the result pool must hold for the next such
-    result to take it. 0 for weights, a pooled reply, and one that came inline only: small blobs
-    ride in the frame whatever the pool (``values.INLINE_BLOB_BYTES``), so a pool would only cost
-    each later call a descriptor passed and checked."""
-    if (frame.kind != protocol.RETURNED or not frame.fds or method in protocol.REMOTE_WEIGHTS_METHODS
-            or frame.fields.get("pooled") is not None):
+    """The bytes a RETURNED value carries outside the result pool (its memfds, and its inline
+    buffer when that holds large blobs): what the pool must hold for the next such result to take
+    it. 0 for weights, a pooled reply, and a reply whose inline buffer is at most
+    ``values.INLINE_BLOB_BYTES``: such blobs ride in the frame whatever the pool, so a pool would
+    only cost each later call a descriptor passed and checked. (Where the worker may make no
+    memfd, large blobs ride inline too: they count.)"""
+    if frame.kind != protocol.RETURNED or method in protocol.REMOTE_WEIGHTS_METHODS or frame.fields.get("pooled") is not None:
         return 0
+    inline = sum(len(b) for b in frame.buffers)
     try:
-        return sum(os.fstat(fd).st_size for fd in frame.fds)
+        return (inline if inline > values.INLINE_BLOB_BYTES else 0) + sum(os.fstat(fd).st_size for fd in frame.fds)
     except OSError:
         return 0  # not a memfd: the decoder refuses it
 
