@@ -521,11 +521,7 @@ class Wire:
                     continue
                 except ConnectionResetError as exc:
                     raise FrameEOF("the peer reset the channel") from exc
-                if ancdata or flags & _MSG_CTRUNC:
-                    self._take_fds(ancdata, flags, max_fds)
-                if not got:
-                    raise FrameEOF("the channel closed before a whole frame arrived")
-                self.end += got
+                self.end += self._received(got, ancdata, flags, max_fds)
                 return
 
     def _take(self, n: int, deadline: float | None, ancbufsize: int, max_fds: int) -> Received:
@@ -560,11 +556,15 @@ class Wire:
                 continue
             except ConnectionResetError as exc:
                 raise FrameEOF("the peer reset the channel") from exc
-            if ancdata or flags & _MSG_CTRUNC:
-                self._take_fds(ancdata, flags, max_fds)
-            if not got:
-                raise FrameEOF("the channel closed before a whole frame arrived")
-            return got
+            return self._received(got, ancdata, flags, max_fds)
+
+    def _received(self, got: int, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int) -> int:
+        """After a ``recvmsg``, sleeping or not: keep the fds that came along; ``got``, never 0."""
+        if ancdata or flags & _MSG_CTRUNC:
+            self._take_fds(ancdata, flags, max_fds)
+        if not got:
+            raise FrameEOF("the channel closed before a whole frame arrived")
+        return got
 
     def _take_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int) -> None:
         for level, kind, payload in ancdata:

@@ -215,7 +215,6 @@ class _Blob:
 class _Packer:
     def __init__(self, torch: Any) -> None:
         self.torch = torch  # None: torch was never imported, so no value can hold a tensor
-        self.tensor_type = torch.Tensor if torch is not None else None
         self.blobs: list[_Blob] = []
         self.out = bytearray()
 
@@ -232,9 +231,7 @@ class _Packer:
             out += _TAG_FLOAT.pack(N_FLOAT, value)
         elif kind is str:
             self.text(value, N_STR)
-        elif kind is self.tensor_type:  # the common cases by their exact type first: no ABC checks
-            self.tensor(value)
-        elif (kind is tuple or kind is list or kind is dict) and depth < MAX_DEPTH:
+        elif (kind is tuple or kind is list or kind is dict) and depth < MAX_DEPTH:  # before the ABC checks
             if kind is dict:
                 self.pairs(list(value.items()), depth)
             else:
